@@ -23,20 +23,28 @@ from .model_spec import ModelSpec
 
 
 @dataclass(frozen=True)
-class RowPlacement:
-    """Where one adapter row goes: the adapter's ``page``-th page, at element ``offset``."""
+class PlannedRow:
+    """Row ``index`` of a module's A (kind "a") or B^T (kind "b"), placed in the adapter's
+    ``page``-th page at element ``offset``."""
 
+    module: str
+    kind: str
+    index: int
+    length: int
     page: int
     offset: int
 
 
 @dataclass(frozen=True)
 class AdapterPlan:
-    """Page plan of one adapter: its page count and, per module, where each A / B^T row goes."""
+    """Page plan of one adapter: its page count and every row's place, in packing order.
+
+    Host memory keeps an adapter's rows concatenated in ``rows`` order, so making it resident
+    is one scatter per layer.
+    """
 
     num_pages: int
-    a_rows: dict[str, tuple[RowPlacement, ...]]  # module -> r placements (A rows)
-    b_rows: dict[str, tuple[RowPlacement, ...]]  # module -> r placements (B^T rows)
+    rows: tuple[PlannedRow, ...]
     used_elements: int  # elements holding weights (per layer)
 
 
@@ -84,7 +92,7 @@ class PoolLayout:
                 rows.append((out_dim, module, "b", j))
         rows.sort(key=lambda r: (-r[0], LORA_MODULES.index(r[1]), r[2], r[3]))
         fill: list[int] = []  # elements used in each page so far
-        placed: dict[tuple[str, str, int], RowPlacement] = {}
+        placed: list[PlannedRow] = []
         for length, module, kind, j in rows:
             for page, used in enumerate(fill):
                 if used + length <= self.page_size:
@@ -92,8 +100,6 @@ class PoolLayout:
             else:
                 page = len(fill)
                 fill.append(0)
-            placed[(module, kind, j)] = RowPlacement(page, fill[page])
+            placed.append(PlannedRow(module, kind, j, length, page, fill[page]))
             fill[page] += length
-        a_rows = {m: tuple(placed[(m, "a", j)] for j in range(r)) for m, r in ranks.items()}
-        b_rows = {m: tuple(placed[(m, "b", j)] for j in range(r)) for m, r in ranks.items()}
-        return AdapterPlan(len(fill), a_rows, b_rows, sum(fill))
+        return AdapterPlan(len(fill), tuple(placed), sum(fill))

@@ -1,0 +1,99 @@
+"""Which adapters are resident in the unified pool, who pins them, and whom to evict.
+
+Plain Python over page ids: the scheduler asks it for room, and the model runner copies the
+weights of newly resident adapters (``take_pending``) into their pages before the next forward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .adapter_store import AdapterStore
+from .page_pool import ADAPTER, PagePool
+
+
+@dataclass
+class ResidentAdapter:
+    name: str
+    pages: list[int]
+    pins: int = 0  # running requests using it; pinned adapters are never evicted
+
+
+class AdapterCache:
+    def __init__(self, pool: PagePool, store: AdapterStore) -> None:
+        self.pool = pool
+        self.store = store
+        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
+        self._pending: list[ResidentAdapter] = []
+        self.loads = 0
+        self.evictions = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def get(self, name: str) -> ResidentAdapter:
+        return self._resident[name]
+
+    def pages_to_admit(self, name: str | None) -> int:
+        """Pages a request for ``name`` needs for its adapter (0 if resident or base model)."""
+        if name is None or name in self._resident:
+            return 0
+        return self.store.get(name).plan.num_pages
+
+    def evictable_pages(self) -> int:
+        return sum(len(r.pages) for r in self._resident.values() if r.pins == 0)
+
+    def make_room(self, num_pages: int) -> bool:
+        """Evict unpinned adapters, least recently used first, until ``num_pages`` are free."""
+        if self.pool.num_free + self.evictable_pages() < num_pages:
+            return False
+        for name in [n for n, r in self._resident.items() if r.pins == 0]:
+            if self.pool.num_free >= num_pages:
+                break
+            self.evict(name)
+        return True
+
+    def acquire(self, name: str) -> bool:
+        """Pin ``name``, making it resident if needed. False (and nothing changed) if no room."""
+        resident = self._resident.get(name)
+        if resident is None:
+            need = self.store.get(name).plan.num_pages
+            if not self.make_room(need):
+                return False
+            resident = ResidentAdapter(name, self.pool.allocate(need, ADAPTER))
+            self._resident[name] = resident
+            self._pending.append(resident)
+            self.loads += 1
+            self.misses += 1
+        else:
+            self.hits += 1
+        resident.pins += 1
+        self._resident.move_to_end(name)
+        return True
+
+    def release(self, name: str) -> None:
+        resident = self._resident[name]
+        if resident.pins <= 0:
+            raise RuntimeError(f"adapter {name!r} released more often than acquired")
+        resident.pins -= 1
+
+    def evict(self, name: str) -> None:
+        resident = self._resident.pop(name)
+        if resident.pins:
+            self._resident[name] = resident
+            raise RuntimeError(f"adapter {name!r} is pinned by {resident.pins} requests")
+        if resident in self._pending:
+            self._pending.remove(resident)
+        self.pool.free(resident.pages)
+        self.evictions += 1
+
+    def take_pending(self) -> list[ResidentAdapter]:
+        """Adapters made resident since the last call, whose weights must now be copied in."""
+        pending, self._pending = self._pending, []
+        return pending

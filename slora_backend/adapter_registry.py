@@ -1,0 +1,133 @@
+"""Adapter management: names -> directories under the adapter root, persisted across restarts.
+
+``<adapter_root>/registry.json`` maps each registered name to its path relative to the root;
+the engine reads it at start so a restarted server serves the same set. Paths are resolved
+(symlinks included) and refused unless they stay under the root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .adapter_cache import AdapterCache
+from .adapter_store import AdapterStore, resolve_under_root
+from .errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError
+
+REGISTRY_FILE = "registry.json"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+    ranks: dict[str, int]
+    target_modules: list[str]
+    lora_alpha: float
+    use_rslora: bool
+    size_bytes: int
+    pages: int
+    residency: str  # "gpu" (in the pool), "host" (in memory), "disk" (registered only)
+    active_requests: int
+    total_requests: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdapterRegistry:
+    def __init__(self, root: str | None, store: AdapterStore, cache: AdapterCache) -> None:
+        self.root = Path(root).resolve() if root else None
+        self.store = store
+        self.cache = cache
+
+    @property
+    def _file(self) -> Path | None:
+        return self.root / REGISTRY_FILE if self.root else None
+
+    def restore(self) -> None:
+        """Register what ``registry.json`` lists; entries that no longer validate are skipped."""
+        if self._file is None or not self._file.is_file():
+            return
+        try:
+            saved = json.loads(self._file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("ignoring unreadable %s: %s", self._file, e)
+            return
+        for name, rel in saved.get("adapters", {}).items():
+            try:
+                self.store.register(name, resolve_under_root(self.root, rel))
+            except AdapterLoadError as e:
+                log.warning("registry entry %r skipped: %s", name, e)
+
+    def _save(self) -> None:
+        if self._file is None:
+            return
+        adapters = {
+            name: os.path.relpath(self.store.get(name).path, self.root) for name in self.store.names()
+        }
+        tmp = self._file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True))
+        tmp.replace(self._file)
+
+    def load(self, name: str, path: str, active: dict[str, int]) -> AdapterInfo:
+        self.store.register(name, resolve_under_root(self.root, path))
+        self._save()
+        return self.describe(name, active)
+
+    def unload(self, name: str, active: dict[str, int]) -> None:
+        self.store.get(name)  # raises AdapterNotFoundError
+        if active.get(name):
+            raise AdapterBusyError(
+                f"adapter {name!r} is used by {active[name]} requests; unload it when they finish"
+            )
+        if name in self.cache:
+            self.cache.evict(name)
+        self.store.unregister(name)
+        self._save()
+
+    def resolve(self, name: str, active: dict[str, int]) -> AdapterInfo:
+        if name not in self.store:
+            if self.root is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+            try:
+                path = resolve_under_root(self.root, name)
+            except AdapterLoadError:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered") from None
+            if not path.is_dir():
+                raise AdapterNotFoundError(
+                    f"adapter {name!r} is not registered and {self.root} has no directory of that name"
+                )
+            return self.load(name, name, active)
+        return self.describe(name, active)
+
+    def list(self, active: dict[str, int]) -> list[AdapterInfo]:
+        return [self.describe(name, active) for name in self.store.names()]
+
+    def describe(self, name: str, active: dict[str, int]) -> AdapterInfo:
+        entry = self.store.get(name)
+        if name in self.cache:
+            residency = "gpu"
+        elif entry.weights is not None:
+            residency = "host"
+        else:
+            residency = "disk"
+        return AdapterInfo(
+            name=name,
+            path=str(entry.path),
+            rank=entry.rank,
+            ranks=dict(entry.ranks),
+            target_modules=list(entry.ranks),
+            lora_alpha=entry.lora_alpha,
+            use_rslora=entry.use_rslora,
+            size_bytes=entry.size_bytes,
+            pages=entry.plan.num_pages,
+            residency=residency,
+            active_requests=active.get(name, 0),
+            total_requests=entry.total_requests,
+        )

@@ -1,0 +1,114 @@
+"""Engine and sampling configuration: frozen dataclasses validated once, at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidRequestError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. Raises ValueError naming the field on bad values.
+
+    ``base_model``: a Hugging Face directory (config.json + *.safetensors), a ``.gguf`` file, or
+    ``random:<shape>`` (see ``model_loader.RANDOM_SHAPES``) for throughput work.
+    ``pool_pages``: pages in the unified pool; None sizes it from ``pool_memory_fraction`` of free
+    device memory (CUDA) or ``cpu_pool_bytes`` (CPU).
+    """
+
+    base_model: str
+    adapter_root: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    kernel_backend: str | None = None  # None: "triton" on CUDA, "torch" on CPU
+    tokenizer: str | None = None  # defaults to the base model directory
+    pool_pages: int | None = None
+    pool_memory_fraction: float = 0.85
+    cpu_pool_bytes: int = 512 * 2**20
+    block_tokens: int = 16
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    max_adapters_per_batch: int | None = None  # None: no limit beyond the pool
+    host_adapter_bytes: int = 64 * 2**30  # adapter weights kept in host memory before LRU drop
+    pin_host_memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.base_model:
+            raise ValueError("base_model must name a directory, a .gguf file or random:<shape>")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if self.kernel_backend not in (None, "torch", "triton"):
+            raise ValueError(
+                f"kernel_backend must be 'torch', 'triton' or None, got {self.kernel_backend!r}"
+            )
+        for name in ("block_tokens", "max_num_seqs", "max_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pool_pages is not None and self.pool_pages < 1:
+            raise ValueError(f"pool_pages must be >= 1, got {self.pool_pages}")
+        if not 0.0 < self.pool_memory_fraction <= 1.0:
+            raise ValueError(
+                f"pool_memory_fraction must be in (0, 1], got {self.pool_memory_fraction}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def resolved_kernel_backend(self) -> str:
+        if self.kernel_backend is not None:
+            return self.kernel_backend
+        return "triton" if self.device.startswith("cuda") else "torch"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. temperature 0 is greedy; top_k 0 disables top-k.
+
+    Raises ``InvalidRequestError`` (a ValueError) naming the parameter and its allowed range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if math.isnan(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if math.isinf(self.temperature):
+            raise InvalidRequestError("temperature must be finite, got inf")
+        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequestError(f"seed must be in [0, 2^64), got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1

@@ -1,0 +1,420 @@
+"""The S-LoRA engine: wires model, pool, adapters, scheduler, sampler; offline and streaming APIs.
+
+Thread model: ``add_request`` and ``abort`` may be called from any thread; they only put work
+into an inbox. The engine loop (``start()``, or ``generate()`` inline) is the only code that
+touches the scheduler and the pool. Adapter management takes the step lock, so it never runs in
+the middle of a step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .adapter_cache import AdapterCache
+from .adapter_registry import AdapterInfo, AdapterRegistry
+from .adapter_store import AdapterStore
+from .config import EngineConfig, SamplingParams
+from .detokenizer import Detokenizer
+from .errors import InvalidRequestError
+from .layout import PoolLayout
+from .model_loader import load_model, load_tokenizer
+from .model_runner import ModelRunner
+from .ops import make_ops
+from .page_pool import ADAPTER, KV, PagePool
+from .request import Request, RequestOutput, RequestStatus
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pool_pages_total: int
+    pool_pages_free: int
+    pool_pages_kv: int
+    pool_pages_adapter: int
+    adapters_registered: int
+    adapters_gpu: int
+    adapters_host: int
+    adapter_loads: int
+    adapter_evictions: int
+    adapter_hits: int
+    adapter_misses: int
+    generated_tokens: int
+    finished_requests: int
+    preemptions: int
+    steps: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = config.torch_dtype
+        torch.manual_seed(config.seed)
+        self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed)
+        self.spec = self.model.spec
+        self.tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        if self.tokenizer is not None and len(self.tokenizer) > self.spec.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens, the model's vocabulary {self.spec.vocab_size}"
+            )
+        self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
+                                 self.spec.max_position_embeddings)
+        self.layout = PoolLayout(self.spec, config.block_tokens)
+        num_pages = config.pool_pages or self._auto_pool_pages(dtype)
+        self.pool = PagePool(num_pages)
+        self.store = AdapterStore(self.layout, dtype, config.host_adapter_bytes,
+                                  config.pin_host_memory and self.device.type == "cuda")
+        self.adapters = AdapterCache(self.pool, self.store)
+        self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
+        self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
+                                   config.max_num_seqs, config.max_batched_tokens)
+        self.runner = ModelRunner(self.model, self.layout, num_pages,
+                                  make_ops(config.resolved_kernel_backend), self.store,
+                                  self.device, dtype)
+        self.sampler = Sampler(self.device, config.seed)
+        self.eos_ids = self._eos_ids()
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._inbox_lock = threading.Lock()
+        self._wakeup = threading.Condition(self._inbox_lock)
+        self._step_lock = threading.RLock()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.generated_tokens = 0
+        self.finished_requests = 0
+        self.steps = 0
+        self.registry.restore()
+
+    # ---- sizing -------------------------------------------------------------------------------
+
+    def _auto_pool_pages(self, dtype: torch.dtype) -> int:
+        page_bytes = self.spec.num_layers * self.layout.page_size * torch.finfo(dtype).bits // 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations of the largest step (a few hundred MB at most here).
+            budget = int(free * self.config.pool_memory_fraction) - 2 * 2**30
+        else:
+            budget = self.config.cpu_pool_bytes
+        if budget < page_bytes:
+            raise ValueError(f"no memory for the page pool: one page needs {page_bytes} bytes")
+        return budget // page_bytes
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        cfg = self.spec.hf_config
+        eos = getattr(cfg, "eos_token_id", None)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(eos)
+        return ids
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        with self._step_lock:
+            return self.registry.load(name, path, self._active_counts())
+
+    def unload_adapter(self, name: str) -> None:
+        with self._step_lock:
+            self.registry.unload(name, self._active_counts())
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        with self._step_lock:
+            return self.registry.list(self._active_counts())
+
+    def describe_adapter(self, name: str) -> AdapterInfo:
+        with self._step_lock:
+            return self.registry.describe(name, self._active_counts())
+
+    def resolve_adapter(self, name: str) -> AdapterInfo:
+        """The adapter called ``name``: registered, or loaded from ``<adapter_root>/<name>``."""
+        with self._step_lock:
+            return self.registry.resolve(name, self._active_counts())
+
+    def _active_counts(self) -> dict[str, int]:
+        counts = self.scheduler.pinned_adapters()
+        with self._inbox_lock:
+            for r in self._inbox:
+                if r.adapter is not None:
+                    counts[r.adapter] = counts.get(r.adapter, 0) + 1
+        return counts
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        lora_name: str | None = None,
+        request_id: str | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> str:
+        """Validate and enqueue one request; returns its id. Raises on bad input, enqueues nothing."""
+        params = params or SamplingParams()
+        token_ids = self._tokenize(prompt)
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            if len(token_ids) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len}"
+                )
+            raise InvalidRequestError(
+                f"max_tokens {params.max_tokens} is above the limit: the prompt has "
+                f"{len(token_ids)} tokens, so at most {self.max_model_len - len(token_ids)} can follow "
+                f"within the {self.max_model_len}-token context"
+            )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        adapter = None
+        if lora_name:
+            adapter = self.resolve_adapter(lora_name).name
+        worst = self.layout.kv_pages(len(token_ids) + params.max_tokens)
+        if adapter is not None:
+            worst += self.store.get(adapter).plan.num_pages
+        if worst > self.pool.num_pages:
+            raise InvalidRequestError(
+                f"request needs up to {worst} pages but the pool has {self.pool.num_pages}"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, token_ids, params, adapter)
+        with self._wakeup:
+            if request_id in self._requests or any(r.request_id == request_id for r in self._inbox):
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._inbox.append(request)
+            if on_output is not None:
+                self._callbacks[request_id] = on_output
+            self._wakeup.notify()
+        return request_id
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: give prompts as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        with self._wakeup:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    # ---- offline API --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_names: Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (one adapter name, or None, per prompt); results in order."""
+        n = len(prompts)
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            params = [sampling_params or SamplingParams()] * n
+        else:
+            params = list(sampling_params)
+        names = list(lora_names) if lora_names is not None else [None] * n
+        if len(params) != n or len(names) != n:
+            raise InvalidRequestError(
+                f"{n} prompts need {n} sampling params and lora names, got {len(params)} and {len(names)}"
+            )
+        results: dict[str, RequestOutput] = {}
+        done = threading.Event()
+
+        def collect(out: RequestOutput) -> None:
+            if out.finished:
+                results[out.request_id] = out
+                if len(results) == n:
+                    done.set()
+
+        ids = [self.add_request(p, sp, name, on_output=collect)
+               for p, sp, name in zip(prompts, params, names)]
+        if n == 0:
+            return []
+        if self._thread is not None:
+            done.wait()
+        else:
+            while not done.is_set():
+                self.step()
+        return [results[i] for i in ids]
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._inbox or self._aborts or self.scheduler.has_work()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+            self.step()
+        with self._step_lock:  # a stopped engine leaves nothing behind
+            for request in list(self._requests.values()):
+                self._finish(request, "abort")
+
+    def step(self) -> list[RequestOutput]:
+        """Admit new work, run one forward over the scheduled batch, emit outputs."""
+        with self._step_lock:
+            outputs = self._drain_inbox()
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                return outputs
+            self.runner.load_adapters(self.adapters.take_pending())
+            residents = {r.adapter: self.adapters.get(r.adapter)
+                         for r in (s.request for s in out.scheduled) if r.adapter is not None}
+            try:
+                logits = self.runner.execute(out.scheduled, residents)
+            except Exception as e:  # a failed step must not strand requests or pages
+                for s in out.scheduled:
+                    outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
+                return outputs
+            self.steps += 1
+            sampling = [s for s in out.scheduled if s.samples]
+            tokens = self.sampler.sample(
+                logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
+            ) if sampling else []
+            for s in out.scheduled:
+                s.request.num_computed_tokens += s.num_new_tokens
+            now = time.monotonic()
+            for s, token in zip(sampling, tokens):
+                outputs.append(self._append_token(s.request, token, now))
+            return [o for o in outputs if o is not None]
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._wakeup:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for request in inbox:
+            self._requests[request.request_id] = request
+            self._detok[request.request_id] = Detokenizer(
+                self.tokenizer, request.prompt_token_ids, request.params.stop
+            )
+            if request.adapter is not None:
+                self.store.get(request.adapter).total_requests += 1
+            self.scheduler.add(request)
+        outputs = []
+        for request_id in aborts:
+            request = self._requests.get(request_id)
+            if request is not None:
+                outputs.append(self._finish(request, "abort"))
+        return outputs
+
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput | None:
+        if request.first_token_time is None:
+            request.first_token_time = now
+        params = request.params
+        if token in self.eos_ids and not params.ignore_eos:
+            return self._finish(request, "stop")
+        request.output_token_ids.append(token)
+        self.generated_tokens += 1
+        detok = self._detok[request.request_id]
+        detok.add(token)
+        if detok.stopped:
+            return self._finish(request, "stop", delta_tokens=[token])
+        if len(request.output_token_ids) >= params.max_tokens:
+            return self._finish(request, "length", delta_tokens=[token])
+        return self._emit(request, [token], detok.delta(final=False))
+
+    def _finish(
+        self, request: Request, reason: str, delta_tokens: list[int] | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        self.scheduler.finish(request, reason)
+        self.sampler.forget(request.request_id)
+        detok = self._detok.pop(request.request_id)
+        self._requests.pop(request.request_id, None)
+        self.finished_requests += 1
+        out = self._emit(request, delta_tokens or [], detok.delta(final=True), error, detok.text)
+        self._callbacks.pop(request.request_id, None)
+        return out
+
+    def _emit(
+        self, request: Request, delta_tokens: list[int], delta_text: str,
+        error: str | None = None, text: str | None = None,
+    ) -> RequestOutput:
+        detok = self._detok.get(request.request_id)
+        out = RequestOutput(
+            request_id=request.request_id,
+            token_ids=list(request.output_token_ids),
+            text=text if text is not None else (detok.text[: detok.emitted] if detok else ""),
+            delta_token_ids=delta_tokens,
+            delta_text=delta_text,
+            finished=request.status is RequestStatus.FINISHED,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            error=error,
+        )
+        callback = self._callbacks.get(request.request_id)
+        if callback is not None:
+            try:
+                callback(out)
+            except Exception:  # a broken consumer must not stop the engine for everyone
+                self._aborts.append(request.request_id)
+        return out
+
+    # ---- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
+            pool_pages_total=self.pool.num_pages,
+            pool_pages_free=self.pool.num_free,
+            pool_pages_kv=self.pool.used_by[KV],
+            pool_pages_adapter=self.pool.used_by[ADAPTER],
+            adapters_registered=len(self.store),
+            adapters_gpu=len(self.adapters),
+            adapters_host=self.store.num_in_host,
+            adapter_loads=self.adapters.loads,
+            adapter_evictions=self.adapters.evictions,
+            adapter_hits=self.adapters.hits,
+            adapter_misses=self.adapters.misses,
+            generated_tokens=self.generated_tokens,
+            finished_requests=self.finished_requests,
+            preemptions=self.scheduler.num_preemptions,
+            steps=self.steps,
+        )

@@ -1,0 +1,156 @@
+"""Iteration-level continuous batching over the unified pool. Plain Python, no tensors.
+
+Each step says "compute n tokens for request r": n = 1 for a decoding request, up to the whole
+remaining prompt for a prefilling one (chunked when the token budget runs out). Running requests
+go first, oldest first; waiting requests join while the pool has room for their KV pages and,
+if their adapter is not resident, its pages. When a running request needs a page and none can
+be freed (even by evicting idle adapters), the newest running request is preempted by
+recomputation: its pages go back, it keeps its generated tokens and rejoins the queue's front.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .adapter_cache import AdapterCache
+from .page_pool import KV, PagePool
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the request's tokens (so it samples one more)."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: PagePool,
+        adapters: AdapterCache,
+        block_tokens: int,
+        max_num_seqs: int,
+        max_batched_tokens: int,
+    ) -> None:
+        self.pool = pool
+        self.adapters = adapters
+        self.block_tokens = block_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_tokens)
+
+    def _grow(self, request: Request, num_new_tokens: int) -> bool:
+        """Give ``request`` the KV pages for ``num_new_tokens`` more tokens, evicting idle adapters."""
+        need = self._pages_for(request.num_computed_tokens + num_new_tokens) - len(request.block_table)
+        if need <= 0:
+            return True
+        if not self.adapters.make_room(need):
+            return False
+        request.block_table += self.pool.allocate(need, KV)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_batched_tokens
+        # 1. Running requests, oldest first; preempt from the newest end when the pool is dry.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, n))
+                budget -= n
+                i += 1
+        # 2. Waiting requests, in order, while they fit (not in a step that had to preempt).
+        while self.waiting and not out.preempted and budget > 0:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            kv_pages = self._pages_for(request.num_computed_tokens + n) - len(request.block_table)
+            need = kv_pages + self.adapters.pages_to_admit(request.adapter)
+            if self.pool.num_free + self.adapters.evictable_pages() < need:
+                break
+            if request.adapter is not None and not self.adapters.acquire(request.adapter):
+                break
+            if not self._grow(request, n):  # cannot fail after the check above, kept as a guard
+                if request.adapter is not None:
+                    self.adapters.release(request.adapter)
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.pool.free(request.block_table)
+        request.block_table = []
+        if request.adapter is not None and request.status is RequestStatus.RUNNING:
+            self.adapters.release(request.adapter)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Retire a request (finished or aborted): every page it held goes back to the pool."""
+        if request.status is RequestStatus.FINISHED:
+            return
+        self._release(request)
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def pinned_adapters(self) -> dict[str, int]:
+        """Adapter name -> number of running or waiting requests that use it."""
+        counts: dict[str, int] = {}
+        for r in list(self.running) + list(self.waiting):
+            if r.adapter is not None:
+                counts[r.adapter] = counts.get(r.adapter, 0) + 1
+        return counts
