@@ -25,11 +25,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 serve: install
 	$(PY) -m slora_backend.serve
 
+# One math thread per process: the tests run servers and clients side by side on few cores, and
+# oversubscribed OpenMP threads spin-wait each other (measured 10x slower on 2 cores).
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not server"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not server"
 
 bench-cpu: install
 	$(PY) benchmarks/bench_engine_vs_peft.py

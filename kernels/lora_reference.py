@@ -17,16 +17,35 @@ from collections.abc import Sequence
 import torch
 
 
-def _rows(pool: torch.Tensor, offsets: torch.Tensor, length: int) -> torch.Tensor:
+def _memo(cache: dict | None, key: tuple, make):
+    """``make()``, remembered in ``cache`` under ``key`` when a cache is given.
+
+    The engine passes one dict per step: offsets are the same in every layer, so index tensors
+    and host copies are built once per step instead of once per layer.
+    """
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _rows(
+    pool: torch.Tensor, offsets: torch.Tensor, length: int, cache: dict | None, key: tuple
+) -> torch.Tensor:
     """Gather rows ``pool[offsets[j] : offsets[j] + length]`` into a ``[len(offsets), length]`` matrix."""
-    idx = offsets.to(torch.int64)[:, None] + torch.arange(length, device=pool.device)
-    return pool[idx]
+    # Slicing + stack beats one advanced-index gather by ~50x on CPU for rows this long.
+    starts = _memo(cache, key, offsets.tolist)
+    return torch.stack([pool[o : o + length] for o in starts])
 
 
-def _slot_rows(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    slots = token_slots.to(torch.int64)
-    used = torch.unique(slots[slots >= 0]).tolist()
-    return [(s, (slots == s).nonzero().squeeze(1)) for s in used]
+def _slot_rows(token_slots: torch.Tensor, cache: dict | None) -> list[tuple[int, torch.Tensor]]:
+    def make() -> list[tuple[int, torch.Tensor]]:
+        slots = token_slots.to(torch.int64)
+        used = torch.unique(slots[slots >= 0]).tolist()
+        return [(s, (slots == s).nonzero().squeeze(1)) for s in used]
+
+    return _memo(cache, ("slot_rows",), make)
 
 
 def lora_shrink_ref(
@@ -36,6 +55,7 @@ def lora_shrink_ref(
     ranks: torch.Tensor,
     a_offsets: torch.Tensor,
     modules: Sequence[int],
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank, else 0.
 
@@ -44,14 +64,14 @@ def lora_shrink_ref(
     num_tokens, in_dim = x.shape
     max_rank = a_offsets.shape[2]
     z = torch.zeros(num_tokens, len(modules), max_rank, dtype=x.dtype, device=x.device)
-    ranks_host = ranks.tolist()
-    for slot, rows in _slot_rows(token_slots):
+    ranks_host = _memo(cache, ("ranks",), ranks.tolist)
+    for slot, rows in _slot_rows(token_slots, cache):
         xs = x[rows].float()
         for mi, m in enumerate(modules):
             r = ranks_host[slot][m]
             if r == 0:
                 continue
-            a = _rows(pool, a_offsets[slot, m, :r], in_dim).float()
+            a = _rows(pool, a_offsets[slot, m, :r], in_dim, cache, ("a", slot, m)).float()
             z[rows, mi, :r] = (xs @ a.T).to(x.dtype)
     return z
 
@@ -67,19 +87,20 @@ def lora_expand_ref(
     modules: Sequence[int],
     out_starts: Sequence[int],
     out_dims: Sequence[int],
+    cache: dict | None = None,
 ) -> None:
     """y[i, out_starts[mi] + n] += scalings[s_i] * sum_{j<rank} z[i, mi, j] * B^T_{s_i, modules[mi]}[j, n].
 
     y: [T, total_out] updated in place; z: [T, len(modules), max_rank] from ``lora_shrink_ref``.
     """
-    ranks_host = ranks.tolist()
-    scalings_host = scalings.tolist()
-    for slot, rows in _slot_rows(token_slots):
+    ranks_host = _memo(cache, ("ranks",), ranks.tolist)
+    scalings_host = _memo(cache, ("scalings",), scalings.tolist)
+    for slot, rows in _slot_rows(token_slots, cache):
         for mi, m in enumerate(modules):
             r = ranks_host[slot][m]
             if r == 0:
                 continue
-            bt = _rows(pool, b_offsets[slot, m, :r], out_dims[mi]).float()
+            bt = _rows(pool, b_offsets[slot, m, :r], out_dims[mi], cache, ("b", slot, m)).float()
             delta = (z[rows, mi, :r].float() @ bt) * scalings_host[slot]
             cols = slice(out_starts[mi], out_starts[mi] + out_dims[mi])
             y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)

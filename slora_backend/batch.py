@@ -10,7 +10,8 @@ prefill chunk) several; both kinds mix freely in one batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,6 +51,9 @@ class LoraBatch:
     seg_slots: torch.Tensor  # int32 [num_segments]
     max_seg_len: int
     is_decode: bool  # every sequence contributes exactly one token this step
+    # Scratch space for ops that derive per-step values once and reuse them in every layer
+    # (the offsets are the same in all layers). Cleared with the batch.
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_slots(self) -> int:

@@ -25,7 +25,9 @@ class TorchOps:
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
     ) -> torch.Tensor:
         """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero."""
-        return lora_shrink_ref(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, modules)
+        return lora_shrink_ref(
+            x, pool, lora.token_slots, lora.ranks, lora.a_offsets, modules, lora.scratch
+        )
 
     def lora_expand(
         self,
@@ -40,7 +42,7 @@ class TorchOps:
         """y[:, module columns] += scaling * z @ B^T, in place."""
         lora_expand_ref(
             y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets, lora.scalings,
-            modules, out_starts, out_dims,
+            modules, out_starts, out_dims, lora.scratch,
         )
 
     def write_kv(
