@@ -1,0 +1,145 @@
+"""Scheduler, page pool and adapter cache invariants, in plain Python (no model)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from slora_backend.adapter_cache import AdapterCache
+from slora_backend.config import SamplingParams
+from slora_backend.layout import PoolLayout
+from slora_backend.model_loader import random_config
+from slora_backend.model_spec import ModelSpec
+from slora_backend.page_pool import PagePool, PoolExhaustedError
+from slora_backend.request import Request
+from slora_backend.scheduler import Scheduler
+
+
+class FakeStore:
+    """Adapter sizes only: what the cache and scheduler look at."""
+
+    def __init__(self, pages: dict[str, int]) -> None:
+        self.pages = pages
+
+    def get(self, name):
+        return SimpleNamespace(plan=SimpleNamespace(num_pages=self.pages[name]))
+
+
+def make(num_pages=20, adapters=None, block_tokens=4, max_seqs=8, budget=64):
+    pool = PagePool(num_pages)
+    cache = AdapterCache(pool, FakeStore(adapters or {}))
+    return pool, cache, Scheduler(pool, cache, block_tokens, max_seqs, budget)
+
+
+def req(i, prompt_len=6, adapter=None, max_tokens=8):
+    return Request(f"r{i}", list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), adapter)
+
+
+def run_step(sched):
+    """Pretend the model ran: every scheduled request computes its tokens and samples one."""
+    out = sched.schedule()
+    for s in out.scheduled:
+        sampled = s.samples
+        s.request.num_computed_tokens += s.num_new_tokens
+        if sampled:
+            s.request.output_token_ids.append(0)
+            if len(s.request.output_token_ids) >= s.request.params.max_tokens:
+                sched.finish(s.request, "length")
+    return out
+
+
+def test_pool_allocate_free_and_double_free():
+    pool = PagePool(4)
+    pages = pool.allocate(3, "kv")
+    assert pool.num_free == 1 and pool.used_by["kv"] == 3
+    with pytest.raises(PoolExhaustedError):
+        pool.allocate(2, "kv")
+    pool.free(pages)
+    assert pool.check_empty()
+    with pytest.raises(KeyError):
+        pool.free(pages[:1])
+
+
+def test_pages_are_proportional_to_rank():
+    layout = PoolLayout(ModelSpec.from_hf_config(random_config("llama-7b")))
+    qkvo = ("q_proj", "k_proj", "v_proj", "o_proj")
+    pages = {r: layout.plan_adapter({m: r for m in qkvo}).num_pages for r in (8, 16, 32, 64)}
+    assert pages == {8: 2, 16: 4, 32: 8, 64: 16}
+    plan = layout.plan_adapter({"q_proj": 8, "down_proj": 8})
+    # No row straddles a page, and rows of one page never overlap.
+    by_page: dict[int, list] = {}
+    for row in plan.rows:
+        assert row.offset + row.length <= layout.page_size
+        by_page.setdefault(row.page, []).append((row.offset, row.offset + row.length))
+    for spans in by_page.values():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_continuous_batching_admits_between_steps_and_drains():
+    pool, cache, sched = make()
+    sched.add(req(0))
+    run_step(sched)
+    sched.add(req(1))
+    out = run_step(sched)
+    # r0 decodes one token while r1 prefills its whole prompt in the same step.
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("r0", 1), ("r1", 6)]
+    while sched.has_work():
+        run_step(sched)
+    assert pool.check_empty()
+
+
+def test_chunked_prefill_under_token_budget():
+    pool, cache, sched = make(budget=4)
+    r = req(0, prompt_len=10)
+    sched.add(r)
+    chunks = [run_step(sched).scheduled[0].num_new_tokens for _ in range(3)]
+    assert chunks == [4, 4, 2]
+    assert len(r.output_token_ids) == 1  # sampled only when the prompt was complete
+
+
+def test_preemption_returns_pages_and_keeps_tokens():
+    pool, cache, sched = make(num_pages=6)
+    a, b = req(0, prompt_len=8, max_tokens=12), req(1, prompt_len=8, max_tokens=12)
+    sched.add(a)
+    sched.add(b)
+    preempted = []
+    while sched.has_work():
+        preempted += run_step(sched).preempted
+        assert pool.num_free + pool.used_by["kv"] == 6
+    assert preempted and all(r.num_preemptions > 0 for r in preempted)
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
+    assert pool.check_empty()
+
+
+def test_adapter_admission_eviction_and_pins():
+    pool, cache, sched = make(num_pages=10, adapters={"x": 4, "y": 4, "z": 4})
+    sched.add(req(0, prompt_len=4, adapter="x", max_tokens=2))
+    sched.add(req(1, prompt_len=4, adapter="y", max_tokens=2))
+    run_step(sched)
+    assert "x" in cache and "y" in cache and cache.get("x").pins == 1
+    # z does not fit until x and y are unpinned; then the least recently used is evicted.
+    sched.add(req(2, prompt_len=4, adapter="z", max_tokens=2))
+    while sched.has_work():
+        run_step(sched)
+    assert "z" in cache and cache.evictions >= 1
+    assert all(cache.get(n).pins == 0 for n in ("z",))
+    assert pool.used_by["kv"] == 0
+    assert pool.used_by["adapter"] == sum(len(cache.get(n).pages) for n in list(cache._resident))
+
+
+def test_thousands_of_tiny_adapters_keep_exact_accounting():
+    names = {f"a{i}": 1 + i % 3 for i in range(3000)}
+    pool, cache, sched = make(num_pages=64, adapters=names, max_seqs=16)
+    for i, name in enumerate(names):
+        sched.add(req(i, prompt_len=3, adapter=name, max_tokens=2))
+    steps = 0
+    while sched.has_work():
+        run_step(sched)
+        steps += 1
+        resident = sum(len(cache.get(n).pages) for n in list(cache._resident))
+        assert pool.used_by["adapter"] == resident
+        assert pool.num_free + pool.used_by["kv"] + pool.used_by["adapter"] == 64
+    assert pool.used_by["kv"] == 0
+    assert cache.loads == 3000 and cache.loads - cache.evictions == len(cache)
