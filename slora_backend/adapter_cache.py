@@ -30,6 +30,7 @@ class AdapterCache:
         self.evictions = 0
         self.hits = 0
         self.misses = 0
+        self.prefetches = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self._resident
@@ -75,6 +76,21 @@ class AdapterCache:
             self.hits += 1
         resident.pins += 1
         self._resident.move_to_end(name)
+        return True
+
+    def prefetch(self, name: str, keep_free: int) -> bool:
+        """Make ``name`` resident (unpinned) ahead of its request, using only free pages beyond
+        ``keep_free``, so prefetching never evicts anything or starves running requests of KV."""
+        if name in self._resident:
+            return True
+        need = self.store.get(name).plan.num_pages
+        if self.pool.num_free - keep_free < need:
+            return False
+        resident = ResidentAdapter(name, self.pool.allocate(need, ADAPTER))
+        self._resident[name] = resident
+        self._pending.append(resident)
+        self.loads += 1
+        self.prefetches += 1
         return True
 
     def release(self, name: str) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class AdapterStore:
         self._host_lru: OrderedDict[str, None] = OrderedDict()  # adapters with weights in memory
         self.host_bytes = 0
         self.disk_loads = 0
+        self._lock = threading.RLock()
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -121,7 +123,14 @@ class AdapterStore:
         return self._entries[name].weights is not None
 
     def weights(self, name: str) -> torch.Tensor:
-        """The adapter's packed rows ``[layers, used_elements]``, read from disk if not in memory."""
+        """The adapter's packed rows ``[layers, used_elements]``, read from disk if not in memory.
+
+        Thread-safe: the engine reads queued requests' adapters ahead on a helper thread.
+        """
+        with self._lock:
+            return self._weights(name)
+
+    def _weights(self, name: str) -> torch.Tensor:
         entry = self.get(name)
         if entry.weights is None:
             entry.weights = self._read_weights(entry)
@@ -133,6 +142,10 @@ class AdapterStore:
         return entry.weights
 
     def drop_weights(self, name: str) -> None:
+        with self._lock:
+            self._drop_weights(name)
+
+    def _drop_weights(self, name: str) -> None:
         entry = self._entries[name]
         if entry.weights is not None:
             self.host_bytes -= entry.weights.numel() * entry.weights.element_size()
@@ -149,7 +162,7 @@ class AdapterStore:
             if victim == keep:
                 self._host_lru.move_to_end(victim)
                 continue
-            self.drop_weights(victim)
+            self._drop_weights(victim)
 
     # ---- validation -------------------------------------------------------------------------
 

@@ -38,6 +38,16 @@ class EngineConfig:
     max_adapters_per_batch: int | None = None  # None: no limit beyond the pool
     host_adapter_bytes: int = 64 * 2**30  # adapter weights kept in host memory before LRU drop
     pin_host_memory: bool = True
+    prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
+    # Ablations of the S-LoRA paper: LoRA as padded gather + bmm ("bmm"), and adapters in a
+    # fixed partition of this many pages instead of sharing the pool with KV ("no unified memory").
+    lora_ops: str | None = None
+    adapter_pool_pages: int | None = None
+    # Overload: drop queued requests that can no longer meet the first-token SLO (S-LoRA's early
+    # abort), and refuse new requests beyond a queue length.
+    slo_ttft_s: float | None = None
+    early_abort: bool = False
+    max_waiting: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +70,16 @@ class EngineConfig:
             raise ValueError(
                 f"pool_memory_fraction must be in (0, 1], got {self.pool_memory_fraction}"
             )
+        if self.lora_ops not in (None, "bmm"):
+            raise ValueError(f"lora_ops must be None or 'bmm', got {self.lora_ops!r}")
+        for name in ("adapter_pool_pages", "max_waiting"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.slo_ttft_s is not None and not self.slo_ttft_s > 0:
+            raise ValueError(f"slo_ttft_s must be > 0, got {self.slo_ttft_s}")
+        if self.early_abort and self.slo_ttft_s is None:
+            raise ValueError("early_abort needs slo_ttft_s")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

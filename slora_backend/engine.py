@@ -12,6 +12,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +22,7 @@ from .adapter_registry import AdapterInfo, AdapterRegistry
 from .adapter_store import AdapterStore
 from .config import EngineConfig, SamplingParams
 from .detokenizer import Detokenizer
-from .errors import InvalidRequestError
+from .errors import EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner
@@ -42,6 +43,7 @@ class EngineStats:
     pool_pages_free: int
     pool_pages_kv: int
     pool_pages_adapter: int
+    adapter_partition_pages: int  # 0 with unified paging
     adapters_registered: int
     adapters_gpu: int
     adapters_host: int
@@ -49,6 +51,7 @@ class EngineStats:
     adapter_evictions: int
     adapter_hits: int
     adapter_misses: int
+    adapter_prefetches: int
     generated_tokens: int
     finished_requests: int
     preemptions: int
@@ -75,16 +78,27 @@ class Engine:
                                  self.spec.max_position_embeddings)
         self.layout = PoolLayout(self.spec, config.block_tokens)
         num_pages = config.pool_pages or self._auto_pool_pages(dtype)
-        self.pool = PagePool(num_pages)
+        adapter_pages = config.adapter_pool_pages
+        if adapter_pages is not None and adapter_pages >= num_pages:
+            raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
+                             f"{num_pages} pages")
+        self.pool = PagePool(num_pages - (adapter_pages or 0))
+        # Unified paging: adapters take pages from the same pool as KV. The ablation gives them
+        # a fixed partition at the end of the pool tensor instead.
+        adapter_pool = self.pool if adapter_pages is None else PagePool(
+            adapter_pages, first_page=num_pages - adapter_pages)
         self.store = AdapterStore(self.layout, dtype, config.host_adapter_bytes,
                                   config.pin_host_memory and self.device.type == "cuda")
-        self.adapters = AdapterCache(self.pool, self.store)
+        self.adapters = AdapterCache(adapter_pool, self.store)
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
-                                   config.max_num_seqs, config.max_batched_tokens)
+                                   config.max_num_seqs, config.max_batched_tokens,
+                                   config.slo_ttft_s if config.early_abort else None)
         self.runner = ModelRunner(self.model, self.layout, num_pages,
-                                  make_ops(config.resolved_kernel_backend), self.store,
-                                  self.device, dtype)
+                                  make_ops(config.resolved_kernel_backend, config.lora_ops),
+                                  self.store, self.device, dtype)
+        # Reads adapters of queued requests from disk into host memory off the engine thread.
+        self._host_prefetch = ThreadPoolExecutor(1, thread_name_prefix="slora-adapter-read")
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._requests: dict[str, Request] = {}
@@ -189,12 +203,20 @@ class Engine:
         if lora_name:
             adapter = self.resolve_adapter(lora_name).name
         worst = self.layout.kv_pages(len(token_ids) + params.max_tokens)
-        if adapter is not None:
-            worst += self.store.get(adapter).plan.num_pages
+        adapter_pages = self.store.get(adapter).plan.num_pages if adapter is not None else 0
+        if self.scheduler.unified:
+            worst += adapter_pages
+        elif adapter_pages > self.adapters.pool.num_pages:
+            raise InvalidRequestError(f"adapter {adapter!r} needs {adapter_pages} pages, the "
+                                      f"adapter partition has {self.adapters.pool.num_pages}")
         if worst > self.pool.num_pages:
             raise InvalidRequestError(
                 f"request needs up to {worst} pages but the pool has {self.pool.num_pages}"
             )
+        limit = self.config.max_waiting
+        if limit is not None and len(self.scheduler.waiting) + len(self._inbox) >= limit:
+            raise EngineOverloadedError(
+                f"{limit} requests are already waiting (max_waiting); try again later")
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, token_ids, params, adapter)
         with self._wakeup:
@@ -301,6 +323,9 @@ class Engine:
         with self._step_lock:
             outputs = self._drain_inbox()
             out = self.scheduler.schedule()
+            for request in out.dropped:
+                outputs.append(self._finish(request, "abort", error=(
+                    f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
             if not out.scheduled:
                 return outputs
             self.runner.load_adapters(self.adapters.take_pending())
@@ -313,6 +338,7 @@ class Engine:
                     outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
                 return outputs
             self.steps += 1
+            self._prefetch_adapters()  # overlaps the step just launched (on CUDA)
             sampling = [s for s in out.scheduled if s.samples]
             tokens = self.sampler.sample(
                 logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
@@ -323,6 +349,19 @@ class Engine:
             for s, token in zip(sampling, tokens):
                 outputs.append(self._append_token(s.request, token, now))
             return [o for o in outputs if o is not None]
+
+    def _prefetch_adapters(self) -> None:
+        """Copy adapters of the next queued requests into free pages on the side stream."""
+        if not self.config.prefetch_adapters:
+            return
+        keep_free = len(self.scheduler.running) + 1  # one more KV page per running request
+        for request in itertools.islice(self.scheduler.waiting, self.config.max_num_seqs):
+            name = request.adapter
+            if name is None or name in self.adapters or not self.store.has_weights(name):
+                continue
+            if not self.adapters.prefetch(name, keep_free):
+                break
+        self.runner.load_adapters(self.adapters.take_pending(), overlap=True)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
@@ -335,6 +374,8 @@ class Engine:
             )
             if request.adapter is not None:
                 self.store.get(request.adapter).total_requests += 1
+                if not self.store.has_weights(request.adapter):
+                    self._host_prefetch.submit(self._read_adapter, request.adapter)
             self.scheduler.add(request)
         outputs = []
         for request_id in aborts:
@@ -342,6 +383,12 @@ class Engine:
             if request is not None:
                 outputs.append(self._finish(request, "abort"))
         return outputs
+
+    def _read_adapter(self, name: str) -> None:
+        try:
+            self.store.weights(name)
+        except Exception:  # unloaded meanwhile, or unreadable: the request's step reports it
+            pass
 
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput | None:
         if request.first_token_time is None:
@@ -405,7 +452,8 @@ class Engine:
             pool_pages_total=self.pool.num_pages,
             pool_pages_free=self.pool.num_free,
             pool_pages_kv=self.pool.used_by[KV],
-            pool_pages_adapter=self.pool.used_by[ADAPTER],
+            pool_pages_adapter=self.adapters.pool.used_by[ADAPTER],
+            adapter_partition_pages=0 if self.scheduler.unified else self.adapters.pool.num_pages,
             adapters_registered=len(self.store),
             adapters_gpu=len(self.adapters),
             adapters_host=self.store.num_in_host,
@@ -413,6 +461,7 @@ class Engine:
             adapter_evictions=self.adapters.evictions,
             adapter_hits=self.adapters.hits,
             adapter_misses=self.adapters.misses,
+            adapter_prefetches=self.adapters.prefetches,
             generated_tokens=self.generated_tokens,
             finished_requests=self.finished_requests,
             preemptions=self.scheduler.num_preemptions,

@@ -24,3 +24,7 @@ class AdapterLoadError(SLoRAError, ValueError):
 
 class AdapterBusyError(SLoRAError, RuntimeError):
     """An adapter cannot be unloaded while requests use it (UNAVAILABLE)."""
+
+
+class EngineOverloadedError(SLoRAError, RuntimeError):
+    """The request queue is full; try again later (UNAVAILABLE)."""

@@ -6,6 +6,8 @@ weights of newly resident adapters into their pages.
 
 from __future__ import annotations
 
+from contextlib import nullcontext as _nullcontext
+
 import torch
 
 from .adapter_cache import ResidentAdapter
@@ -30,17 +32,39 @@ class ModelRunner:
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
         self._offsets: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+        # Prefetched adapters are copied on a side stream while the current step computes;
+        # the next step waits for those copies before it touches the pool.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copies_in_flight: list[torch.cuda.Event] = []
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def load_adapters(self, pending: list[ResidentAdapter]) -> None:
-        """Copy host weights of newly resident adapters into their pool pages (one scatter each)."""
-        for resident in pending:
-            weights = self.store.weights(resident.name)
-            index = self._scatter_index(resident)
-            src = weights.to(self.device, non_blocking=True)
-            self.pool.view(self.pool.shape[0], -1)[:, index] = src
+    def load_adapters(self, pending: list[ResidentAdapter], overlap: bool = False) -> None:
+        """Copy host weights of newly resident adapters into their pool pages (one scatter each).
+
+        With ``overlap`` (prefetch) the copies go on the side stream, to overlap the step in flight.
+        """
+        if not pending:
+            return
+        side = overlap and self.copy_stream is not None
+        if not side:
+            self._wait_for_copies()
+        with torch.cuda.stream(self.copy_stream) if side else _nullcontext():
+            for resident in pending:
+                weights = self.store.weights(resident.name)
+                index = self._scatter_index(resident)
+                src = weights.to(self.device, non_blocking=True)
+                self.pool.view(self.pool.shape[0], -1)[:, index] = src
+            if side:
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+                self._copies_in_flight.append(event)
+
+    def _wait_for_copies(self) -> None:
+        """Order the compute stream after every side-stream copy (their pages may be reused)."""
+        for event in self._copies_in_flight:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self._copies_in_flight.clear()
 
     def _scatter_index(self, resident: ResidentAdapter) -> torch.Tensor:
         plan = self.store.get(resident.name).plan
@@ -76,6 +100,7 @@ class ModelRunner:
         self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter]
     ) -> torch.Tensor:
         """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order."""
+        self._wait_for_copies()
         block_tokens = self.layout.block_tokens
         # Group tokens of the same adapter together so prefill LoRA sees long segments.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.adapter or "")

@@ -79,11 +79,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_ops(kernel_backend: str) -> TorchOps:
+class BmmLora:
+    """LoRA as padded gather + ``torch.bmm`` (the S-LoRA paper's "bmm" ablation), wrapped
+    around another ops object whose attention and norms it keeps."""
+
+    def __init__(self, inner: TorchOps) -> None:
+        self.inner = inner
+        self.name = f"{inner.name}+bmm"
+
+    def __getattr__(self, attr: str):
+        return getattr(self.inner, attr)
+
+    def lora_shrink(self, x, pool, lora: LoraBatch, modules):
+        from slora_kernels.lora_bmm import lora_shrink_bmm
+
+        return lora_shrink_bmm(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, modules)
+
+    def lora_expand(self, y, z, pool, lora: LoraBatch, modules, out_starts, out_dims):
+        from slora_kernels.lora_bmm import lora_expand_bmm
+
+        lora_expand_bmm(y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets, lora.scalings,
+                        modules, out_starts, out_dims)
+
+
+def make_ops(kernel_backend: str, lora_ops: str | None = None) -> TorchOps:
     if kernel_backend == "torch":
-        return TorchOps()
-    if kernel_backend == "triton":
+        ops: TorchOps = TorchOps()
+    elif kernel_backend == "triton":
         from .ops_triton import TritonOps
 
-        return TritonOps()
-    raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {kernel_backend!r}")
+        ops = TritonOps()
+    else:
+        raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {kernel_backend!r}")
+    return BmmLora(ops) if lora_ops == "bmm" else ops  # type: ignore[return-value]

@@ -17,11 +17,12 @@ class PoolExhaustedError(RuntimeError):
 
 
 class PagePool:
-    def __init__(self, num_pages: int) -> None:
+    def __init__(self, num_pages: int, first_page: int = 0) -> None:
+        """Pages ``first_page .. first_page + num_pages - 1`` of the pool tensor."""
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: deque[int] = deque(range(first_page, first_page + num_pages))
         self._owner: dict[int, str] = {}
         self.used_by = {KV: 0, ADAPTER: 0}
 

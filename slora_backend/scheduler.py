@@ -10,6 +10,7 @@ recomputation: its pages go back, it keeps its generated tokens and rejoins the 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    dropped: list[Request] = field(default_factory=list)  # early abort: SLO already missed
 
     @property
     def num_tokens(self) -> int:
@@ -48,9 +50,13 @@ class Scheduler:
         block_tokens: int,
         max_num_seqs: int,
         max_batched_tokens: int,
+        slo_ttft_s: float | None = None,
     ) -> None:
         self.pool = pool
         self.adapters = adapters
+        # Adapters either share this pool with KV (S-LoRA's unified paging) or have their own.
+        self.unified = adapters.pool is pool
+        self.slo_ttft_s = slo_ttft_s
         self.block_tokens = block_tokens
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -72,13 +78,31 @@ class Scheduler:
         need = self._pages_for(request.num_computed_tokens + num_new_tokens) - len(request.block_table)
         if need <= 0:
             return True
-        if not self.adapters.make_room(need):
+        if need > self.pool.num_free and not (self.unified and self.adapters.make_room(need)):
             return False
         request.block_table += self.pool.allocate(need, KV)
         return True
 
-    def schedule(self) -> SchedulerOutput:
+    def _fits(self, request: Request, kv_pages: int) -> bool:
+        adapter_pages = self.adapters.pages_to_admit(request.adapter)
+        if self.unified:
+            return self.pool.num_free + self.adapters.evictable_pages() >= kv_pages + adapter_pages
+        adapter_room = self.adapters.pool.num_free + self.adapters.evictable_pages()
+        return self.pool.num_free >= kv_pages and adapter_room >= adapter_pages
+
+    def _drop_late(self, now: float, out: SchedulerOutput) -> None:
+        """Early abort: a queued request still without its first token after the SLO can no
+        longer meet it; serving it would only make the requests behind it late too."""
+        late = [r for r in self.waiting
+                if r.first_token_time is None and now - r.arrival_time > self.slo_ttft_s]
+        for r in late:
+            self.waiting.remove(r)
+            out.dropped.append(r)
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.slo_ttft_s is not None:
+            self._drop_late(time.monotonic() if now is None else now, out)
         budget = self.max_batched_tokens
         # 1. Running requests, oldest first; preempt from the newest end when the pool is dry.
         i = 0
@@ -102,8 +126,7 @@ class Scheduler:
             request = self.waiting[0]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             kv_pages = self._pages_for(request.num_computed_tokens + n) - len(request.block_table)
-            need = kv_pages + self.adapters.pages_to_admit(request.adapter)
-            if self.pool.num_free + self.adapters.evictable_pages() < need:
+            if not self._fits(request, kv_pages):
                 break
             if request.adapter is not None and not self.adapters.acquire(request.adapter):
                 break
