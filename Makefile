@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 # already installed (system site-packages) or an NVIDIA GPU, the user's torch is used as it is.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: install serve test test-fast bench-cpu clean
+.PHONY: install serve test test-fast bench-cpu clean perf-analyzer
 
 install: $(VENV)/.installed
 
@@ -27,14 +27,21 @@ serve: install
 
 # One math thread per process: the tests run servers and clients side by side on few cores, and
 # oversubscribed OpenMP threads spin-wait each other (measured 10x slower on 2 cores).
-test: install
+test: install perf-analyzer
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not server"
 
 bench-cpu: install
-	$(PY) benchmarks/bench_engine_vs_peft.py
+	$(PY) -m benchmarks.bench_engine_vs_peft
+
+# perf_analyzer for this machine (tests/serving/test_perf_analyzer.py runs it against the server).
+PERF_ANALYZER = .tools/perf_analyzer/perf_analyzer
+perf-analyzer: $(PERF_ANALYZER)
+
+$(PERF_ANALYZER): benchmarks/perf_analyzer/install.sh | install
+	PYTHON=$(PY) benchmarks/perf_analyzer/install.sh .tools/perf_analyzer
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .tools
