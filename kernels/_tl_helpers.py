@@ -1,0 +1,23 @@
+"""Small ``@triton.jit`` helpers shared by several kernels.
+
+Kept few on purpose: under the CPU interpreter every call of a nested jit function re-patches
+``triton.language`` (~0.5 ms), so helpers called once per loop iteration would dominate the
+test suite's time. Per-module scalars are picked inline with ``tl.where`` for the same reason.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def misaligned_rows(offs_ptr, rank, VEC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """How many of the first ``rank`` row offsets at ``offs_ptr`` are not multiples of VEC."""
+    count = tl.zeros([], dtype=tl.int32)
+    for jb in range(0, tl.cdiv(rank, BLOCK_R)):
+        rows = jb * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs = tl.load(offs_ptr + rows, mask=rows < rank, other=0)
+        count += tl.sum((offs % VEC != 0).to(tl.int32), axis=0)
+    return count
+

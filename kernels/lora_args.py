@@ -1,0 +1,105 @@
+"""Argument checks shared by the decode (BGMV) and prefill (SGMV) LoRA launchers.
+
+The adapter tables follow ``slora_backend.batch.LoraBatch``: ``ranks`` int32 ``[S, M]``,
+``a_offsets`` / ``b_offsets`` int64 ``[S, M, R]`` (M = 7 module kinds, R = the batch's max rank),
+``scalings`` fp32 ``[S]``; ``pool`` is one layer's flat buffer. The launchers cannot check that
+every offset lies inside ``pool`` without a device sync; the model runner guarantees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._common import FLOAT_DTYPES, check_device, check_modules, check_tensor
+
+
+@dataclass(frozen=True)
+class ShrinkArgs:
+    num_tokens: int
+    in_dim: int
+    max_rank: int  # width of z's last dimension (= a_offsets.shape[2])
+    modules: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ExpandArgs:
+    num_tokens: int
+    max_rank: int
+    modules: tuple[int, ...]
+    out_starts: tuple[int, ...]
+    out_dims: tuple[int, ...]
+
+
+def _check_tables(
+    pool: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, offsets_name: str,
+    dtype: torch.dtype, device: torch.device,
+) -> None:
+    check_tensor("pool", pool, dtypes=(dtype,), ndim=1, device=device, contiguous=True)
+    check_tensor("ranks", ranks, dtypes=(torch.int32,), ndim=2, device=device, contiguous=True)
+    num_slots, num_kinds = ranks.shape
+    check_tensor(offsets_name, offsets, dtypes=(torch.int64,), ndim=3,
+                 shape=(num_slots, num_kinds, None), device=device, contiguous=True)
+
+
+def check_shrink(
+    x: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor,
+    modules: Sequence[int],
+) -> ShrinkArgs:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, inner_contiguous=True)
+    check_device("x", x)
+    _check_tables(pool, ranks, a_offsets, "a_offsets", x.dtype, x.device)
+    mods = check_modules(modules, ranks.shape[1])
+    return ShrinkArgs(x.shape[0], x.shape[1], a_offsets.shape[2], mods)
+
+
+def check_expand(
+    y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor,
+    b_offsets: torch.Tensor, scalings: torch.Tensor, modules: Sequence[int],
+    out_starts: Sequence[int], out_dims: Sequence[int],
+) -> ExpandArgs:
+    check_tensor("y", y, dtypes=FLOAT_DTYPES, ndim=2, inner_contiguous=True)
+    check_device("y", y)
+    _check_tables(pool, ranks, b_offsets, "b_offsets", y.dtype, y.device)
+    mods = check_modules(modules, ranks.shape[1])
+    max_rank = b_offsets.shape[2]
+    check_tensor("z", z, dtypes=(y.dtype,), ndim=3, shape=(y.shape[0], len(mods), max_rank),
+                 device=y.device, inner_contiguous=True)
+    check_tensor("scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
+                 device=y.device, contiguous=True)
+    starts, dims = tuple(int(s) for s in out_starts), tuple(int(d) for d in out_dims)
+    if len(starts) != len(mods) or len(dims) != len(mods):
+        raise ValueError(
+            f"out_starts {list(starts)} and out_dims {list(dims)} must have one entry per module "
+            f"({len(mods)})"
+        )
+    for start, dim in zip(starts, dims):
+        if start < 0 or dim < 1 or start + dim > y.shape[1]:
+            raise ValueError(
+                f"output slice [{start}, {start + dim}) does not fit in y's {y.shape[1]} columns"
+            )
+    return ExpandArgs(y.shape[0], max_rank, mods, starts, dims)
+
+
+def check_segments(
+    seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor,
+    max_seg_len: int, device: torch.device,
+) -> int:
+    """Validate the segment tables (int32 ``[num_segments]`` each); return the segment count."""
+    check_tensor("seg_starts", seg_starts, dtypes=(torch.int32,), ndim=1, device=device,
+                 contiguous=True)
+    n = seg_starts.shape[0]
+    check_tensor("seg_lens", seg_lens, dtypes=(torch.int32,), shape=(n,), ndim=1, device=device,
+                 contiguous=True)
+    check_tensor("seg_slots", seg_slots, dtypes=(torch.int32,), shape=(n,), ndim=1,
+                 device=device, contiguous=True)
+    if n > 0 and max_seg_len < 1:
+        raise ValueError(f"max_seg_len must be >= 1 when there are segments, got {max_seg_len}")
+    return n
+
+
+def check_token_slots(token_slots: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    check_tensor("token_slots", token_slots, dtypes=(torch.int32,), ndim=1, shape=(num_tokens,),
+                 device=device, contiguous=True)

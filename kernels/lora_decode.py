@@ -1,0 +1,221 @@
+"""Decode LoRA (BGMV / S-LoRA's MBGMV): one token per row, each row its own adapter and rank.
+
+Shrink ``z = x A^T`` and expand ``y += scale * z B^T`` for a batch in which every token may use
+a different adapter of a different rank (or none), reading A rows and B^T rows straight out of
+the unified page pool through per-row element offsets (``slora_backend.layout``).
+
+Work per program is one token x one module x one block of rank rows (shrink) or output columns
+(expand). A program loops only to its own adapter's rank, so a rank-8 row costs a rank-8 read
+however large the batch's largest rank is; a base-model row (slot -1) loads its slot and stops.
+Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, pad3, vector_elems
+from ._tl_helpers import misaligned_rows
+from .lora_args import check_expand, check_shrink, check_token_slots
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_times_x(
+    x_row, pool_ptr, offs, live, in_dim,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """[BLOCK_R] fp32: sum_k pool[offs[j] + k] * x[k]; rows that are not ``live`` give 0."""
+    if ALIGNED:
+        # An identity here (every offset is a multiple of VEC), but written so the compiler can
+        # see the divisibility and emit 16-byte loads (tl.multiple_of on a loaded value is lost).
+        offs = (offs // VEC) * VEC
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    # Iterating over block indices (not k0 = 0, BLOCK_K, ...) keeps k0's divisibility known to
+    # the compiler, which it needs to emit 16-byte loads.
+    for kb in range(0, tl.cdiv(in_dim, BLOCK_K)):
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_live = k < in_dim
+        xv = tl.load(x_row + k, mask=k_live, other=0.0).to(tl.float32)
+        a = tl.load(pool_ptr + offs[:, None] + k[None, :],
+                    mask=live[:, None] & k_live[None, :], other=0.0)
+        acc += a.to(tl.float32) * xv[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr, pool_ptr, z_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr,
+    in_dim, max_rank,
+    stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    mod0, mod1, mod2,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+):
+    token = tl.program_id(0)
+    mi = tl.program_id(1)
+    first_row = tl.program_id(2) * BLOCK_R
+    rows = first_row + tl.arange(0, BLOCK_R)
+    slot = tl.load(token_slots_ptr + token)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    out = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Base rows, untargeted modules and row blocks past this adapter's rank read nothing and
+    # only write their zeros (z is fully defined, as in the reference).
+    if first_row < rank:
+        live = rows < rank
+        offs_ptr = a_offsets_ptr + slot * stride_off_s + module * stride_off_m
+        offs = tl.load(offs_ptr + rows, mask=live, other=0)
+        x_row = x_ptr + token.to(tl.int64) * stride_x
+        if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
+            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, True)
+        else:
+            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, False)
+    z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
+    tl.store(z_row + rows, out.to(z_ptr.dtype.element_ty), mask=rows < max_rank)
+
+
+@triton.jit
+def _z_times_rows(
+    z_row, offs_ptr, pool_ptr, rank, cols, col_live,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """[BLOCK_N] fp32: sum_{j < rank} z[j] * pool[offs[j] + n] over the columns ``cols``."""
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        rows = j0 + tl.arange(0, BLOCK_R)
+        live = rows < rank
+        zv = tl.load(z_row + rows, mask=live, other=0.0).to(tl.float32)
+        offs = tl.load(offs_ptr + rows, mask=live, other=0)
+        if ALIGNED:
+            offs = (offs // VEC) * VEC
+        bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
+                     mask=live[:, None] & col_live[None, :], other=0.0)
+        acc += bt.to(tl.float32) * zv[:, None]
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, b_offsets_ptr, scalings_ptr,
+    stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+):
+    token = tl.program_id(0)
+    mi = tl.program_id(1)
+    first_col = tl.program_id(2) * BLOCK_N
+    slot = tl.load(token_slots_ptr + token)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    if (rank > 0) & (first_col < out_dim):
+        cols = first_col + tl.arange(0, BLOCK_N)
+        col_live = cols < out_dim
+        z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
+        offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
+        if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
+            delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
+                                  BLOCK_R, BLOCK_N, VEC, True)
+        else:
+            delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
+                                  BLOCK_R, BLOCK_N, VEC, False)
+        scale = tl.load(scalings_ptr + slot)
+        out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
+        y_ptrs = y_ptr + token.to(tl.int64) * stride_y + out_start + cols
+        y = tl.load(y_ptrs, mask=col_live, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty),
+                 mask=col_live)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_shrink_decode(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    a_offsets: torch.Tensor,
+    modules: Sequence[int],
+    *,
+    tiles: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank(s_i, m), else 0.
+
+    x: [T, in_dim] (rows may be strided); pool: one layer's flat buffer, x's dtype;
+    token_slots: int32 [T] (-1 = base model); ranks: int32 [S, 7]; a_offsets: int64 [S, 7, R].
+    Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
+    three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
+    num_warps (for benchmark sweeps).
+    """
+    args = check_shrink(x, pool, ranks, a_offsets, modules)
+    check_token_slots(token_slots, args.num_tokens, x.device)
+    z = torch.empty(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
+                    device=x.device)
+    if args.num_tokens == 0 or args.max_rank == 0:
+        return z.zero_()
+    if ranks.shape[0] == 0:  # no adapter in this batch: no token uses LoRA
+        return z.zero_()
+    # Few rows, long K tiles: the loop over K is serial, so each iteration should have many
+    # bytes in flight (8 x 512 fp16 = 8 KiB). Measured on the H200 (docs/benchmarks.md):
+    # 8 x 512 beat 16 x 256 by 1.3-1.9x at batch 64.
+    cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)), BLOCK_K=min(512, next_pow2(args.in_dim)),
+               num_warps=4)
+    cfg.update(tiles or {})
+    grid = (args.num_tokens, len(args.modules), triton.cdiv(args.max_rank, cfg["BLOCK_R"]))
+    _bgmv_shrink_kernel[grid](
+        x, pool, z, token_slots, ranks, a_offsets,
+        args.in_dim, args.max_rank,
+        x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+        a_offsets.stride(0), a_offsets.stride(1),
+        *pad3(args.modules),
+        VEC=vector_elems(x.dtype), **cfg,
+    )
+    return z
+
+
+def lora_expand_decode(
+    y: torch.Tensor,
+    z: torch.Tensor,
+    pool: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    b_offsets: torch.Tensor,
+    scalings: torch.Tensor,
+    modules: Sequence[int],
+    out_starts: Sequence[int],
+    out_dims: Sequence[int],
+    *,
+    tiles: dict[str, int] | None = None,
+) -> None:
+    """y[i, out_starts[mi] + n] += scalings[s_i] * sum_{j < rank} z[i, mi, j] * B^T_{s_i, m}[j, n].
+
+    y: [T, total_out] updated in place (rows may be strided); z: [T, len(modules), R] from
+    ``lora_shrink_decode``; b_offsets: int64 [S, 7, R]; scalings: fp32 [S]. Rows with slot -1
+    and modules of rank 0 leave y untouched. Accumulates in fp32, rounds once into y.
+    ``tiles`` overrides BLOCK_R / BLOCK_N / num_warps.
+    """
+    args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
+    check_token_slots(token_slots, args.num_tokens, y.device)
+    if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
+        return
+    cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)),
+               BLOCK_N=min(512, next_pow2(max(args.out_dims))), num_warps=4)
+    cfg.update(tiles or {})
+    grid = (args.num_tokens, len(args.modules), triton.cdiv(max(args.out_dims), cfg["BLOCK_N"]))
+    _bgmv_expand_kernel[grid](
+        y, z, pool, token_slots, ranks, b_offsets, scalings,
+        y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+        b_offsets.stride(0), b_offsets.stride(1),
+        *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
+        VEC=vector_elems(y.dtype), **cfg,
+    )

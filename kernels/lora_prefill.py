@@ -1,0 +1,261 @@
+"""Prefill LoRA (SGMV / S-LoRA's MBGMM): runs of consecutive tokens that share one adapter.
+
+Shrink ``z = x A^T`` and expand ``y += scale * z B^T`` tiled over *segments*: segment g covers
+tokens ``seg_starts[g] .. seg_starts[g] + seg_lens[g] - 1``, all using adapter slot
+``seg_slots[g]``. A program owns a tile of one segment's tokens and runs a matrix product
+against that adapter's A (or B^T) rows, gathered from the page pool through their offsets.
+Ranks differ per segment; a program's loop stops at its own segment's rank. Tokens outside
+every segment (base model) are not visited: their z rows stay zero and their y rows untouched.
+Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_precision, dot_upcast, next_pow2, pad3, vector_elems
+from .lora_args import check_expand, check_segments, check_shrink
+from ._tl_helpers import misaligned_rows
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _x_times_rows_t(
+    x_ptr, token, tok_live, stride_x, pool_ptr, offs, live, in_dim,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_R] fp32: x[token] @ A^T with A's rows at ``offs`` (dead rows give 0)."""
+    if ALIGNED:
+        offs = (offs // VEC) * VEC
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    # Iterating over block indices (not k0 = 0, BLOCK_K, ...) keeps k0's divisibility known to
+    # the compiler, which it needs to emit 16-byte loads.
+    for kb in range(0, tl.cdiv(in_dim, BLOCK_K)):
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_live = k < in_dim
+        xt = tl.load(x_ptr + token[:, None] * stride_x + k[None, :],
+                     mask=tok_live[:, None] & k_live[None, :], other=0.0)
+        at = tl.load(pool_ptr + offs[None, :] + k[:, None],
+                     mask=k_live[:, None] & live[None, :], other=0.0)
+        if UPCAST:  # CPU interpreter only: its bf16 dot multiplies raw bit patterns
+            xt, at = xt.to(tl.float32), at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
+    a_offsets_ptr,
+    in_dim, max_rank, num_rank_blocks,
+    stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    mod0, mod1, mod2,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Module and rank block vary fastest: programs reading the same x tile run together, so
+    # the 2nd and 3rd module's reads of it hit L2.
+    mi = tl.program_id(0) // num_rank_blocks
+    first_row = (tl.program_id(0) % num_rank_blocks) * BLOCK_R
+    first_tok = tl.program_id(1) * BLOCK_M
+    seg = tl.program_id(2)
+    seg_len = tl.load(seg_lens_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    # Tiles past the segment's end or the adapter's rank do nothing (z was zero-filled).
+    if (first_tok < seg_len) & (first_row < rank):
+        tok = first_tok + tl.arange(0, BLOCK_M)
+        tok_live = tok < seg_len
+        token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
+        rows = first_row + tl.arange(0, BLOCK_R)
+        live = rows < rank
+        offs = tl.load(a_offsets_ptr + slot * stride_off_s + module * stride_off_m + rows,
+                       mask=live, other=0)
+        if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
+            acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live, in_dim,
+                                  BLOCK_M, BLOCK_R, BLOCK_K, VEC, True, PRECISION, UPCAST)
+        else:
+            acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live, in_dim,
+                                  BLOCK_M, BLOCK_R, BLOCK_K, VEC, False, PRECISION, UPCAST)
+        z_ptrs = z_ptr + token[:, None] * stride_zt + mi * stride_zm + rows[None, :]
+        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty),
+                 mask=tok_live[:, None] & (rows < max_rank)[None, :])
+
+
+@triton.jit
+def _z_times_rows_tile(
+    z_ptr, token, tok_live, stride_zt, offs_ptr, pool_ptr, rank, cols, col_live,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """[BLOCK_M, BLOCK_N] fp32: z[token, :rank] @ B^T[:rank, cols] (z_ptr at this module)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        rows = j0 + tl.arange(0, BLOCK_R)
+        live = rows < rank
+        zt = tl.load(z_ptr + token[:, None] * stride_zt + rows[None, :],
+                     mask=tok_live[:, None] & live[None, :], other=0.0)
+        offs = tl.load(offs_ptr + rows, mask=live, other=0)
+        if ALIGNED:
+            offs = (offs // VEC) * VEC
+        bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
+                     mask=live[:, None] & col_live[None, :], other=0.0)
+        if UPCAST:
+            zt, bt = zt.to(tl.float32), bt.to(tl.float32)
+        acc = tl.dot(zt, bt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    y_ptr, z_ptr, pool_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
+    b_offsets_ptr, scalings_ptr,
+    num_col_blocks,
+    stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Module and column block vary fastest: programs sharing a z tile run together.
+    mi = tl.program_id(0) // num_col_blocks
+    first_col = (tl.program_id(0) % num_col_blocks) * BLOCK_N
+    first_tok = tl.program_id(1) * BLOCK_M
+    seg = tl.program_id(2)
+    seg_len = tl.load(seg_lens_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    if (first_tok < seg_len) & (rank > 0) & (first_col < out_dim):
+        tok = first_tok + tl.arange(0, BLOCK_M)
+        tok_live = tok < seg_len
+        token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
+        cols = first_col + tl.arange(0, BLOCK_N)
+        col_live = cols < out_dim
+        offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
+        z_mod = z_ptr + mi * stride_zm
+        if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
+            delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr, rank,
+                                       cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC, True,
+                                       PRECISION, UPCAST)
+        else:
+            delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr, rank,
+                                       cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC, False,
+                                       PRECISION, UPCAST)
+        scale = tl.load(scalings_ptr + slot)
+        out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
+        y_ptrs = y_ptr + token[:, None] * stride_y + out_start + cols[None, :]
+        live = tok_live[:, None] & col_live[None, :]
+        y = tl.load(y_ptrs, mask=live, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty), mask=live)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiles(dtype: torch.dtype, max_seg_len: int, max_rank: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_R). tl.dot needs >= 16 rows: short segments (decode tokens, short
+    prompts) waste fewer lanes with a small tile, long prompts reuse each gathered weight tile
+    over more tokens. fp32 dots run exactly on CUDA cores from registers, so smaller tiles."""
+    cap = 32 if dtype == torch.float32 else 64
+    return min(cap, max(16, next_pow2(max_seg_len))), min(cap, max(16, next_pow2(max_rank)))
+
+
+def lora_shrink_prefill(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    a_offsets: torch.Tensor,
+    modules: Sequence[int],
+    max_seg_len: int,
+    *,
+    tiles: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """z[i, mi, j] = sum_k x[i, k] * A_{g(i), modules[mi]}[j, k]  for i in segment g, j < rank.
+
+    x: [T, in_dim]; seg_starts / seg_lens / seg_slots: int32 [G]; max_seg_len >= every seg_len
+    (host int, sizes the grid). Returns z: [T, len(modules), R] in x's dtype; rows of tokens in
+    no segment and columns j >= rank are zero. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_K /
+    num_warps / num_stages (for benchmark sweeps).
+    """
+    args = check_shrink(x, pool, ranks, a_offsets, modules)
+    num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, x.device)
+    z = torch.zeros(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
+                    device=x.device)
+    if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        return z
+    block_m, block_r = _tiles(x.dtype, max_seg_len, args.max_rank)
+    cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
+               BLOCK_K=min(32 if x.dtype == torch.float32 else 64, max(16, next_pow2(args.in_dim))))
+    cfg.update(tiles or {})
+    rank_blocks = triton.cdiv(args.max_rank, cfg["BLOCK_R"])
+    grid = (len(args.modules) * rank_blocks, triton.cdiv(max_seg_len, cfg["BLOCK_M"]), num_segs)
+    _sgmv_shrink_kernel[grid](
+        x, pool, z, seg_starts, seg_lens, seg_slots, ranks, a_offsets,
+        args.in_dim, args.max_rank, rank_blocks,
+        x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+        a_offsets.stride(0), a_offsets.stride(1),
+        *pad3(args.modules),
+        VEC=vector_elems(x.dtype), PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype),
+        **cfg,
+    )
+    return z
+
+
+def lora_expand_prefill(
+    y: torch.Tensor,
+    z: torch.Tensor,
+    pool: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    b_offsets: torch.Tensor,
+    scalings: torch.Tensor,
+    modules: Sequence[int],
+    out_starts: Sequence[int],
+    out_dims: Sequence[int],
+    max_seg_len: int,
+    *,
+    tiles: dict[str, int] | None = None,
+) -> None:
+    """y[i, out_starts[mi] + n] += scalings[s_g] * sum_{j < rank} z[i, mi, j] * B^T_{s_g, m}[j, n].
+
+    For every token i of segment g (slot s_g); other rows of y are untouched. y: [T, total_out]
+    updated in place; z from ``lora_shrink_prefill``. fp32 accumulation, one rounding into y.
+    ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_N / num_warps / num_stages.
+    """
+    args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
+    num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, y.device)
+    if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        return
+    block_m, block_r = _tiles(y.dtype, max_seg_len, args.max_rank)
+    cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
+               BLOCK_N=min(64 if y.dtype == torch.float32 else 128,
+                           max(16, next_pow2(max(args.out_dims)))))
+    cfg.update(tiles or {})
+    col_blocks = triton.cdiv(max(args.out_dims), cfg["BLOCK_N"])
+    grid = (len(args.modules) * col_blocks, triton.cdiv(max_seg_len, cfg["BLOCK_M"]), num_segs)
+    _sgmv_expand_kernel[grid](
+        y, z, pool, seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings,
+        col_blocks,
+        y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+        b_offsets.stride(0), b_offsets.stride(1),
+        *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
+        VEC=vector_elems(y.dtype), PRECISION=dot_precision(y.dtype), UPCAST=dot_upcast(y.dtype),
+        **cfg,
+    )

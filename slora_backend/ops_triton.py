@@ -1,0 +1,104 @@
+"""``TritonOps``: the ops of ``TorchOps`` (same methods, same semantics) run by the Triton-lang
+kernels of ``slora_kernels``.
+
+On CUDA these are the engine's fast path. On a machine without CUDA they run in Triton's
+interpreter (``slora_kernels`` switches it on when imported there), which is exact but slow:
+for tests only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
+from slora_kernels.paged_attention import paged_attention, write_kv
+
+from .batch import AttentionBatch, LoraBatch
+from .ops import TorchOps
+
+# A decode batch takes the segment (SGMV) kernels once its tokens share adapters this much on
+# average: each adapter's weights are then read once per segment instead of once per token.
+# Measured on the H200 (qkv, one shared rank-64 adapter, docs/benchmarks.md): per-token
+# 22 / 32 / 48 us vs segment 38 / 39 / 41 us at 8 / 32 / 64 tokens; the lines cross near 48.
+_SEGMENT_KERNEL_MIN_AVG_LEN = 48
+
+
+def _use_segments(lora: LoraBatch, num_tokens: int) -> bool:
+    if not lora.is_decode:
+        return True
+    num_segs = int(lora.seg_lens.shape[0])
+    return num_segs > 0 and num_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * num_segs
+
+
+class TritonOps(TorchOps):
+    """Triton kernels behind the ``TorchOps`` interface. Host-side metadata (``max_rank``,
+    ``max_seg_len``, ``max_query_len``, ``max_context_len``) sizes the grids: no device syncs."""
+
+    name = "triton"
+
+    def lora_shrink(
+        self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
+    ) -> torch.Tensor:
+        """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero."""
+        if _use_segments(lora, x.shape[0]):
+            return lora_shrink_prefill(
+                x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
+                lora.a_offsets, modules, lora.max_seg_len,
+            )
+        return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, modules)
+
+    def lora_expand(
+        self,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        pool: torch.Tensor,
+        lora: LoraBatch,
+        modules: Sequence[int],
+        out_starts: Sequence[int],
+        out_dims: Sequence[int],
+    ) -> None:
+        """y[:, module columns] += scaling * z @ B^T, in place."""
+        if _use_segments(lora, y.shape[0]):
+            lora_expand_prefill(
+                y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
+                lora.b_offsets, lora.scalings, modules, out_starts, out_dims, lora.max_seg_len,
+            )
+            return
+        lora_expand_decode(
+            y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets, lora.scalings, modules,
+            out_starts, out_dims,
+        )
+
+    def write_kv(
+        self, kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionBatch
+    ) -> None:
+        write_kv(kv_pages, k, v, attn.kv_slots)
+
+    def attention(
+        self, q: torch.Tensor, kv_pages: torch.Tensor, attn: AttentionBatch, scale: float
+    ) -> torch.Tensor:
+        return paged_attention(
+            q, kv_pages, attn.block_tables, attn.query_starts, attn.context_lens, scale,
+            attn.max_query_len, attn.max_context_len,
+        )
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """residual <- x + residual (in place); returns rms_norm(residual). One kernel."""
+        return add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(gate_up)
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, h, d], k: [T, kvh, d], cos/sin: [T, d] in q's dtype (HF layout)."""
+        return rotary(q, k, cos, sin)

@@ -1,0 +1,219 @@
+"""LoRA shrink/expand kernels (decode BGMV, prefill SGMV) against ``lora_reference``.
+
+Matrix: dtype x rank (each of 8..128 and mixed in one batch) x kernel kind, then model shape
+(MHA, GQA, odd sizes) x adapter popularity (distinct, uniform, skewed, identical, base rows
+mixed in) over all four fused module groups; adapters always sit on shuffled pool pages.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    DTYPES, MODULE_GROUPS, POPULARITIES, SHAPES, TOLERANCES, adapter_ranks, assign_adapters,
+    build_adapter_pool, lora_batch, module_dims,
+)
+
+from slora_backend import ops_triton
+from slora_backend.batch import LoraBatch
+from slora_backend.ops import TorchOps
+from slora_kernels.lora_bmm import (
+    lora_expand_bmm, lora_expand_bmm_segments, lora_shrink_bmm, lora_shrink_bmm_segments,
+)
+from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.lora_reference import lora_expand_ref, lora_shrink_ref
+
+DECODE_SEQS = 6
+PREFILL_LENS = (5, 1, 12, 3)  # one prompt per sequence, laid end to end
+
+
+def _make_case(shape_name: str, dtype: torch.dtype, rank: int | str, popularity: str,
+               kind: str, device: torch.device, seed: int, decode_seqs: int = DECODE_SEQS):
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1] * decode_seqs if kind == "decode" else list(PREFILL_LENS)
+    seq_adapters = assign_adapters(popularity, len(lens), gen)
+    num_adapters = max(max(seq_adapters) + 1, 1)
+    adapters = build_adapter_pool(
+        SHAPES[shape_name], dtype, [adapter_ranks(rank, a) for a in range(num_adapters)],
+        device, gen,
+    )
+    token_slots = [a for a, n in zip(seq_adapters, lens) for _ in range(n)]
+    lora = lora_batch(token_slots, adapters, kind == "decode", device)
+    return adapters, lora, gen
+
+
+def _shrink(kind: str, x, pool, lora: LoraBatch, mods):
+    if kind == "decode":
+        return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    return lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
+                               lora.ranks, lora.a_offsets, mods, lora.max_seg_len)
+
+
+def _expand(kind: str, y, z, pool, lora: LoraBatch, mods, starts, dims):
+    if kind == "decode":
+        lora_expand_decode(y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                           lora.scalings, mods, starts, dims)
+    else:
+        lora_expand_prefill(y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
+                            lora.ranks, lora.b_offsets, lora.scalings, mods, starts, dims,
+                            lora.max_seg_len)
+
+
+def _check_group(kind: str, shape_name: str, mods: tuple[int, ...], pool: torch.Tensor,
+                 lora: LoraBatch, dtype: torch.dtype, gen: torch.Generator,
+                 device: torch.device) -> None:
+    dims = module_dims(SHAPES[shape_name])
+    in_dim = dims[mods[0]][0]
+    out_dims = [dims[m][1] for m in mods]
+    starts = [sum(out_dims[:i]) for i in range(len(mods))]
+    num_tokens = lora.token_slots.shape[0]
+    tol = TOLERANCES[dtype]
+    # x and y are column slices of wider buffers: row strides differ from their widths.
+    x = torch.randn(num_tokens, in_dim + 5, generator=gen)[:, 2:2 + in_dim].to(dtype).to(device)
+    z_ref = lora_shrink_ref(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    z = _shrink(kind, x, pool, lora, mods)
+    torch.testing.assert_close(z, z_ref, **tol)
+
+    y_wide = torch.randn(num_tokens, sum(out_dims) + 3, generator=gen).to(dtype).to(device)
+    y0 = y_wide[:, 1:1 + sum(out_dims)]
+    y_ref = y0.clone()
+    lora_expand_ref(y_ref, z_ref, pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                    lora.scalings, mods, starts, out_dims)
+    y = y0.clone()
+    y_kernel = y_wide.clone()
+    y_view = y_kernel[:, 1:1 + sum(out_dims)]
+    _expand(kind, y_view, z_ref, pool, lora, mods, starts, out_dims)
+    torch.testing.assert_close(y_view, y_ref, **tol)
+    # Columns outside the slice and base-model rows are not touched at all.
+    assert torch.equal(y_kernel[:, 0], y_wide[:, 0])
+    assert torch.equal(y_kernel[:, -2:], y_wide[:, -2:])
+    base = lora.token_slots < 0
+    assert torch.equal(y_view[base], y[base])
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@pytest.mark.parametrize("rank", [8, 16, 32, 64, 128, "mixed"], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lora_rank_dtype(dtype_name: str, rank: int | str, kind: str, device) -> None:
+    dtype = DTYPES[dtype_name]
+    adapters, lora, gen = _make_case("llama2", dtype, rank, "base_mixed", kind, device, seed=1)
+    _check_group(kind, "llama2", MODULE_GROUPS["qkv"], adapters.pool, lora, dtype, gen, device)
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_lora_shape_popularity(shape_name: str, popularity: str, device) -> None:
+    # Each case covers one dtype (rotating) and both kernel kinds; the four module groups are
+    # split between the kinds, swapping every other case, so each (shape, kind, group) is hit.
+    index = list(SHAPES).index(shape_name) * len(POPULARITIES) + POPULARITIES.index(popularity)
+    dtype = list(DTYPES.values())[index % len(DTYPES)]
+    pairs = (("qkv", "down"), ("gate_up", "o"))
+    for k, kind in enumerate(("decode", "prefill")):
+        adapters, lora, gen = _make_case(shape_name, dtype, "mixed", popularity, kind, device,
+                                         seed=100 + index)
+        for group in pairs[(k + index) % 2]:
+            _check_group(kind, shape_name, MODULE_GROUPS[group], adapters.pool, lora, dtype, gen,
+                         device)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_lora_without_adapters(kind: str, device) -> None:
+    """Every token on the base model: z is zero and y is left exactly as it was."""
+    adapters, _, gen = _make_case("llama2", torch.float32, 8, "distinct", kind, device, seed=3)
+    n = DECODE_SEQS if kind == "decode" else sum(PREFILL_LENS)
+    lora = lora_batch([-1] * n, adapters, kind == "decode", device)
+    x = torch.randn(n, 128, generator=gen).to(device)
+    z = _shrink(kind, x, adapters.pool, lora, (0, 1, 2))
+    assert z.shape == (n, 3, 8) and torch.count_nonzero(z) == 0
+    y = torch.randn(n, 384, generator=gen).to(device)
+    y0 = y.clone()
+    _expand(kind, y, torch.randn(n, 3, 8, generator=gen).to(device), adapters.pool, lora,
+            (0, 1, 2), (0, 128, 256), (128, 128, 128))
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_bmm_baseline_matches_reference(kind: str, device) -> None:
+    """The benchmark's torch baseline computes the reference's function."""
+    dtype = torch.float32
+    adapters, lora, gen = _make_case("llama3", dtype, "mixed", "base_mixed", kind, device, seed=5)
+    mods, dims = (4, 5), (896, 896)
+    x = torch.randn(lora.token_slots.shape[0], 256, generator=gen).to(device)
+    z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    y = torch.randn(x.shape[0], sum(dims), generator=gen).to(device)
+    y_ref = y.clone()
+    lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                    lora.scalings, mods, (0, 896), dims)
+    if kind == "decode":
+        z = lora_shrink_bmm(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+        lora_expand_bmm(y, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                        lora.scalings, mods, (0, 896), dims)
+    else:
+        z = lora_shrink_bmm_segments(x, adapters.pool, lora.seg_starts, lora.seg_lens,
+                                     lora.seg_slots, lora.ranks, lora.a_offsets, mods,
+                                     lora.max_seg_len)
+        lora_expand_bmm_segments(y, z_ref, adapters.pool, lora.seg_starts, lora.seg_lens,
+                                 lora.seg_slots, lora.ranks, lora.b_offsets, lora.scalings,
+                                 mods, (0, 896), dims, lora.max_seg_len)
+    torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(("popularity", "kind", "num_seqs", "segments"), [
+    ("distinct", "decode", 6, False),  # per-token kernels
+    ("identical", "decode", 6, False),  # a short shared run: still per token
+    ("identical", "decode", 50, True),  # one adapter for 50 tokens: the segment kernels
+    ("skewed", "prefill", 4, True),
+])
+def test_ops_lora_path_matches_torch(popularity: str, kind: str, num_seqs: int, segments: bool,
+                                     device) -> None:
+    """TritonOps picks the kernel kind from the batch and computes what TorchOps computes."""
+    adapters, lora, gen = _make_case("smollm2", torch.float32, "mixed", popularity, kind, device,
+                                     seed=9, decode_seqs=num_seqs)
+    x = torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device)
+    assert ops_triton._use_segments(lora, x.shape[0]) == segments
+    mods, starts, dims = (0, 1, 2), (0, 192, 256), (192, 64, 64)
+    y0 = torch.randn(x.shape[0], 320, generator=gen).to(device)
+    results = []
+    for ops in (TorchOps(), ops_triton.TritonOps()):
+        z = ops.lora_shrink(x, adapters.pool, lora, mods)
+        y = y0.clone()
+        ops.lora_expand(y, z, adapters.pool, lora, mods, starts, dims)
+        results.append((z, y))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+def test_lora_launchers_reject_bad_arguments(device) -> None:
+    adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "decode", device, 7)
+    pool, slots = adapters.pool, lora.token_slots
+    x = torch.randn(DECODE_SEQS, 128).half().to(device)
+    args = (lora.ranks, lora.a_offsets)
+    with pytest.raises(ValueError, match="pool has dtype"):
+        lora_shrink_decode(x, pool.float(), slots, *args, (0,))
+    with pytest.raises(ValueError, match="x must have stride 1"):
+        lora_shrink_decode(x.t().contiguous().t(), pool, slots, *args, (0,))
+    with pytest.raises(ValueError, match="modules must list 1 to 3"):
+        lora_shrink_decode(x, pool, slots, *args, (0, 1, 2, 3))
+    with pytest.raises(ValueError, match="distinct indices"):
+        lora_shrink_decode(x, pool, slots, *args, (0, 7))
+    with pytest.raises(ValueError, match="token_slots has dtype"):
+        lora_shrink_decode(x, pool, slots.long(), *args, (0,))
+    with pytest.raises(ValueError, match="a_offsets has dtype"):
+        lora_shrink_decode(x, pool, slots, lora.ranks, lora.a_offsets.int(), (0,))
+    z = lora_shrink_decode(x, pool, slots, *args, (0, 1))
+    y = torch.zeros(DECODE_SEQS, 256).half().to(device)
+    expand = (pool, slots, lora.ranks, lora.b_offsets, lora.scalings, (0, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        lora_expand_decode(y, z, *expand, (0, 200), (128, 128))
+    with pytest.raises(ValueError, match="one entry per module"):
+        lora_expand_decode(y, z, *expand, (0,), (128,))
+    with pytest.raises(ValueError, match="z has size"):
+        lora_expand_decode(y, z[:, :1], *expand, (0, 128), (128, 128))
+    with pytest.raises(ValueError, match="scalings has dtype"):
+        lora_expand_decode(y, z, pool, slots, lora.ranks, lora.b_offsets,
+                           lora.scalings.half(), (0, 1), (0, 128), (128, 128))
+    with pytest.raises(ValueError, match="max_seg_len"):
+        lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, *args,
+                            (0,), 0)
