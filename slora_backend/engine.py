@@ -94,9 +94,13 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
                                    config.slo_ttft_s if config.early_abort else None)
-        self.runner = ModelRunner(self.model, self.layout, num_pages,
-                                  make_ops(config.resolved_kernel_backend, config.lora_ops),
-                                  self.store, self.device, dtype)
+        # Graphs need ops that never sync with the host: the Triton kernels, not the references.
+        graphable = config.cuda_graphs and config.resolved_kernel_backend == "triton" and not config.lora_ops
+        self.runner = ModelRunner(
+            self.model, self.layout, num_pages,
+            make_ops(config.resolved_kernel_backend, config.lora_ops), self.store, self.device, dtype,
+            graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
+        )
         # Reads adapters of queued requests from disk into host memory off the engine thread.
         self._host_prefetch = ThreadPoolExecutor(1, thread_name_prefix="slora-adapter-read")
         self.sampler = Sampler(self.device, config.seed)

@@ -13,6 +13,7 @@ import torch
 from .adapter_cache import ResidentAdapter
 from .adapter_store import AdapterStore
 from .batch import LORA_MODULES, AttentionBatch, LoraBatch
+from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .models.llama import ForwardContext, LlamaModel
 from .scheduler import ScheduledRequest
@@ -22,7 +23,9 @@ class ModelRunner:
     def __init__(
         self, model: LlamaModel, layout: PoolLayout, num_pages: int, ops: object,
         store: AdapterStore, device: torch.device, dtype: torch.dtype,
+        graphs_for: tuple[int, int] | None = None,
     ) -> None:
+        """``graphs_for``: (max batch, max model length) to replay decode steps from CUDA graphs."""
         self.model = model
         self.layout = layout
         self.ops = ops
@@ -36,6 +39,9 @@ class ModelRunner:
         # the next step waits for those copies before it touches the pool.
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._copies_in_flight: list[torch.cuda.Event] = []
+        self.graphs = None
+        if graphs_for is not None and device.type == "cuda":
+            self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for)
 
     # ---- adapters -----------------------------------------------------------------------------
 
@@ -102,6 +108,13 @@ class ModelRunner:
         """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order."""
         self._wait_for_copies()
         block_tokens = self.layout.block_tokens
+        use_graph = (
+            self.graphs is not None
+            and all(s.num_new_tokens == 1 and s.samples for s in scheduled)
+            and self.graphs.fits(len(scheduled), self._max_rank(scheduled))
+        )
+        # A graph replay copies host-built metadata into its own static tensors.
+        dev = torch.device("cpu") if use_graph else self.device
         # Group tokens of the same adapter together so prefill LoRA sees long segments.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.adapter or "")
         input_ids: list[int] = []
@@ -134,7 +147,6 @@ class ModelRunner:
             bt = scheduled[i].request.block_table
             tables[row, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
         q_lens = [scheduled[i].num_new_tokens for i in order]
-        dev = self.device
         attn = AttentionBatch(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             query_starts=torch.tensor(query_starts, dtype=torch.int32, device=dev),
@@ -147,15 +159,22 @@ class ModelRunner:
             query_starts_host=query_starts,
             context_lens_host=context_lens,
         )
-        lora = self._lora_batch(slot_of, token_slots, residents, attn.is_decode) if slot_of else None
-        ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
+        lora = (self._lora_batch(slot_of, token_slots, residents, attn.is_decode, dev)
+                if slot_of else None)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        if use_graph:
+            return self.graphs.run(ids, attn, lora).index_select(0, rows)
+        ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         return self.model(ids, ctx, rows)
+
+    def _max_rank(self, scheduled: list[ScheduledRequest]) -> int:
+        return max((self.store.get(s.request.adapter).rank for s in scheduled
+                    if s.request.adapter is not None), default=0)
 
     def _lora_batch(
         self, slot_of: dict[str, int], token_slots: list[int],
-        residents: dict[str, ResidentAdapter], is_decode: bool,
+        residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         entries = [self.store.get(name) for name in slot_of]
         max_rank = max(e.rank for e in entries)
@@ -180,7 +199,6 @@ class ModelRunner:
                 seg_starts.append(i)
                 seg_lens.append(1)
                 seg_slots.append(slot)
-        dev = self.device
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
             ranks=ranks.to(dev),

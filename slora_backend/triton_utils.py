@@ -18,7 +18,9 @@ the backend utilities: it only finds files and builds environments.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NGC_ROOT = Path("/opt/tritonserver")
+log = logging.getLogger(__name__)
 BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 STUB_NAME = "triton_python_backend_stub"
 
@@ -52,6 +55,16 @@ def python_version_tag() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
+def stub_python_version(stub: Path) -> str | None:
+    """The Python a backend stub embeds ("3.12"), read from the libpython it links against."""
+    try:
+        data = stub.read_bytes()
+    except OSError:
+        return None
+    match = re.search(rb"libpython(3\.\d+)", data)
+    return match.group(1).decode() if match else None
+
+
 def _ngc_install(root: Path) -> TritonInstall | None:
     server = root / "bin" / "tritonserver"
     backend = root / "backends" / "python"
@@ -59,6 +72,12 @@ def _ngc_install(root: Path) -> TritonInstall | None:
     if not (server.is_file() and all((backend / f).is_file() for f in BACKEND_FILES)):
         return None
     if not stub.is_file():
+        return None
+    embedded = stub_python_version(stub)
+    if embedded is not None and embedded != python_version_tag():
+        # The image's stub embeds another Python: its interpreter would not see our packages.
+        log.warning("%s embeds Python %s, this is Python %s: not using it", stub, embedded,
+                    python_version_tag())
         return None
     return TritonInstall(
         server=server,
@@ -106,7 +125,8 @@ def find_tritonserver(ngc_root: Path | None = None) -> TritonInstall:
     if found is not None:
         return found
     raise TritonNotFoundError(
-        f"no tritonserver found: neither {root}/bin/tritonserver (the NGC image layout) nor the "
+        f"no tritonserver for Python {python_version_tag()} found: neither {root}/bin/tritonserver "
+        "(the NGC image layout, with a backend stub built for this Python) nor the "
         "nvidia-pytriton package (pip install 'slora-triton[serve]' or nvidia-pytriton==0.7.0)"
     )
 

@@ -93,8 +93,7 @@ class DecoderLayer(nn.Module):
         kv_pages = ctx.kv_pages(self.index)
         ops.write_kv(kv_pages, k, v, ctx.attn)
         attn = ops.attention(q, kv_pages, ctx.attn, self.scale).reshape(n, s.q_dim)
-        x = x + self.o(attn, ctx, self.index)
-        h = ops.rms_norm(x, self.post_norm, s.rms_norm_eps)
+        h = ops.add_rms_norm(self.o(attn, ctx, self.index), x, self.post_norm, s.rms_norm_eps)
         return x + self.down(ops.silu_and_mul(self.gate_up(h, ctx, self.index)), ctx, self.index)
 
 
@@ -120,7 +119,7 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, ctx: ForwardContext, sample_rows: torch.Tensor
     ) -> torch.Tensor:
         """Run the flat batch; return fp32 logits ``[len(sample_rows), vocab]``."""
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids, self.embed)  # a fresh tensor: layers add into it in place
         cos, sin = self.rotary(x, ctx.attn.positions[None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
         for layer in self.layers:

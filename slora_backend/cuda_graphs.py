@@ -1,0 +1,151 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step of a 7B model launches about 500 kernels; launched from Python that costs more
+host time than the GPU needs to run them. A decode step (one token per sequence) has a shape
+that depends only on the batch size, the batch's largest adapter rank and its longest context,
+so one graph is captured per bucket of those three, the first time a step needs it, and later
+steps copy their metadata into the graph's static input tensors and replay it.
+
+Padding rows (up to the batch bucket) are harmless by construction: they use no adapter
+(slot -1), write no KV (slot -1) and attend to one token of page 0; their logits are dropped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from .batch import LORA_MODULES, AttentionBatch, LoraBatch
+from .models.llama import ForwardContext, LlamaModel
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+RANK_BUCKETS = (0, 8, 16, 32, 64, 128, 256)
+
+
+def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
+    i = bisect.bisect_left(buckets, value)
+    return buckets[i] if i < len(buckets) else None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    attn: AttentionBatch
+    lora: LoraBatch | None
+    logits: torch.Tensor
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: LlamaModel, ops: object, pool: torch.Tensor,
+        kv_shape: tuple[int, int, int, int], max_batch: int, max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.ops = ops
+        self.pool = pool
+        self.kv_shape = kv_shape
+        self.block_tokens = kv_shape[1]
+        self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
+        self.max_model_len = max_model_len
+        self.device = pool.device
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._mempool = torch.cuda.graph_pool_handle()
+
+    def fits(self, batch: int, max_rank: int) -> bool:
+        return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
+
+    def _context_bucket(self, max_context_len: int) -> int:
+        bucket = 256
+        while bucket < max_context_len:
+            bucket *= 2
+        return min(bucket, -(-self.max_model_len // self.block_tokens) * self.block_tokens)
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> torch.Tensor:
+        """Replay the step for host-side inputs; returns logits ``[batch, vocab]`` (row order of ``ids``)."""
+        n = ids.shape[0]
+        rank = lora.max_rank if lora is not None else 0
+        key = (_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS),
+               self._context_bucket(attn.max_context_len))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(*key)
+        self._fill(g, ids, attn, lora)
+        g.graph.replay()
+        return g.logits[:n]
+
+    def _fill(self, g: _Graph, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> None:
+        n = ids.shape[0]
+        g.ids[:n].copy_(ids, non_blocking=True)
+        a = g.attn
+        a.positions[:n].copy_(attn.positions, non_blocking=True)
+        a.positions[n:].zero_()
+        a.context_lens[:n].copy_(attn.context_lens, non_blocking=True)
+        a.context_lens[n:].fill_(1)
+        a.kv_slots[:n].copy_(attn.kv_slots, non_blocking=True)
+        a.kv_slots[n:].fill_(-1)
+        width = attn.block_tables.shape[1]
+        a.block_tables[:n, :width].copy_(attn.block_tables, non_blocking=True)
+        a.block_tables[:n, width:].zero_()
+        a.block_tables[n:].zero_()
+        if g.lora is None:
+            return
+        lo = g.lora
+        lo.token_slots[:n].copy_(lora.token_slots, non_blocking=True)
+        lo.token_slots[n:].fill_(-1)
+        s, r = lora.a_offsets.shape[0], lora.a_offsets.shape[2]
+        lo.ranks.zero_()
+        lo.ranks[:s].copy_(lora.ranks, non_blocking=True)
+        lo.scalings[:s].copy_(lora.scalings, non_blocking=True)
+        lo.a_offsets.zero_()
+        lo.b_offsets.zero_()
+        lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
+        lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
+
+    def _capture(self, batch: int, rank: int, context: int) -> _Graph:
+        dev, i32, i64 = self.device, torch.int32, torch.int64
+        ids = torch.zeros(batch, dtype=i64, device=dev)
+        attn = AttentionBatch(
+            positions=torch.zeros(batch, dtype=i64, device=dev),
+            query_starts=torch.arange(batch + 1, dtype=i32, device=dev),
+            context_lens=torch.ones(batch, dtype=i32, device=dev),
+            block_tables=torch.zeros(batch, context // self.block_tokens, dtype=i32, device=dev),
+            kv_slots=torch.full((batch,), -1, dtype=i64, device=dev),
+            max_query_len=1, max_context_len=context, is_decode=True,
+            query_starts_host=list(range(batch + 1)), context_lens_host=[1] * batch,
+        )
+        lora = None
+        if rank > 0:
+            # One segment per token makes the ops pick the per-token (BGMV) decode kernels, whose
+            # launch shape does not depend on how the batch's tokens share adapters.
+            lora = LoraBatch(
+                token_slots=torch.full((batch,), -1, dtype=i32, device=dev),
+                ranks=torch.zeros(batch, len(LORA_MODULES), dtype=i32, device=dev),
+                scalings=torch.zeros(batch, dtype=torch.float32, device=dev),
+                a_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
+                b_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
+                max_rank=rank,
+                seg_starts=torch.arange(batch, dtype=i32, device=dev),
+                seg_lens=torch.ones(batch, dtype=i32, device=dev),
+                seg_slots=torch.zeros(batch, dtype=i32, device=dev),
+                max_seg_len=1, is_decode=True,
+            )
+        ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
+        rows = torch.arange(batch, dtype=i64, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator
+            for _ in range(2):
+                self.model(ids, ctx, rows)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            logits = self.model(ids, ctx, rows)
+        return _Graph(graph, ids, attn, lora, logits)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
