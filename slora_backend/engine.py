@@ -67,9 +67,12 @@ class Engine:
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
         torch.manual_seed(config.seed)
-        self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed)
+        self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
+        self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed,
+                                           min_vocab=len(self.tokenizer) if self.tokenizer else 0)
         self.spec = self.model.spec
-        self.tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(model_dir)
         if self.tokenizer is not None and len(self.tokenizer) > self.spec.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens, the model's vocabulary {self.spec.vocab_size}"

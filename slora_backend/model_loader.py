@@ -60,13 +60,19 @@ def resolve_model_dir(base_model: str) -> Path:
 
 
 def load_model(
-    base_model: str, dtype: torch.dtype, device: torch.device, seed: int = 0
+    base_model: str, dtype: torch.dtype, device: torch.device, seed: int = 0, min_vocab: int = 0
 ) -> tuple[LlamaModel, Path | None]:
-    """Build the model and fill its weights. Returns (model, its HF directory or None)."""
+    """Build the model and fill its weights. Returns (model, its HF directory or None).
+
+    ``min_vocab``: random shapes grow their vocabulary to this size, so that a tokenizer of
+    another model (e.g. SmolLM2's for a Llama-2-7B shape) can drive them with text.
+    """
     from transformers import AutoConfig
 
     if base_model.startswith("random:"):
-        spec = ModelSpec.from_hf_config(random_config(base_model.split(":", 1)[1]))
+        config = random_config(base_model.split(":", 1)[1])
+        config.vocab_size = max(config.vocab_size, min_vocab)
+        spec = ModelSpec.from_hf_config(config)
         model = LlamaModel(spec, dtype, device)
         _fill_random(model, seed)
         return model, None
