@@ -38,7 +38,7 @@ class EngineConfig:
     max_adapters_per_batch: int | None = None  # None: no limit beyond the pool
     host_adapter_bytes: int = 64 * 2**30  # adapter weights kept in host memory before LRU drop
     pin_host_memory: bool = True
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA + Triton kernels only)
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA + Triton; see docs)
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # Ablations of the S-LoRA paper: LoRA as padded gather + bmm ("bmm"), and adapters in a
     # fixed partition of this many pages instead of sharing the pool with KV ("no unified memory").

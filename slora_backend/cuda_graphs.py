@@ -29,9 +29,17 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+class _EagerReplay:
+    """Stands in for a CUDA graph where none can be captured (CPU tests of the padding logic):
+    ``replay()`` runs the model on the static inputs, as the graph would."""
+
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | _EagerReplay
     ids: torch.Tensor
     attn: AttentionBatch
     lora: LoraBatch | None
@@ -42,7 +50,9 @@ class DecodeGraphs:
     def __init__(
         self, model: LlamaModel, ops: object, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_model_len: int,
+        capture: bool = True,
     ) -> None:
+        """``capture=False`` replays eagerly from the same padded static inputs (for tests)."""
         self.model = model
         self.ops = ops
         self.pool = pool
@@ -52,7 +62,8 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.device = pool.device
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
-        self._mempool = torch.cuda.graph_pool_handle()
+        self.capture = capture
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
 
     def fits(self, batch: int, max_rank: int) -> bool:
         return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
@@ -135,6 +146,10 @@ class DecodeGraphs:
             )
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         rows = torch.arange(batch, dtype=i64, device=dev)
+        if not self.capture:
+            logits = torch.empty(batch, self.model.spec.vocab_size, device=dev)
+            replay = _EagerReplay(lambda: logits.copy_(self.model(ids, ctx, rows)))
+            return _Graph(replay, ids, attn, lora, logits)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator

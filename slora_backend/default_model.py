@@ -62,4 +62,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
 def smollm2_dir() -> Path:
     """Path of the SmolLM2-135M-Instruct Hugging Face directory, converting it on first use."""
-    return convert_gguf(smollm2_gguf(), cache_root() / "SmolLM2-135M-Instruct")
+    out = cache_root() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():  # converted before: the GGUF package is not needed
+        return out
+    return convert_gguf(smollm2_gguf(), out)

@@ -1,0 +1,179 @@
+"""One decode step of the engine at batch B over B distinct adapters, against the bandwidth bound.
+
+A decode step must read at least: the base weights (all linear layers and the LM head; only the
+B embedding rows it looks up), the KV cache of every request at its current context length, and
+the weights of the B adapters. At the measured HBM bandwidth (4.27e12 B/s on the H200, see
+shared/docs/RUNTIME-NOTES.md) that takes ``bound_s = bytes / bandwidth``; the step is reported as
+``step_s / bound_s`` (the issue asks for <= 1.5).
+
+The step is ``engine.step()`` as the engine loop runs it (scheduling, batch metadata, forward,
+sampling), timed with CUDA events after warm-up; a second run without adapters gives the base
+model's step at the same batch for comparison.
+
+Usage: python -m benchmarks.bench_decode_step --device cuda [--batch 64] [--context 512]
+         [--rank 8] [--cache DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+H200_BANDWIDTH = 4.27e12  # B/s, torch sum over 4 GiB on the H200 (RUNTIME-NOTES.md)
+
+
+def weight_bytes(engine: Any, batch: int) -> int:
+    """Bytes of base weights one decode step reads (embedding: only the looked-up rows)."""
+    model = engine.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not engine.spec.tie_word_embeddings:  # untied: the table is read by row only
+        embed = model.embed
+        total -= embed.numel() * embed.element_size()
+        total += batch * embed.shape[1] * embed.element_size()
+    return total
+
+
+def kv_bytes(engine: Any, context_lens: list[int]) -> int:
+    s = engine.spec
+    elem = engine.runner.pool.element_size()
+    return sum(context_lens) * 2 * s.num_layers * s.num_kv_heads * s.head_dim * elem
+
+
+def adapter_weight_bytes(engine: Any, names: list[str]) -> int:
+    return sum(engine.store.get(n).size_bytes for n in names)
+
+
+def measure(engine: Any, names: list[str | None], context: int, warmup: int, iters: int,
+            log=print) -> dict[str, Any]:
+    """Prefill ``len(names)`` requests of ``context`` tokens, then time ``iters`` decode steps."""
+    import torch
+
+    from slora_backend import SamplingParams
+
+    produced: dict[str, int] = {}
+
+    def on_output(out) -> None:
+        produced[out.request_id] = len(out.token_ids)
+
+    max_tokens = warmup + iters + 4
+    for i, name in enumerate(names):
+        prompt = [3 + (7 * i + j) % 30000 for j in range(context)]
+        engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), name,
+                           request_id=f"d{i}", on_output=on_output)
+    batch = len(names)
+    while len(produced) < batch or min(produced.values()) < 1:  # prefill (chunked)
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda *a: None)
+    sync()
+    events = []
+    wall = []
+    contexts = []
+    for _ in range(iters):
+        contexts.append(sum(context + produced[f"d{i}"] for i in range(batch)))
+        if engine.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        engine.step()
+        if engine.device.type == "cuda":
+            end.record()
+            events.append((start, end))
+        sync()
+        wall.append(time.perf_counter() - t)
+    step_s = ([s.elapsed_time(e) / 1e3 for s, e in events] if events else wall)
+    for i in range(batch):
+        engine.abort(f"d{i}")
+    engine.step()
+    mean_context = statistics.mean(contexts) / batch
+    lens = [int(round(mean_context))] * batch
+    adapters = [n for n in names if n is not None]
+    w, kv, ad = weight_bytes(engine, batch), kv_bytes(engine, lens), adapter_weight_bytes(engine, adapters)
+    return {
+        "batch": batch,
+        "distinct_adapters": len(set(adapters)),
+        "context_len_mean": round(mean_context, 1),
+        "step_ms_median": round(statistics.median(step_s) * 1e3, 3),
+        "step_ms_min": round(min(step_s) * 1e3, 3),
+        "step_wall_ms_median": round(statistics.median(wall) * 1e3, 3),
+        "bytes_weights": w,
+        "bytes_kv": kv,
+        "bytes_adapters": ad,
+        "bytes_total": w + kv + ad,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-model", default="random:llama-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens of every request")
+    ap.add_argument("--setting", default="S1", help="adapters: the first --batch of this set")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="bytes per second")
+    ap.add_argument("--cache", type=Path, default=None, help="adapter cache directory")
+    ap.add_argument("--pool-pages", type=int, default=None)
+    ap.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", type=Path, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slora_backend import Engine, EngineConfig
+
+    from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
+    from .baselines.engine_replay import free_device_memory
+    from .harness import parse_engine_params, run_metadata
+    from .workload import adapter_specs
+
+    root = ensure_adapter_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
+                              base=args.base_model)
+    names = [a.name for a in adapter_specs(args.setting, args.batch)]
+    write_registry(root, names)
+    engine = Engine(EngineConfig(
+        base_model=args.base_model, adapter_root=str(root), device=args.device, dtype=args.dtype,
+        pool_pages=args.pool_pages, max_num_seqs=max(args.batch, 1),
+        **parse_engine_params(args.engine_param)))
+    device = engine.device
+    try:
+        lora = measure(engine, list(names), args.context, args.warmup, args.iters)
+        base = measure(engine, [None] * args.batch, args.context, args.warmup, args.iters)
+    finally:
+        engine.stop()
+        del engine
+        free_device_memory(device)
+    for r in (lora, base):
+        r["bound_ms"] = round(r["bytes_total"] / args.bandwidth * 1e3, 3)
+        r["ratio_to_bound"] = round(r["step_ms_median"] / r["bound_ms"], 3)
+    return {
+        "benchmark": "decode_step_bandwidth",
+        "meta": run_metadata(),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "bandwidth_B_s": args.bandwidth,
+        "lora": lora,
+        "base": base,
+        "lora_over_base_step": round(lora["step_ms_median"] / base["step_ms_median"], 3),
+        "target": "lora.ratio_to_bound <= 1.5",
+        "meets_target": lora["ratio_to_bound"] <= 1.5,
+    }
+
+
+if __name__ == "__main__":
+    main()

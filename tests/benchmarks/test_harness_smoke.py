@@ -1,0 +1,123 @@
+"""The workload harness at a tiny scale (CPU, random tiny GQA model, 20 adapters, a few seconds):
+every report field is present and baselines (a)-(d) run on the same requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_decode_step, harness
+
+TINY = ["--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",
+        "--setting", "S2", "--n", "20", "--alpha", "0.5", "--rate", "8", "--duration", "2",
+        "--input-range", "8", "24", "--output-range", "2", "12", "--seed", "3"]
+
+COMMON_FIELDS = (
+    "setting", "n", "alpha", "rate", "cv", "system", "label", "requests_planned",
+    "requests_submitted", "requests_completed", "finish_reasons", "wall_s", "throughput_req_s",
+    "throughput_out_tok_s", "output_tokens", "ttft_avg_s", "ttft_p50_s", "ttft_p90_s",
+    "ttft_p99_s", "latency_avg_s", "slo_s", "slo_attainment", "truncated",
+)
+ENGINE_FIELDS = (
+    "pool_pages_total", "pool_occupancy_avg", "pool_occupancy_max", "pool_kv_pages_avg",
+    "pool_adapter_pages_avg", "adapter_hit_ratio", "adapter_loads", "adapter_evictions",
+    "preemptions", "engine_config",
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def report(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    harness.main([*TINY, "--baselines", "a,b,c,d", "--cache", str(cache),
+                  "--json", str(out / "r.json"), "--markdown", str(out / "r.md")])
+    return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
+
+
+def test_every_system_ran_every_request(report):
+    data, _ = report
+    rows = {r["system"]: r for r in data["results"]}
+    assert set(rows) == {"slora", "peft", "no_lora", "bmm", "no_unified"}
+    expected_tokens = data["workload"]["summary"]["total_output_tokens"]
+    for system, r in rows.items():
+        missing = [f for f in COMMON_FIELDS if f not in r]
+        assert not missing, f"{system} lacks {missing}"
+        assert r["requests_completed"] == r["requests_planned"] == 16, system
+        assert r["finish_reasons"] == {"length": 16}, system
+        assert r["output_tokens"] == expected_tokens, system  # ignore_eos: exact lengths
+        assert r["throughput_req_s"] > 0 and r["ttft_p50_s"] is not None
+        assert 0 <= r["slo_attainment"] <= 1
+        assert not r["truncated"]
+
+
+def test_engine_rows_report_pool_and_adapters(report):
+    data, _ = report
+    rows = {r["system"]: r for r in data["results"]}
+    for system in ("slora", "no_lora", "bmm", "no_unified"):
+        missing = [f for f in ENGINE_FIELDS if f not in rows[system]]
+        assert not missing, f"{system} lacks {missing}"
+    assert rows["no_lora"]["adapter_hit_ratio"] is None  # no adapters at all
+    assert rows["no_lora"]["pool_adapter_pages_avg"] == 0
+    assert 0 <= rows["slora"]["adapter_hit_ratio"] <= 1
+    assert rows["bmm"]["engine_config"]["lora_ops"] == "bmm"
+    assert rows["no_unified"]["engine_config"]["adapter_pool_pages"] > 0
+    assert rows["no_unified"]["adapter_partition_pages"] > 0
+    assert rows["slora"]["engine_config"]["adapter_pool_pages"] is None
+    assert rows["peft"]["peft_adapter_swaps"] >= 1
+
+
+def test_report_records_parameters_and_table(report):
+    data, md = report
+    meta = data["meta"]
+    for key in ("date", "command", "host", "python", "torch", "transformers", "peft", "git_commit"):
+        assert key in meta
+    cfg = data["workload"]["config"]
+    assert (cfg["setting"], cfg["num_adapters"], cfg["alpha"], cfg["rate"]) == ("S2", 20, 0.5, 8.0)
+    assert data["args"]["baselines"] == ["a", "b", "c", "d"]
+    comparison = next(iter(data["comparisons"].values()))
+    for key in ("slora_over_no_lora", "slora_over_peft", "slora_over_bmm",
+                "slora_over_no_unified"):
+        assert comparison[key] > 0
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| setting |") and len(lines) == 2 + 5
+
+
+def test_time_limit_truncates_and_says_so(cache):
+    report = harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--duration", "4", "--time-limit", "1.0", "--cache", str(cache)])),
+        log=lambda *_: None)
+    (row,) = report["results"]
+    assert row["truncated"] and "limit" in row["note"]
+    assert row["requests_planned"] < row["requests_in_trace"]
+
+
+def test_decode_step_bandwidth_bench(cache):
+    result = bench_decode_step.main([
+        "--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",
+        "--batch", "4", "--context", "16", "--warmup", "1", "--iters", "3",
+        "--cache", str(cache), "--bandwidth", "1e10"])
+    for part in ("lora", "base"):
+        r = result[part]
+        assert r["batch"] == 4 and r["step_ms_median"] > 0 and r["bound_ms"] > 0
+        assert r["bytes_total"] == r["bytes_weights"] + r["bytes_kv"] + r["bytes_adapters"]
+    assert result["lora"]["distinct_adapters"] == 4 and result["lora"]["bytes_adapters"] > 0
+    assert result["base"]["bytes_adapters"] == 0
+    assert result["lora"]["context_len_mean"] > 16
+
+
+def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
+    from slora_backend.serve import free_ports
+
+    (port,) = free_ports(1)  # nothing listens there
+    report = harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--no-slora", "--baselines", "b", "--triton-url", f"127.0.0.1:{port}",
+         "--duration", "1", "--cache", str(cache)])), log=lambda *_: None)
+    rows = {r["system"]: r for r in report["results"]}
+    assert rows["no_lora"]["requests_completed"] == rows["no_lora"]["requests_planned"] > 0
+    assert "error" in rows["slora_triton"] and "failed" in rows["slora_triton"]["note"]
+    assert "| slora_triton |" in report["markdown"]
