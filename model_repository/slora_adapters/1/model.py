@@ -1,0 +1,86 @@
+"""slora_adapters: adapter management while serving, and the `slora` ensemble's adapter step.
+
+Each request names an ``action`` (absent = ``resolve``). The adapters live in the engine's
+process, so every action except resolving the base model travels there as a control request
+through BLS (``slora_engine``, input ``control``); the engine's answer (JSON) or its error (with
+its code) comes back as this model's response.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def _getter(request):
+    def get(name: str):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    return get
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        for root in reversed([p for p in params.get("python_path", "").split(os.pathsep) if p]):
+            if root not in sys.path:
+                sys.path.insert(0, root)
+        from slora_backend import serving
+
+        self.serving = serving
+        self.engine_model = params.get("engine_model") or "slora_engine"
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                control = self.serving.parse_adapter_action(_getter(request))
+                if control.action == "resolve" and not control.lora_name:
+                    result = {"name": None, "base_model": True}  # nothing to ask the engine
+                else:
+                    result = self._ask_engine(control)
+                payload = np.array([json.dumps(result, sort_keys=True).encode()], dtype=np.object_)
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("result", payload)]))
+            except self.serving.ServingError as e:
+                code = getattr(pb_utils.TritonError, e.code, pb_utils.TritonError.INTERNAL)
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(e.wire_message(), code)))
+        return responses
+
+    def _ask_engine(self, control) -> dict:
+        ServingError = self.serving.ServingError
+        request = pb_utils.InferenceRequest(
+            model_name=self.engine_model,
+            requested_output_names=["result"],
+            inputs=[pb_utils.Tensor(
+                "control", np.array([control.to_json().encode()], dtype=np.object_))],
+        )
+        result = None
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                raise self._engine_error(response.error().message())
+            tensor = pb_utils.get_output_tensor_by_name(response, "result")
+            if tensor is not None:
+                result = json.loads(tensor.as_numpy().reshape(-1)[0])
+        if result is None:
+            raise ServingError("INTERNAL", f"{self.engine_model} sent no result for {control.action}")
+        return result
+
+    def _engine_error(self, message: str):
+        """The engine's error, its code read back from the message prefix ("NOT_FOUND: ...")."""
+        ServingError = self.serving.ServingError
+        code, sep, text = message.partition(": ")
+        if sep and code in self.serving.errors.ERROR_CODES:
+            return ServingError(code, text)
+        return ServingError("UNAVAILABLE", f"{self.engine_model}: {message}")

@@ -1,0 +1,215 @@
+"""slora_engine: the S-LoRA engine as a decoupled Triton Python-backend model.
+
+``execute()`` only converts each request into a typed ``GenerateRequest`` and queues it; the
+engine runs on its own thread, and ``slora_backend.serving.StreamRouter`` sends every response
+through the request's response sender from its own thread, polls ``is_cancelled()`` and aborts
+cancelled requests in the engine (their pages go back to the pool). Control requests (input
+``control``, sent by ``slora_adapters`` through BLS) run on a worker thread, so adapter loads
+never stall the intake. ``finalize()`` answers what is in flight and stops the engine.
+
+All Triton types stay in this file: the engine and the serving layer see numpy arrays, plain
+values and the two small sink classes below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _parameters(model_config: dict) -> dict[str, str]:
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def _add_import_roots(params: dict[str, str]) -> None:
+    """The launcher names the project checkout when slora_backend is not installed."""
+    for root in reversed([p for p in params.pop("python_path", "").split(os.pathsep) if p]):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
+def _bytes_tensor(name: str, value: str) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
+
+
+def _triton_error(error) -> pb_utils.TritonError:
+    code = getattr(pb_utils.TritonError, error.code, pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(error.wire_message(), code)
+
+
+class _SenderSink:
+    """A ``ResponseSink`` over one request's response sender."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+
+    def send(self, payload, error, final: bool) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        if error is not None:
+            response = pb_utils.InferenceResponse(error=_triton_error(error))
+        else:
+            response = pb_utils.InferenceResponse(output_tensors=[
+                _bytes_tensor("text_output", payload.text),
+                _bytes_tensor("finish_reason", payload.finish_reason),
+                pb_utils.Tensor("num_input_tokens", np.array([payload.num_input_tokens], np.int32)),
+                pb_utils.Tensor("num_output_tokens",
+                                np.array([payload.num_output_tokens], np.int32)),
+            ])
+        self.sender.send(response, flags=flags)
+
+    def send_result(self, result: dict) -> None:
+        response = pb_utils.InferenceResponse(output_tensors=[
+            _bytes_tensor("result", json.dumps(result, sort_keys=True))
+        ])
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+
+def _getter(request):
+    def get(name: str):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    return get
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
+            raise pb_utils.TritonModelException(
+                "slora_engine must be decoupled: set model_transaction_policy { decoupled: true }"
+            )
+        params = _parameters(self.model_config)
+        _add_import_roots(params)
+
+        from slora_backend import Engine, serving
+
+        self.serving = serving
+        repository_root = Path(args["model_repository"]).resolve().parent
+        try:
+            settings = serving.settings_from_parameters(params, repository_root.parent)
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"slora_engine config.pbtxt: {e}") from None
+        self.logger = pb_utils.Logger
+        self.engine = Engine(settings.engine)
+        self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
+        self._init_metrics(args, settings.metrics_interval_s)
+        self.engine.start()
+        self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft)
+        self.control = serving.ControlHandler(
+            self.engine, self.router, extra_stats=lambda: {
+                "requests_cancelled": self.router.counters.cancelled,
+                "request_errors": self.router.counters.errors,
+                "max_model_len": self.engine.max_model_len,
+                "max_tokens_limit": self.max_tokens_limit,
+            })
+        self._control_queue: queue.Queue = queue.Queue()
+        self._control_thread = threading.Thread(target=self._control_loop, name="slora-control",
+                                                daemon=True)
+        self._control_thread.start()
+        cfg = settings.engine
+        self.logger.log_info(
+            f"slora_engine ready: base_model={cfg.base_model} device={cfg.device} "
+            f"dtype={cfg.dtype} kernels={cfg.resolved_kernel_backend} "
+            f"pool_pages={self.engine.pool.num_pages} adapter_root={cfg.adapter_root} "
+            f"max_model_len={self.engine.max_model_len}"
+        )
+
+    # ---- metrics --------------------------------------------------------------------------------
+
+    def _init_metrics(self, args: dict, interval_s: float) -> None:
+        serving = self.serving
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER}
+        # Families stay referenced on self: once a family is collected, its metrics stop working.
+        self._families: dict[str, pb_utils.MetricFamily] = {}
+        metrics = {}
+        for spec in (*serving.METRICS, serving.HIT_RATIO):
+            family = self._families.get(spec.name)
+            if family is None:
+                family = pb_utils.MetricFamily(name=spec.name, description=spec.description,
+                                               kind=kinds[spec.kind])
+                self._families[spec.name] = family
+            metrics[spec] = family.Metric(labels={**labels, **dict(spec.labels)})
+        hit_ratio = metrics.pop(serving.HIT_RATIO)
+        self.metrics = serving.MetricsPublisher(metrics, hit_ratio)
+        ttft = pb_utils.MetricFamily(
+            name=serving.TTFT_NAME,
+            description="Seconds from the engine model receiving a request to its first token",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self._families[serving.TTFT_NAME] = ttft
+        self._ttft = ttft.Metric(labels=labels, buckets=list(serving.TTFT_BUCKETS))
+        self._metrics_stop = threading.Event()
+        self._metrics_thread = threading.Thread(
+            target=self._metrics_loop, args=(interval_s,), name="slora-metrics", daemon=True)
+        self._metrics_thread.start()
+
+    def _metrics_loop(self, interval_s: float) -> None:
+        while not self._metrics_stop.wait(interval_s):
+            try:
+                self.metrics.update(self.engine.stats().to_dict())
+            except Exception as e:  # metrics must never take the model down
+                self.logger.log_warn(f"slora_engine metrics update failed: {e}")
+
+    def _observe_ttft(self, seconds: float, lora_name) -> None:
+        self._ttft.observe(seconds)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def execute(self, requests):
+        serving = self.serving
+        for request in requests:
+            arrival = time.monotonic()
+            sink = _SenderSink(request.get_response_sender())
+            get = _getter(request)
+            try:
+                control = get("control")
+                if control is not None:
+                    raw = serving.inputs.get_str(get, "control", required=True)
+                    self._control_queue.put((serving.ControlRequest.from_json(raw), sink))
+                    continue
+                generate = serving.parse_generate(get, self.max_tokens_limit)
+                self.router.submit(generate, request.request_id(), sink, arrival)
+            except serving.ServingError as e:
+                sink.send(None, e, final=True)
+            except Exception as e:
+                sink.send(None, serving.error_from_exception(e), final=True)
+        return None
+
+    def _control_loop(self) -> None:
+        while True:
+            item = self._control_queue.get()
+            if item is None:
+                return
+            control, sink = item
+            try:
+                sink.send_result(self.control.handle(control))
+            except self.serving.ServingError as e:
+                sink.send(None, e, final=True)
+            except Exception as e:
+                self.logger.log_error(f"slora_engine control {control.action} failed: {e}")
+                try:
+                    sink.send(None, self.serving.error_from_exception(e), final=True)
+                except Exception:
+                    pass
+
+    def finalize(self) -> None:
+        self._metrics_stop.set()
+        self._control_queue.put(None)
+        self.router.stop()
+        self.engine.stop()
+        self._control_thread.join(timeout=5)
+        self._metrics_thread.join(timeout=5)
+        self.logger.log_info("slora_engine stopped")

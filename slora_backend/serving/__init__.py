@@ -1,0 +1,28 @@
+"""The serving layer between Triton's Python backend and the engine, with no Triton import.
+
+The models in ``model_repository/`` hand this package numpy arrays and small sink objects and
+get typed results back; ``triton_python_backend_utils`` stays in the models' ``model.py``.
+
+- ``inputs``: input tensors -> ``GenerateRequest`` (prompt, ``SamplingParams``, adapter, mode).
+- ``router``: ``StreamRouter``, the in-flight requests of one engine model. ``execute()`` only
+  queues; an intake thread adds requests to the engine, the engine thread only queues outputs,
+  and a response thread sends them, polls cancellation and aborts cancelled requests.
+- ``control``: adapter management and introspection actions run in the engine's process.
+- ``metrics``: engine statistics -> gauges and counters.
+- ``settings``: ``config.pbtxt`` parameters -> ``EngineConfig``.
+- ``errors``: ``ServingError`` with its Triton error code.
+"""
+
+from .control import ADAPTER_ACTIONS, ControlHandler, ControlRequest, parse_adapter_action
+from .errors import ServingError, error_from_exception
+from .inputs import GenerateRequest, parse_generate
+from .metrics import HIT_RATIO, METRICS, TTFT_BUCKETS, TTFT_NAME, MetricsPublisher
+from .router import ResponsePayload, StreamRouter
+from .settings import ServingSettings, settings_from_parameters
+
+__all__ = [
+    "ADAPTER_ACTIONS", "ControlHandler", "ControlRequest", "GenerateRequest", "HIT_RATIO",
+    "METRICS", "MetricsPublisher", "ResponsePayload", "ServingError", "ServingSettings",
+    "StreamRouter", "TTFT_BUCKETS", "TTFT_NAME", "error_from_exception", "parse_adapter_action",
+    "parse_generate", "settings_from_parameters",
+]

@@ -1,0 +1,254 @@
+"""In-flight generation requests of one engine model: intake, responses, cancellation."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..request import RequestOutput
+from .errors import CANCELLED, INTERNAL, ServingError, error_from_exception
+from .inputs import GenerateRequest, chat_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResponsePayload:
+    """One response of a generation request (every response carries every output)."""
+
+    text: str
+    finish_reason: str  # "" while running
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (in model.py: a Triton response sender)."""
+
+    def send(self, payload: ResponsePayload | None, error: ServingError | None, final: bool) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Stream:
+    request_id: str  # engine id (unique)
+    client_id: str  # the id the client gave Triton (may repeat, may be empty)
+    sink: ResponseSink
+    request: GenerateRequest
+    prompt: str
+    lora_name: str | None
+    arrival: float
+    first_token: float | None = None
+    cancelled: bool = False
+    sent_final: bool = False
+    responses: int = 0
+
+
+@dataclass
+class RouterCounters:
+    cancelled: int = 0
+    errors: int = 0
+    send_failures: int = 0
+
+
+class StreamRouter:
+    """In-flight requests of one engine model and the thread that answers them.
+
+    Invariant: every request submitted successfully gets exactly one final response (data,
+    error or cancellation), and every cancelled request is aborted in the engine, so its pages
+    return to the pool.
+    """
+
+    CANCEL_POLL_S = 0.1
+
+    def __init__(
+        self,
+        engine: Any,
+        on_first_token: Callable[[float, str | None], None] | None = None,
+        on_finished: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.on_first_token = on_first_token
+        self.on_finished = on_finished
+        self.counters = RouterCounters()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._outputs: queue.Queue[tuple[float, RequestOutput] | None] = queue.Queue()
+        self._intake: queue.Queue[_Stream | None] = queue.Queue()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="slora-responses", daemon=True)
+        self._intake_thread = threading.Thread(target=self._intake_loop, name="slora-intake",
+                                               daemon=True)
+        self._thread.start()
+        self._intake_thread.start()
+
+    # called on the model's execute() thread: never blocks on the engine
+    def submit(self, request: GenerateRequest, client_id: str, sink: ResponseSink,
+               arrival: float) -> str:
+        """Queue one request for the engine; the intake thread adds it (``add_request`` may wait
+        for the engine's step lock) and answers any refusal with a final error response."""
+        request_id = f"{client_id or 'req'}/{uuid.uuid4().hex[:12]}"
+        stream = _Stream(request_id, client_id, sink, request, request.prompt, request.lora_name,
+                         arrival)
+        with self._lock:
+            self._streams[request_id] = stream
+        self._intake.put(stream)
+        return request_id
+
+    def _intake_loop(self) -> None:
+        while True:
+            s = self._intake.get()
+            if s is None:
+                return
+            try:
+                self._add(s)
+            except Exception:
+                log.exception("intake of %s failed", s.request_id)
+
+    def _add(self, s: _Stream) -> None:
+        if s.cancelled:
+            self._drop(s, ServingError(CANCELLED, f"request {s.client_id!r} was cancelled"))
+            return
+        try:
+            if s.request.apply_chat_template:
+                s.prompt = chat_prompt(self.engine.tokenizer, s.request.prompt)
+            # on_output may run on the engine thread before add_request returns: the stream is
+            # registered already.
+            self.engine.add_request(s.prompt, s.request.params, s.lora_name,
+                                    request_id=s.request_id, on_output=self._on_output)
+        except Exception as e:
+            self._drop(s, error_from_exception(e))
+            return
+        if s.cancelled:  # cancelled while being added: the first abort may have missed it
+            self.engine.abort(s.request_id)
+
+    def _drop(self, s: _Stream, error: ServingError) -> None:
+        with self._lock:
+            self._streams.pop(s.request_id, None)
+        self.counters.errors += error.code != CANCELLED
+        self._send(s, None, error, final=True)
+
+    def abort_client_id(self, client_id: str) -> int:
+        """Abort every in-flight request submitted under ``client_id``; returns how many."""
+        with self._lock:
+            targets = [s for s in self._streams.values() if s.client_id == client_id]
+        for s in targets:
+            self._cancel(s)
+        return len(targets)
+
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Abort everything in flight, answer it, and stop the thread."""
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            self._cancel(s)
+        deadline = time.monotonic() + timeout
+        while self.num_in_flight() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._running = False
+        self._intake.put(None)
+        self._outputs.put(None)
+        self._intake_thread.join(timeout)
+        self._thread.join(timeout)
+
+    # called on the engine thread: must stay cheap
+    def _on_output(self, output: RequestOutput) -> None:
+        self._outputs.put((time.monotonic(), output))
+
+    # the response thread
+    def _run(self) -> None:
+        last_poll = time.monotonic()
+        while self._running:
+            try:
+                item = self._outputs.get(timeout=self.CANCEL_POLL_S)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                try:
+                    self._deliver(*item)
+                except Exception:  # one bad response must not stop the others
+                    log.exception("failed to deliver a response")
+            now = time.monotonic()
+            if now - last_poll >= self.CANCEL_POLL_S:
+                last_poll = now
+                self._poll_cancelled()
+
+    def _poll_cancelled(self) -> None:
+        with self._lock:
+            streams = [s for s in self._streams.values() if not s.cancelled]
+        for s in streams:
+            try:
+                cancelled = s.sink.is_cancelled()
+            except Exception:
+                cancelled = True  # a sender that cannot answer has lost its client
+            if cancelled:
+                self._cancel(s)
+
+    def _cancel(self, s: _Stream) -> None:
+        if s.cancelled:
+            return
+        s.cancelled = True
+        self.counters.cancelled += 1
+        self.engine.abort(s.request_id)  # unknown to the engine yet: the intake drops it
+
+    def _deliver(self, at: float, out: RequestOutput) -> None:
+        with self._lock:
+            s = self._streams.get(out.request_id)
+        if s is None:
+            return
+        if s.first_token is None and (out.delta_token_ids or out.token_ids):
+            s.first_token = at
+            if self.on_first_token is not None:
+                self.on_first_token(at - s.arrival, s.lora_name)
+        if not out.finished:
+            if s.request.stream and out.delta_text and not s.cancelled:
+                self._send(s, self._payload(s, out, out.delta_text), None, final=False)
+            return
+        with self._lock:
+            self._streams.pop(out.request_id, None)
+        if self.on_finished is not None:
+            self.on_finished(out.finish_reason or "", s.lora_name)
+        if out.finish_reason == "abort" or s.cancelled:
+            self._send(s, None, ServingError(CANCELLED, f"request {s.client_id!r} was cancelled"),
+                       final=True)
+        elif out.finish_reason == "error" or out.error:
+            self.counters.errors += 1
+            self._send(s, None, ServingError(INTERNAL, out.error or "generation failed"), final=True)
+        elif s.request.stream:
+            self._send(s, self._payload(s, out, out.delta_text), None, final=True)
+        else:
+            text = out.text if s.request.exclude_input_in_output else s.request.prompt + out.text
+            self._send(s, self._payload(s, out, text), None, final=True)
+
+    @staticmethod
+    def _payload(s: _Stream, out: RequestOutput, text: str) -> ResponsePayload:
+        return ResponsePayload(
+            text=text,
+            finish_reason=(out.finish_reason or "") if out.finished else "",
+            num_input_tokens=out.num_prompt_tokens,
+            num_output_tokens=len(out.token_ids),
+        )
+
+    def _send(self, s: _Stream, payload: ResponsePayload | None, error: ServingError | None,
+              final: bool) -> None:
+        try:
+            s.sink.send(payload, error, final)
+            s.responses += 1
+            s.sent_final = s.sent_final or final
+        except Exception as e:
+            # The client is gone (or the sender closed on cancellation): stop generating for it.
+            self.counters.send_failures += 1
+            log.debug("send for %s failed: %s", s.request_id, e)
+            if not final:
+                self._cancel(s)

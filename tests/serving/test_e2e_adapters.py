@@ -1,0 +1,120 @@
+"""Adapter management while serving: load and use without a restart, describe, unload (refused
+while in use), first-use loading by name, and a restart that finds the registry intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from slora_client import NotFoundError, SLoRAClient, UnavailableError
+
+from tests.serving.conftest import make_adapter_root, running_server, server_options, wait_for
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+PROMPT = "Paris is the capital of"
+
+
+class Restartable:
+    """The module's server, which one test restarts on the same adapter root."""
+
+    def __init__(self, options, log_dir):
+        self.options, self.log_dir, self.starts = options, log_dir, 0
+        self._cm = None
+        self.server = None
+
+    def start(self):
+        self.starts += 1
+        self._cm = running_server(self.options, self.log_dir / f"server-{self.starts}.log")
+        self.server = self._cm.__enter__()
+        return self.server
+
+    def stop(self):
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+
+
+@pytest.fixture(scope="module")
+def holder(tmp_path_factory, tiny_gqa, adapter_pool):
+    tmp = tmp_path_factory.mktemp("e2e-adapters")
+    root = make_adapter_root(adapter_pool, tmp / "adapters")
+    h = Restartable(server_options(tiny_gqa, root), tmp)
+    h.root = root
+    h.start()
+    yield h
+    h.stop()
+
+
+def connect(holder) -> SLoRAClient:
+    return SLoRAClient(holder.server.grpc_url, timeout=120)
+
+
+def _idle(client):
+    return wait_for(lambda: (s := client.stats()) and s["in_flight"] == 0
+                    and s["pool_pages_kv"] == 0 and s, what="an idle engine")
+
+
+def test_load_use_describe_unload(holder):
+    with connect(holder) as client:
+        assert client.list_adapters() == []  # nothing registered in a fresh root
+        base = client.complete(PROMPT, max_tokens=10).text
+
+        info = client.load_adapter("mine", "r16-attn-rs")
+        assert info["name"] == "mine" and info["rank"] == 16
+        assert sorted(info["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert info["use_rslora"] is True and info["size_bytes"] > 0
+        assert info["residency"] in ("disk", "host")
+        assert [a["name"] for a in client.list_adapters()] == ["mine"]
+
+        mine = client.complete(PROMPT, lora_name="mine", max_tokens=10).text
+        assert mine != base
+        # The same weights by their directory name, loaded on first use, answer the same.
+        assert client.complete(PROMPT, lora_name="r16-attn-rs", max_tokens=10).text == mine
+
+        described = client.describe_adapter("mine")
+        assert described["total_requests"] == 1
+        assert described["residency"] == "gpu"  # resident in the unified pool after use
+        assert described["active_requests"] == 0
+
+        assert client.unload_adapter("mine") == {"unloaded": "mine"}
+        assert "mine" not in {a["name"] for a in client.list_adapters()}
+        with pytest.raises(NotFoundError, match="mine"):
+            client.complete(PROMPT, lora_name="mine", max_tokens=4)
+        # Unloading frees the adapter's pages once nothing uses it.
+        _idle(client)
+
+
+def test_unload_refused_while_in_use(holder):
+    with connect(holder) as client:
+        generation = client.generate(PROMPT, lora_name="r8-qv", max_tokens=400, ignore_eos=True)
+        next(generation)
+        assert client.describe_adapter("r8-qv")["active_requests"] == 1
+        with pytest.raises(UnavailableError, match="r8-qv") as info:
+            client.unload_adapter("r8-qv")
+        assert info.value.code == "UNAVAILABLE"
+        assert "r8-qv" in {a["name"] for a in client.list_adapters()}
+        generation.cancel()
+        _idle(client)
+        assert client.unload_adapter("r8-qv") == {"unloaded": "r8-qv"}
+
+
+def test_restart_keeps_registry(holder):
+    with connect(holder) as client:
+        client.load_adapter("keep-a", "r4-mlp")
+        client.load_adapter("keep-b", "r32-all")
+        before = {a["name"]: (a["rank"], sorted(a["target_modules"]), a["path"])
+                  for a in client.list_adapters()}
+        answer = client.complete(PROMPT, lora_name="keep-b", max_tokens=10).text
+    assert {"keep-a", "keep-b"} <= set(before)
+    saved = json.loads((holder.root / "registry.json").read_text())
+    assert set(saved["adapters"]) == set(before)
+
+    holder.stop()
+    holder.start()
+    with connect(holder) as client:
+        after = {a["name"]: (a["rank"], sorted(a["target_modules"]), a["path"])
+                 for a in client.list_adapters()}
+        assert after == before
+        assert all(a["residency"] == "disk" for a in client.list_adapters())
+        assert client.complete(PROMPT, lora_name="keep-b", max_tokens=10).text == answer
