@@ -91,7 +91,8 @@ def settings_from_parameters(params: Mapping[str, str], base_dir: Path) -> Servi
             continue
         value = _resolve_path(key, raw, base_dir) if key in PATH_KEYS else raw
         kwargs[key] = _convert(key, value, types[key])
-    kwargs.setdefault("base_model", _resolve_path("base_model", DEFAULT_MODEL, base_dir))
+    if "base_model" not in kwargs:  # not setdefault: resolving the default converts SmolLM2
+        kwargs["base_model"] = _resolve_path("base_model", DEFAULT_MODEL, base_dir)
     device, dtype = resolve_auto(str(kwargs.get("device", "auto")), str(kwargs.get("dtype", "auto")))
     kwargs["device"], kwargs["dtype"] = device, dtype
     limit = params.get("max_tokens_limit", "").strip()
