@@ -29,13 +29,19 @@ import torch
 import triton
 from slora_kernels.attention_reference import write_kv_ref
 from slora_kernels.lora_bmm import (
-    lora_expand_bmm, lora_expand_bmm_segments, lora_shrink_bmm, lora_shrink_bmm_segments,
+    lora_expand_bmm,
+    lora_expand_bmm_segments,
+    lora_shrink_bmm,
+    lora_shrink_bmm_segments,
 )
 from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
 from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.norm_rope_reference import (
-    add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref,
+    add_rms_norm_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_and_mul_ref,
 )
 from slora_kernels.paged_attention import paged_attention, write_kv
 

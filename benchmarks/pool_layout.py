@@ -35,7 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block-tokens", type=int, default=16)
     args = ap.parse_args()
-    print("| model | page (elements) | KV tokens/page | KV waste | adapter | pages | MB (fp16, all layers) | adapter waste |")
+    print("| model | page (elements) | KV tokens/page | KV waste | adapter | pages "
+          "| MB (fp16, all layers) | adapter waste |")
     print("|---|---|---|---|---|---|---|---|")
     for label, shape in MODELS.items():
         layout = PoolLayout(ModelSpec.from_hf_config(random_config(shape)), args.block_tokens)

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, dot_upcast, next_pow2, pad3, vector_elems
-from .lora_args import check_expand, check_segments, check_shrink
 from ._tl_helpers import misaligned_rows
+from .lora_args import check_expand, check_segments, check_shrink
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

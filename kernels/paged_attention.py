@@ -24,7 +24,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    FLOAT_DTYPES, check_device, check_tensor, dot_precision, dot_upcast, next_pow2,
+    FLOAT_DTYPES,
+    check_device,
+    check_tensor,
+    dot_precision,
+    dot_upcast,
+    next_pow2,
 )
 
 _LOG2E = 1.4426950408889634

@@ -5,15 +5,17 @@ from .config import EngineConfig, SamplingParams
 from .engine import Engine, EngineStats
 from .errors import (
     AdapterBusyError,
+    AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
+    EngineOverloadedError,
     InvalidRequestError,
     SLoRAError,
 )
 from .request import RequestOutput
 
 __all__ = [
-    "AdapterBusyError", "AdapterInfo", "AdapterLoadError", "AdapterNotFoundError", "Engine",
-    "EngineConfig", "EngineStats", "InvalidRequestError", "RequestOutput", "SLoRAError",
-    "SamplingParams",
+    "AdapterBusyError", "AdapterExistsError", "AdapterInfo", "AdapterLoadError",
+    "AdapterNotFoundError", "Engine", "EngineConfig", "EngineOverloadedError", "EngineStats",
+    "InvalidRequestError", "RequestOutput", "SLoRAError", "SamplingParams",
 ]

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .batch import LORA_MODULES
-from .errors import AdapterLoadError, AdapterNotFoundError
+from .errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
 from .layout import AdapterPlan, PlannedRow, PoolLayout
 
 CONFIG_FILE = "adapter_config.json"
@@ -110,7 +110,7 @@ class AdapterStore:
         if not name or "/" in name or name.strip() != name:
             raise AdapterLoadError(f"adapter name {name!r} must be non-empty, without '/' or spaces")
         if name in self._entries:
-            raise AdapterLoadError(f"adapter {name!r} is already registered; unload it first")
+            raise AdapterExistsError(f"adapter {name!r} is already registered; unload it first")
         entry = self._validate(name, path)
         self._entries[name] = entry
         return entry

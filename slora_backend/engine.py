@@ -208,7 +208,9 @@ class Engine:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
         adapter = None
         if lora_name:
-            adapter = self.resolve_adapter(lora_name).name
+            # A registered name needs no step lock (the common case under load); only a first
+            # use, which loads the adapter, waits for the current step to end.
+            adapter = lora_name if lora_name in self.store else self.resolve_adapter(lora_name).name
         worst = self.layout.kv_pages(len(token_ids) + params.max_tokens)
         adapter_pages = self.store.get(adapter).plan.num_pages if adapter is not None else 0
         if self.scheduler.unified:

@@ -22,6 +22,10 @@ class AdapterLoadError(SLoRAError, ValueError):
     """An adapter was refused: wrong format, wrong base model, outside the root, corrupt files."""
 
 
+class AdapterExistsError(AdapterLoadError):
+    """An adapter of that name is already registered (ALREADY_EXISTS)."""
+
+
 class AdapterBusyError(SLoRAError, RuntimeError):
     """An adapter cannot be unloaded while requests use it (UNAVAILABLE)."""
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from ..errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError, InvalidRequestError, SLoRAError
+from ..errors import (
+    AdapterBusyError,
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    SLoRAError,
+)
 
 # Triton error codes (pb_utils.TritonError.<name>) used here.
 INVALID_ARG = "INVALID_ARG"
@@ -11,7 +19,8 @@ UNAVAILABLE = "UNAVAILABLE"
 INTERNAL = "INTERNAL"
 CANCELLED = "CANCELLED"
 UNSUPPORTED = "UNSUPPORTED"
-ERROR_CODES = (INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, UNSUPPORTED)
+ALREADY_EXISTS = "ALREADY_EXISTS"
+ERROR_CODES = (INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, UNSUPPORTED, ALREADY_EXISTS)
 
 class ServingError(Exception):
     """An error with the Triton code it should be reported under."""
@@ -35,8 +44,10 @@ def error_from_exception(exc: BaseException) -> ServingError:
         return exc
     if isinstance(exc, AdapterNotFoundError):
         return ServingError(NOT_FOUND, str(exc))
-    if isinstance(exc, AdapterBusyError):
+    if isinstance(exc, (AdapterBusyError, EngineOverloadedError)):
         return ServingError(UNAVAILABLE, str(exc))
+    if isinstance(exc, AdapterExistsError):
+        return ServingError(ALREADY_EXISTS, str(exc))
     if isinstance(exc, (InvalidRequestError, AdapterLoadError)):
         return ServingError(INVALID_ARG, str(exc))
     if isinstance(exc, SLoRAError):

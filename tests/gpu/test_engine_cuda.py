@@ -1,4 +1,4 @@
-"""On CUDA: the engine on the compiled Triton kernels (decode steps from CUDA graphs) gives the
+"""On CUDA: the engine on the compiled Triton kernels gives the
 torch backend's greedy tokens on SmolLM2-135M in fp32, with mixed adapters. Collected only where
 CUDA exists (tests/conftest.py)."""
 

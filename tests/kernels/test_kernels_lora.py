@@ -10,19 +10,30 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import (
-    DTYPES, MODULE_GROUPS, POPULARITIES, SHAPES, TOLERANCES, adapter_ranks, assign_adapters,
-    build_adapter_pool, lora_batch, module_dims,
+    DTYPES,
+    MODULE_GROUPS,
+    POPULARITIES,
+    SHAPES,
+    TOLERANCES,
+    adapter_ranks,
+    assign_adapters,
+    build_adapter_pool,
+    lora_batch,
+    module_dims,
 )
-
-from slora_backend import ops_triton
-from slora_backend.batch import LoraBatch
-from slora_backend.ops import TorchOps
 from slora_kernels.lora_bmm import (
-    lora_expand_bmm, lora_expand_bmm_segments, lora_shrink_bmm, lora_shrink_bmm_segments,
+    lora_expand_bmm,
+    lora_expand_bmm_segments,
+    lora_shrink_bmm,
+    lora_shrink_bmm_segments,
 )
 from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
 from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 from slora_kernels.lora_reference import lora_expand_ref, lora_shrink_ref
+
+from slora_backend import ops_triton
+from slora_backend.batch import LoraBatch
+from slora_backend.ops import TorchOps
 
 DECODE_SEQS = 6
 PREFILL_LENS = (5, 1, 12, 3)  # one prompt per sequence, laid end to end

@@ -6,13 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import DTYPES, SHAPES, TOLERANCES
+from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
+from slora_kernels.norm_rope_reference import (
+    add_rms_norm_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_and_mul_ref,
+)
 
 from slora_backend.ops import TorchOps
 from slora_backend.ops_triton import TritonOps
-from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
-from slora_kernels.norm_rope_reference import (
-    add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref,
-)
 
 HIDDEN = [64, 100, 576]  # SmolLM2's 576 is not a power of two; 100 is odd-sized
 
