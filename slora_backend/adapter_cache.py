@@ -67,10 +67,7 @@ class AdapterCache:
             need = self.store.get(name).plan.num_pages
             if not self.make_room(need):
                 return False
-            resident = ResidentAdapter(name, self.pool.allocate(need, ADAPTER))
-            self._resident[name] = resident
-            self._pending.append(resident)
-            self.loads += 1
+            resident = self._make_resident(name, need)
             self.misses += 1
         else:
             self.hits += 1
@@ -86,12 +83,17 @@ class AdapterCache:
         need = self.store.get(name).plan.num_pages
         if self.pool.num_free - keep_free < need:
             return False
-        resident = ResidentAdapter(name, self.pool.allocate(need, ADAPTER))
+        self._make_resident(name, need)
+        self.prefetches += 1
+        return True
+
+    def _make_resident(self, name: str, num_pages: int) -> ResidentAdapter:
+        """Give ``name`` pages (free ones: the caller made room) and queue its weights' copy."""
+        resident = ResidentAdapter(name, self.pool.allocate(num_pages, ADAPTER))
         self._resident[name] = resident
         self._pending.append(resident)
         self.loads += 1
-        self.prefetches += 1
-        return True
+        return resident
 
     def release(self, name: str) -> None:
         resident = self._resident[name]

@@ -113,6 +113,7 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
             clients[i % len(clients)].async_stream_infer(
                 model, inp, request_id=rid, enable_empty_final_response=True)
         truncated = not _wait(recorder, state, deadline, idle_timeout_s)
+        cut_at = time.perf_counter()  # completions count up to here (see engine_replay.py)
         if truncated:
             for c in clients:
                 c.stop_stream(cancel_requests=True)
@@ -126,7 +127,7 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
         recorder.finish(rid, reason)
     finished = [r.finished for r in recorder.records.values()
                 if r.finish_reason in ("length", "stop", "abort")]
-    end = max(finished, default=start) if not truncated or recorder.stalled else deadline
+    end = max(finished, default=start) if not truncated or recorder.stalled else cut_at
     result = {
         "system": "slora_triton",
         "label": f"S-LoRA through tritonserver (gRPC streaming, model {model!r})",
