@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -21,18 +21,16 @@ from .adapter_cache import AdapterCache
 from .adapter_registry import AdapterInfo, AdapterRegistry
 from .adapter_store import AdapterStore
 from .config import EngineConfig, SamplingParams
-from .detokenizer import Detokenizer
 from .errors import EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner
 from .ops import make_ops
+from .output_stream import OutputCallback, OutputStream
 from .page_pool import ADAPTER, KV, PagePool
-from .request import Request, RequestOutput, RequestStatus
+from .request import Request, RequestOutput
 from .sampler import Sampler
 from .scheduler import Scheduler
-
-OutputCallback = Callable[[RequestOutput], None]
 
 
 @dataclass
@@ -109,8 +107,7 @@ class Engine:
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._requests: dict[str, Request] = {}
-        self._detok: dict[str, Detokenizer] = {}
-        self._callbacks: dict[str, OutputCallback] = {}
+        self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._inbox_lock = threading.Lock()
@@ -229,11 +226,10 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, token_ids, params, adapter)
         with self._wakeup:
-            if request_id in self._requests or any(r.request_id == request_id for r in self._inbox):
+            if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = OutputStream(request, self.tokenizer, on_output)
             self._inbox.append(request)
-            if on_output is not None:
-                self._callbacks[request_id] = on_output
             self._wakeup.notify()
         return request_id
 
@@ -378,9 +374,6 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         for request in inbox:
             self._requests[request.request_id] = request
-            self._detok[request.request_id] = Detokenizer(
-                self.tokenizer, request.prompt_token_ids, request.params.stop
-            )
             if request.adapter is not None:
                 self.store.get(request.adapter).total_requests += 1
                 if not self.store.has_weights(request.adapter):
@@ -407,13 +400,11 @@ class Engine:
             return self._finish(request, "stop")
         request.output_token_ids.append(token)
         self.generated_tokens += 1
-        detok = self._detok[request.request_id]
-        detok.add(token)
-        if detok.stopped:
+        if self._streams[request.request_id].add_token(token):
             return self._finish(request, "stop", delta_tokens=[token])
         if len(request.output_token_ids) >= params.max_tokens:
             return self._finish(request, "length", delta_tokens=[token])
-        return self._emit(request, [token], detok.delta(final=False))
+        return self._emit(request, [token])
 
     def _finish(
         self, request: Request, reason: str, delta_tokens: list[int] | None = None,
@@ -421,34 +412,18 @@ class Engine:
     ) -> RequestOutput:
         self.scheduler.finish(request, reason)
         self.sampler.forget(request.request_id)
-        detok = self._detok.pop(request.request_id)
         self._requests.pop(request.request_id, None)
         self.finished_requests += 1
-        out = self._emit(request, delta_tokens or [], detok.delta(final=True), error, detok.text)
-        self._callbacks.pop(request.request_id, None)
+        out = self._emit(request, delta_tokens or [], error)
+        with self._inbox_lock:
+            del self._streams[request.request_id]
         return out
 
-    def _emit(
-        self, request: Request, delta_tokens: list[int], delta_text: str,
-        error: str | None = None, text: str | None = None,
-    ) -> RequestOutput:
-        detok = self._detok.get(request.request_id)
-        out = RequestOutput(
-            request_id=request.request_id,
-            token_ids=list(request.output_token_ids),
-            text=text if text is not None else (detok.text[: detok.emitted] if detok else ""),
-            delta_token_ids=delta_tokens,
-            delta_text=delta_text,
-            finished=request.status is RequestStatus.FINISHED,
-            finish_reason=request.finish_reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            error=error,
-        )
-        callback = self._callbacks.get(request.request_id)
-        if callback is not None:
-            try:
-                callback(out)
-            except Exception:  # a broken consumer must not stop the engine for everyone
+    def _emit(self, request: Request, delta_tokens: list[int], error: str | None = None) -> RequestOutput:
+        stream = self._streams[request.request_id]
+        out = stream.emit(delta_tokens, error)
+        if stream.broken and not out.finished:
+            with self._inbox_lock:
                 self._aborts.append(request.request_id)
         return out
 
