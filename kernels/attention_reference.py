@@ -58,3 +58,27 @@ def paged_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = (probs @ v).transpose(0, 1).to(q.dtype)
     return out
+
+
+def paged_decode_attention_batched(
+    q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """out[b] = softmax_j(scale * q[b] . K_b[j], j < context_lens[b]) @ V_b  (one query per sequence).
+
+    The decode case of ``paged_attention_ref`` for all sequences at once: every sequence's pages
+    are gathered and padded to the longest context, padding masked. The engine's CPU path uses
+    it because a Python loop over sequences costs more than the attention itself there.
+    """
+    batch, num_heads, head_dim = q.shape
+    kv_heads = kv_pages.shape[3]
+    kv = kv_pages[block_tables.to(torch.int64)]  # [B, blocks, 2, bt, kvh, hd]
+    k = kv[:, :, 0].reshape(batch, -1, kv_heads, head_dim).float()
+    v = kv[:, :, 1].reshape(batch, -1, kv_heads, head_dim).float()
+    # Query head h reads KV head h // group, as in the reference's repeat_interleave.
+    qg = q.float().view(batch, kv_heads, num_heads // kv_heads, head_dim)
+    scores = torch.einsum("bkgd,btkd->bkgt", qg, k) * scale
+    padding = torch.arange(k.shape[1], device=q.device)[None, :] >= context_lens[:, None]
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgt,btkd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -10,7 +10,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from slora_kernels.attention_reference import paged_attention_ref, write_kv_ref
+from slora_kernels.attention_reference import (
+    paged_attention_ref,
+    paged_decode_attention_batched,
+    write_kv_ref,
+)
 from slora_kernels.lora_reference import lora_expand_ref, lora_shrink_ref
 
 from .batch import AttentionBatch, LoraBatch
@@ -53,6 +57,10 @@ class TorchOps:
     def attention(
         self, q: torch.Tensor, kv_pages: torch.Tensor, attn: AttentionBatch, scale: float
     ) -> torch.Tensor:
+        if attn.is_decode:
+            return paged_decode_attention_batched(
+                q, kv_pages, attn.block_tables, attn.context_lens, scale
+            )
         return paged_attention_ref(
             q, kv_pages, attn.block_tables, attn.query_starts_host, attn.context_lens_host, scale
         )

@@ -99,3 +99,22 @@ def test_attention_launchers_reject_bad_arguments(device) -> None:
         write_kv(case.kv_pages, case.q[:, :2], case.q[:, :2], a.kv_slots.int())
     with pytest.raises(ValueError, match="dimension 1 must be 2"):
         write_kv(case.kv_pages[:, :1], case.q[:, :2], case.q[:, :2], a.kv_slots)
+
+
+def test_batched_decode_reference_equals_the_loop_reference():
+    """The engine's CPU decode path (all sequences at once) equals the per-sequence reference."""
+    from slora_kernels.attention_reference import paged_attention_ref, paged_decode_attention_batched
+
+    gen = torch.Generator().manual_seed(0)
+    num_pages, block_tokens, kv_heads, head_dim, heads = 40, 4, 2, 16, 6
+    kv_pages = torch.randn(num_pages, 2, block_tokens, kv_heads, head_dim, generator=gen)
+    context = [1, 7, 13, 4]
+    perm = torch.randperm(num_pages, generator=gen).tolist()  # pages scattered out of order
+    tables = torch.zeros(len(context), 4, dtype=torch.int32)
+    for b, n in enumerate(context):
+        blocks = -(-n // block_tokens)
+        tables[b, :blocks] = torch.tensor([perm.pop() for _ in range(blocks)], dtype=torch.int32)
+    q = torch.randn(len(context), heads, head_dim, generator=gen)
+    want = paged_attention_ref(q, kv_pages, tables, list(range(len(context) + 1)), context, 0.25)
+    got = paged_decode_attention_batched(q, kv_pages, tables, torch.tensor(context), 0.25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
