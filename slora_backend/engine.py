@@ -372,14 +372,18 @@ class Engine:
         with self._wakeup:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+        outputs = []
         for request in inbox:
             self._requests[request.request_id] = request
             if request.adapter is not None:
+                if request.adapter not in self.store:  # unloaded between validation and now
+                    outputs.append(self._finish(request, "error", error=(
+                        f"adapter {request.adapter!r} was unloaded before the request started")))
+                    continue
                 self.store.get(request.adapter).total_requests += 1
                 if not self.store.has_weights(request.adapter):
                     self._host_prefetch.submit(self._read_adapter, request.adapter)
             self.scheduler.add(request)
-        outputs = []
         for request_id in aborts:
             request = self._requests.get(request_id)
             if request is not None:

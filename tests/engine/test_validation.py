@@ -157,3 +157,20 @@ def test_unload_and_lazy_resolve(setup, tiny_models):
     with pytest.raises(AdapterNotFoundError):
         engine.unload_adapter("lazy")
     assert engine.pool.used_by["kv"] == 0
+
+
+def test_adapter_unloaded_after_validation_fails_only_its_request(setup, tiny_models):
+    engine, root = setup
+    make_adapter(tiny_models["gqa"], root / "brief", 4, ["q_proj"], 4, seed=9)
+    engine.load_adapter("brief", "brief")
+    finals = {}
+    rid = engine.add_request("hi", GOOD, "brief", on_output=lambda o: finals.__setitem__(o.request_id, o))
+    # The request is validated and queued but not yet taken in by the loop: unload it now,
+    # bypassing the busy check the way a concurrent unload could slip between the two.
+    engine.registry.unload("brief", active={})
+    other = engine.add_request("still", GOOD, on_output=lambda o: finals.__setitem__(o.request_id, o))
+    while engine.scheduler.has_work() or engine._inbox:
+        engine.step()
+    assert finals[rid].finish_reason == "error" and "was unloaded" in finals[rid].error
+    assert finals[other].finish_reason == "length"
+    assert engine.pool.used_by["kv"] == 0
