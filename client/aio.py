@@ -13,22 +13,16 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from . import protocol
-from .client import _CHANNEL_OPTIONS, Completion
-from .errors import CancelledError, SLoRAClientError, from_grpc_error
+from .client import _CHANNEL_OPTIONS, Completion, _GenerationState
+from .errors import SLoRAClientError, from_grpc_error
 
 
-class AsyncGeneration(AsyncIterator[str]):
+class AsyncGeneration(_GenerationState, AsyncIterator[str]):
     """``async for delta in generation``; then ``finish_reason``, token counts and ``text``."""
 
     def __init__(self, client: AsyncSLoRAClient, request, request_id: str) -> None:
-        self.request_id = request_id
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.num_input_tokens = 0
-        self.num_output_tokens = 0
+        super().__init__(request_id)
         self._client = client
-        self._cancelled = False
-        self._finished = False
         self._call = client._stub.ModelStreamInfer(_one(request), timeout=client.timeout)
 
     def __aiter__(self) -> AsyncGeneration:
@@ -41,7 +35,7 @@ class AsyncGeneration(AsyncIterator[str]):
             except grpc.RpcError as e:
                 self._finished = True
                 if self._cancelled or e.code() == grpc.StatusCode.CANCELLED:
-                    raise CancelledError("CANCELLED", f"request {self.request_id} was cancelled") from None
+                    raise self._cancelled_error() from None
                 raise from_grpc_error(e) from None
             if response is grpc.aio.EOF:
                 self._finished = True
@@ -51,17 +45,13 @@ class AsyncGeneration(AsyncIterator[str]):
             except SLoRAClientError:
                 await self._drain()
                 raise
-            self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
-            self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
-            if chunk.finish_reason:
-                self.finish_reason = chunk.finish_reason
-            self.text += chunk.text
+            self._absorb(chunk)
             if chunk.final:
                 await self._drain()
             if chunk.text:
                 return chunk.text
         if self._cancelled:
-            raise CancelledError("CANCELLED", f"request {self.request_id} was cancelled")
+            raise self._cancelled_error()
         raise StopAsyncIteration
 
     async def _drain(self) -> None:

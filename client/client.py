@@ -30,7 +30,31 @@ class Completion:
     num_output_tokens: int
 
 
-class Generation(Iterator[str]):
+class _GenerationState:
+    """What the sync and asyncio generations share: the answer so far and the final counts."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.num_input_tokens = 0
+        self.num_output_tokens = 0
+        self._cancelled = False
+        self._finished = False
+
+    def _absorb(self, chunk: protocol.Chunk) -> None:
+        """Fold one streamed response into the answer."""
+        self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
+        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+        self.text += chunk.text
+
+    def _cancelled_error(self) -> CancelledError:
+        return CancelledError("CANCELLED", f"request {self.request_id} was cancelled")
+
+
+class Generation(_GenerationState, Iterator[str]):
     """A running generation: iterate it for text deltas.
 
     After the last delta, ``finish_reason``, ``num_input_tokens`` and ``num_output_tokens`` hold
@@ -40,14 +64,8 @@ class Generation(Iterator[str]):
     """
 
     def __init__(self, client: SLoRAClient, request, request_id: str) -> None:
-        self.request_id = request_id
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.num_input_tokens = 0
-        self.num_output_tokens = 0
+        super().__init__(request_id)
         self._client = client
-        self._cancelled = False
-        self._finished = False
         # One request, then our half of the stream closes; Triton goes on sending responses
         # until the final one.
         self._call = client._stub.ModelStreamInfer(iter([request]), timeout=client.timeout)
@@ -62,29 +80,25 @@ class Generation(Iterator[str]):
             except StopIteration:
                 self._close()
                 if self._cancelled:
-                    raise CancelledError("CANCELLED", f"request {self.request_id} was cancelled") from None
+                    raise self._cancelled_error() from None
                 raise SLoRAClientError("INTERNAL", "the stream ended before the final response") from None
             except grpc.RpcError as e:
                 self._close()
                 if self._cancelled:
-                    raise CancelledError("CANCELLED", f"request {self.request_id} was cancelled") from None
+                    raise self._cancelled_error() from None
                 raise from_grpc_error(e) from None
             try:
                 chunk = protocol.read_chunk(response)
             except SLoRAClientError:
                 self._close()
                 raise
-            self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
-            self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens
-            if chunk.finish_reason:
-                self.finish_reason = chunk.finish_reason
-            self.text += chunk.text
+            self._absorb(chunk)
             if chunk.final:
                 self._close()
             if chunk.text:
                 return chunk.text
         if self._cancelled:
-            raise CancelledError("CANCELLED", f"request {self.request_id} was cancelled")
+            raise self._cancelled_error()
         raise StopIteration
 
     def _close(self) -> None:
