@@ -20,6 +20,8 @@ and arrival times do not depend on n or alpha (the adapter draws come first and 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -200,3 +202,18 @@ def generate(config: WorkloadConfig) -> Workload:
         for i in range(total)
     )
     return Workload(config, adapters, requests)
+
+
+def paced(
+    requests: Sequence[Request], start: float, time_limit_s: float | None
+) -> Iterator[tuple[int, Request, float]]:
+    """Yield ``(index, request, arrival)`` at each request's arrival time (``start`` is a
+    ``time.perf_counter()`` value); stops at the first arrival at or past ``time_limit_s``."""
+    for i, req in enumerate(requests):
+        if time_limit_s is not None and req.arrival_s >= time_limit_s:
+            return
+        arrival = start + req.arrival_s
+        delay = arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        yield i, req, arrival

@@ -22,7 +22,7 @@ from typing import Any
 from ..adapter_sets import model_spec, write_registry
 from ..metrics import OccupancySampler, Recorder, stats_delta, summarize
 from ..prompts import token_prompts
-from ..workload import LORA_TARGETS, Workload
+from ..workload import LORA_TARGETS, Workload, paced
 
 ABORTED_AT_LIMIT = "time_limit"
 
@@ -144,17 +144,11 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
     engine.start()
     start = time.perf_counter() + 0.05
     deadline = start + time_limit_s if time_limit_s else None
-    for i, (req, prompt) in enumerate(zip(requests, prompts)):
-        if time_limit_s is not None and req.arrival_s >= time_limit_s:
-            break
-        arrival = start + req.arrival_s
-        delay = arrival - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+    for i, req, arrival in paced(requests, start, time_limit_s):
         rid = f"r{i}"
         recorder.submitted(rid, arrival, req.output_len)
         try:
-            engine.add_request(prompt, SamplingParams(max_tokens=req.output_len, ignore_eos=True),
+            engine.add_request(prompts[i], SamplingParams(max_tokens=req.output_len, ignore_eos=True),
                                req.adapter, request_id=rid, on_output=on_output)
         except EngineOverloadedError:
             recorder.rejected(rid)

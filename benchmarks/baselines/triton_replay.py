@@ -21,7 +21,7 @@ import numpy as np
 from ..adapter_sets import model_spec, write_registry
 from ..metrics import Recorder, summarize
 from ..prompts import text_prompts, write_word_tokenizer
-from ..workload import Workload
+from ..workload import Workload, paced
 
 MODEL = "slora"
 
@@ -101,17 +101,11 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
     start = time.perf_counter() + 0.05
     deadline = start + time_limit_s if time_limit_s else None
     try:
-        for i, (req, inp) in enumerate(zip(requests, inputs)):
-            if time_limit_s is not None and req.arrival_s >= time_limit_s:
-                break
-            arrival = start + req.arrival_s
-            delay = arrival - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+        for i, req, arrival in paced(requests, start, time_limit_s):
             rid = f"r{i}"
             recorder.submitted(rid, arrival, req.output_len)
             clients[i % len(clients)].async_stream_infer(
-                model, inp, request_id=rid, enable_empty_final_response=True)
+                model, inputs[i], request_id=rid, enable_empty_final_response=True)
         truncated = not _wait(recorder, state, deadline, idle_timeout_s)
         cut_at = time.perf_counter()  # completions count up to here (see engine_replay.py)
         if truncated:
