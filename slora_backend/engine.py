@@ -106,7 +106,6 @@ class Engine:
         self._host_prefetch = ThreadPoolExecutor(1, thread_name_prefix="slora-adapter-read")
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
-        self._requests: dict[str, Request] = {}
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -320,8 +319,9 @@ class Engine:
                     break
             self.step()
         with self._step_lock:  # a stopped engine leaves nothing behind
-            for request in list(self._requests.values()):
-                self._finish(request, "abort")
+            self._drain_inbox()
+            for stream in list(self._streams.values()):
+                self._finish(stream.request, "abort")
 
     def step(self) -> list[RequestOutput]:
         """Admit new work, run one forward over the scheduled batch, emit outputs."""
@@ -374,7 +374,6 @@ class Engine:
             aborts, self._aborts = self._aborts, []
         outputs = []
         for request in inbox:
-            self._requests[request.request_id] = request
             if request.adapter is not None:
                 if request.adapter not in self.store:  # unloaded between validation and now
                     outputs.append(self._finish(request, "error", error=(
@@ -385,9 +384,9 @@ class Engine:
                     self._host_prefetch.submit(self._read_adapter, request.adapter)
             self.scheduler.add(request)
         for request_id in aborts:
-            request = self._requests.get(request_id)
-            if request is not None:
-                outputs.append(self._finish(request, "abort"))
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                outputs.append(self._finish(stream.request, "abort"))
         return outputs
 
     def _read_adapter(self, name: str) -> None:
@@ -416,7 +415,6 @@ class Engine:
     ) -> RequestOutput:
         self.scheduler.finish(request, reason)
         self.sampler.forget(request.request_id)
-        self._requests.pop(request.request_id, None)
         self.finished_requests += 1
         out = self._emit(request, delta_tokens or [], error)
         with self._inbox_lock:
