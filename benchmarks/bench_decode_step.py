@@ -47,8 +47,34 @@ def adapter_weight_bytes(engine: Any, names: list[str]) -> int:
     return sum(engine.store.get(n).size_bytes for n in names)
 
 
+def profile_steps(engine: Any, steps: int) -> dict[str, Any]:
+    """GPU kernel time of ``steps`` decode steps by kernel, and the share of the steps' wall
+    time the GPU spent in kernels (the rest is host time the GPU waited for)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    busy_us = sum(e.self_device_time_total for e in kernels)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": round(wall / steps * 1e3, 3),
+        "kernel_ms_per_step": round(busy_us / steps / 1e3, 3),
+        "top_kernels": [{"name": e.key[:90], "calls_per_step": e.count / steps,
+                         "ms_per_step": round(e.self_device_time_total / steps / 1e3, 3)}
+                        for e in kernels[:15]],
+    }
+
+
 def measure(engine: Any, names: list[str | None], context: int, warmup: int, iters: int,
-            log=print) -> dict[str, Any]:
+            profile: int = 0, log=print) -> dict[str, Any]:
     """Prefill ``len(names)`` requests of ``context`` tokens, then time ``iters`` decode steps."""
     import torch
 
@@ -59,7 +85,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
     def on_output(out) -> None:
         produced[out.request_id] = len(out.token_ids)
 
-    max_tokens = warmup + iters + 4
+    max_tokens = warmup + iters + profile + 4
     for i, name in enumerate(names):
         prompt = [3 + (7 * i + j) % 30000 for j in range(context)]
         engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), name,
@@ -87,6 +113,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
         sync()
         wall.append(time.perf_counter() - t)
     step_s = ([s.elapsed_time(e) / 1e3 for s, e in events] if events else wall)
+    prof = profile_steps(engine, profile) if profile and engine.device.type == "cuda" else None
     for i in range(batch):
         engine.abort(f"d{i}")
     engine.step()
@@ -105,6 +132,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
         "bytes_kv": kv,
         "bytes_adapters": ad,
         "bytes_total": w + kv + ad,
+        **({"profile": prof} if prof else {}),
     }
 
 
@@ -122,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", type=Path, default=None, help="adapter cache directory")
     ap.add_argument("--pool-pages", type=int, default=None)
     ap.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile this many steps: GPU time by kernel, host share")
     ap.add_argument("--json", type=Path, default=None)
     return ap
 
@@ -153,8 +183,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **parse_engine_params(args.engine_param)))
     device = engine.device
     try:
-        lora = measure(engine, list(names), args.context, args.warmup, args.iters)
-        base = measure(engine, [None] * args.batch, args.context, args.warmup, args.iters)
+        lora = measure(engine, list(names), args.context, args.warmup, args.iters, args.profile)
+        base = measure(engine, [None] * args.batch, args.context, args.warmup, args.iters,
+                       args.profile)
     finally:
         engine.stop()
         del engine

@@ -23,6 +23,7 @@ import json
 import platform
 import traceback
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -145,56 +146,63 @@ class Adapters:
 # ------------------------------------------------------------------ LoRA
 
 
-def bench_lora_decode(batches: list[int], sweep: bool) -> None:
-    gen = torch.Generator().manual_seed(0)
-    mods, starts, dims = QKV
+def _decode_cases(batches: list[int], gen: torch.Generator):
+    """(rank set name, B, adapters, slots, x, y) for each rank set and batch: B tokens over B
+    distinct adapters, q/k/v outputs."""
     for rank_name, ranks in (("r8", (8,)), ("r64", (64,)), ("mixed", MIXED)):
         for b in batches:
             ad = Adapters(b, ranks, gen)
             slots = torch.arange(b, dtype=torch.int32, device=DEV)
             x = torch.randn(b, H, device=DEV, dtype=DT)
-            y = torch.randn(b, sum(dims), device=DEV, dtype=DT)
-            seg = (slots, torch.ones_like(slots), slots)  # starts, lens, slots
+            y = torch.randn(b, sum(QKV[2]), device=DEV, dtype=DT)
+            yield rank_name, b, ad, slots, x, y
 
-            def triton_fn(tiles_s=None, tiles_e=None) -> torch.Tensor:
-                z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s)
-                lora_expand_decode(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                                   starts, dims, tiles=tiles_e)
-                return z
 
-            def sgmv_fn() -> None:
-                z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
-                lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                    starts, dims, 1)
+def bench_lora_decode(batches: list[int], sweep: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    mods, starts, dims = QKV
+    for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
+        seg = (slots, torch.ones_like(slots), slots)  # starts, lens, slots
 
-            def torch_fn() -> torch.Tensor:
-                z = lora_shrink_bmm(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
-                lora_expand_bmm(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims)
-                return z
+        def triton_fn(tiles_s=None, tiles_e=None) -> torch.Tensor:
+            z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s)
+            lora_expand_decode(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
+                               starts, dims, tiles=tiles_e)
+            return z
 
-            y0 = y.clone()
-            z_t = triton_fn()
-            y_t, y[:] = y.clone(), y0
-            z_b = torch_fn()
-            check(f"decode lora b{b} {rank_name} z", z_t, z_b)
-            check(f"decode lora b{b} {rank_name} delta", y_t - y0, y - y0)
-            nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
-            config = f"B={b} {rank_name} qkv, {b} distinct adapters"
-            record("lora_decode", config, time_us(triton_fn), time_us(torch_fn), nbytes,
-                   sgmv_us=round(time_us(sgmv_fn), 2),
-                   triton_eager_us=round(eager_us(triton_fn), 2))
-            if sweep and b == TARGET_B:
-                # Defaults: shrink 8 rows x 512, expand 8 rows x 512 columns, 4 warps.
-                for ts, te in (({"BLOCK_R": 16, "BLOCK_K": 256}, {"BLOCK_R": 16, "BLOCK_N": 256}),
-                               ({"BLOCK_K": 1024}, None),
-                               ({"BLOCK_K": 2048, "num_warps": 8}, None),
-                               ({"BLOCK_R": 16}, None),
-                               (None, {"BLOCK_N": 1024}),
-                               (None, {"BLOCK_R": 16})):
-                    record("sweep_lora_decode", f"{config} shrink {ts} expand {te}",
-                           time_us(lambda: triton_fn(ts, te)), None, nbytes)
-            del ad
+        def sgmv_fn() -> None:
+            z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
+            lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
+                                starts, dims, 1)
+
+        def torch_fn() -> torch.Tensor:
+            z = lora_shrink_bmm(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
+            lora_expand_bmm(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
+                            starts, dims)
+            return z
+
+        y0 = y.clone()
+        z_t = triton_fn()
+        y_t, y[:] = y.clone(), y0
+        z_b = torch_fn()
+        check(f"decode lora b{b} {rank_name} z", z_t, z_b)
+        check(f"decode lora b{b} {rank_name} delta", y_t - y0, y - y0)
+        nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
+        config = f"B={b} {rank_name} qkv, {b} distinct adapters"
+        record("lora_decode", config, time_us(triton_fn), time_us(torch_fn), nbytes,
+               sgmv_us=round(time_us(sgmv_fn), 2),
+               triton_eager_us=round(eager_us(triton_fn), 2))
+        if sweep and b == TARGET_B:
+            # Defaults: shrink 2 rank rows x 1024, expand 4 rank rows x 1024 columns, 4 warps
+            # (from --only decode_tiles); the first row is the first session's 8 x 512 pair.
+            for ts, te in (({"BLOCK_R": 8, "BLOCK_K": 512}, {"BLOCK_R": 8, "BLOCK_N": 512}),
+                           ({"BLOCK_R": 1, "BLOCK_K": 2048}, None),
+                           ({"BLOCK_R": 1, "BLOCK_K": 512}, None),
+                           (None, {"BLOCK_R": 8}),
+                           (None, {"BLOCK_N": 512})):
+                record("sweep_lora_decode", f"{config} shrink {ts} expand {te}",
+                       time_us(lambda: triton_fn(ts, te)), None, nbytes)
+        del ad
     # One adapter shared by the whole batch: per-token (BGMV) vs segment (SGMV) kernels.
     ad = Adapters(1, (64,), gen)
     for b in batches:
@@ -216,6 +224,50 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
         nbytes = ad.weight_bytes([0], mods) + b * (H + 2 * sum(dims)) * 2
         record("lora_decode_identical", f"B={b} r64 qkv, 1 shared adapter", time_us(bgmv), None,
                nbytes, sgmv_us=round(time_us(sgmv), 2))
+
+
+def bench_decode_tiles(batches: list[int]) -> None:
+    """Tile sweep of the decode LoRA kernels, shrink and expand timed apart, then the best pair.
+
+    Rank-8 shrink at batch 64 is only 64 x 3 programs of one row block each: too few loads in
+    flight for HBM. Smaller row blocks and longer K tiles trade register width for programs."""
+    gen = torch.Generator().manual_seed(0)
+    mods, starts, dims = QKV
+    shrink_tiles = [dict(BLOCK_R=r, BLOCK_K=k, num_warps=w)
+                    for r in (1, 2, 4, 8) for k in (512, 1024, 2048) for w in (4, 8)]
+    expand_tiles = [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w)
+                    for r in (4, 8, 16) for n in (256, 512, 1024) for w in (4, 8)]
+    for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
+        z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
+        w_a = ad.weight_bytes(list(range(b)), mods) / 2  # A and B^T rows are the same size
+        best = {}
+        for kind, tiles, nbytes in (("shrink", shrink_tiles, w_a + b * H * 2),
+                                    ("expand", expand_tiles, w_a + b * 2 * sum(dims) * 2)):
+            times = []
+            for t in tiles:
+                if kind == "shrink":
+                    check(f"shrink {t}", lora_shrink_decode(x, ad.pool, slots, ad.ranks,
+                                                            ad.a_off, mods, tiles=t), z)
+                    fn = partial(lora_shrink_decode, x, ad.pool, slots, ad.ranks, ad.a_off,
+                                 mods, tiles=t)
+                else:
+                    fn = partial(lora_expand_decode, y, z, ad.pool, slots, ad.ranks, ad.b_off,
+                                 ad.scalings, mods, starts, dims, tiles=t)
+                us = time_us(fn)
+                times.append((us, t))
+                record(f"tiles_{kind}", f"B={b} {rank_name} {t}", us, None, nbytes)
+            best[kind] = min(times, key=lambda p: p[0])[1]
+
+        def pair(ts=None, te=None) -> None:
+            zz = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=ts)
+            lora_expand_decode(y, zz, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
+                               starts, dims, tiles=te)
+
+        nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
+        record("tiles_pair", f"B={b} {rank_name} defaults", time_us(pair), None, nbytes)
+        record("tiles_pair", f"B={b} {rank_name} best {best['shrink']} {best['expand']}",
+               time_us(lambda: pair(best["shrink"], best["expand"])), None, nbytes)
+        del ad
 
 
 def bench_lora_prefill(configs: list[int], sweep: bool) -> None:
@@ -494,6 +546,7 @@ def main() -> None:
         "attention": lambda: bench_attention(batches, sweep),
         "elementwise": lambda: bench_elementwise([64, 256] if args.quick else [64, 256, 4096]),
         "graph_check": bench_graph_check,
+        "decode_tiles": lambda: bench_decode_tiles([32, 64, 128]),
     }
     failed = []
     for name in args.only.split(","):

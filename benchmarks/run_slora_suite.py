@@ -209,6 +209,8 @@ class Suite:
             argv += ["--base-model", a.base_model]
         if a.device == "cpu":
             argv += ["--warmup", "1", "--iters", "3"]
+        else:
+            argv += ["--profile", "5"]
         result = bench_decode_step.run(bench_decode_step.build_parser().parse_args(argv))
         self.extra["decode_step"].append(result)
         lora = result["lora"]

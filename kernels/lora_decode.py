@@ -165,10 +165,11 @@ def lora_shrink_decode(
         return z.zero_()
     if ranks.shape[0] == 0:  # no adapter in this batch: no token uses LoRA
         return z.zero_()
-    # Few rows, long K tiles: the loop over K is serial, so each iteration should have many
-    # bytes in flight (8 x 512 fp16 = 8 KiB). Measured on the H200 (docs/benchmarks.md):
-    # 8 x 512 beat 16 x 256 by 1.3-1.9x at batch 64.
-    cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)), BLOCK_K=min(512, next_pow2(args.in_dim)),
+    # Two rank rows per program, long K tiles: a decode batch is small, so HBM needs many
+    # programs with loads in flight more than wide ones (a rank-8 batch of 64 tokens gives 768
+    # programs instead of 192). Sweep on the H200 (docs/benchmarks.md): 2 x 1024 was within 3%
+    # of the best tile at every batch (32/64/128) and rank set, 1.2-1.5x faster than 8 x 512.
+    cfg = dict(BLOCK_R=min(2, next_pow2(args.max_rank)), BLOCK_K=min(1024, next_pow2(args.in_dim)),
                num_warps=4)
     cfg.update(tiles or {})
     grid = (args.num_tokens, len(args.modules), triton.cdiv(args.max_rank, cfg["BLOCK_R"]))
@@ -208,8 +209,9 @@ def lora_expand_decode(
     check_token_slots(token_slots, args.num_tokens, y.device)
     if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
         return
-    cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)),
-               BLOCK_N=min(512, next_pow2(max(args.out_dims))), num_warps=4)
+    # 4 rank rows x 1024 columns: best or within 2% of it in the H200 sweep at batch 32-128.
+    cfg = dict(BLOCK_R=min(4, next_pow2(args.max_rank)),
+               BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
     cfg.update(tiles or {})
     grid = (args.num_tokens, len(args.modules), triton.cdiv(max(args.out_dims), cfg["BLOCK_N"]))
     _bgmv_expand_kernel[grid](

@@ -15,6 +15,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,21 +126,21 @@ class AdapterStore:
     def weights(self, name: str) -> torch.Tensor:
         """The adapter's packed rows ``[layers, used_elements]``, read from disk if not in memory.
 
-        Thread-safe: the engine reads queued requests' adapters ahead on a helper thread.
+        Thread-safe: the engine reads queued requests' adapters ahead on helper threads. The disk
+        read runs outside the lock, so several adapters are read at once.
         """
-        with self._lock:
-            return self._weights(name)
-
-    def _weights(self, name: str) -> torch.Tensor:
         entry = self.get(name)
-        if entry.weights is None:
-            entry.weights = self._read_weights(entry)
-            self.host_bytes += entry.weights.numel() * entry.weights.element_size()
-            self.disk_loads += 1
-        self._host_lru[name] = None
-        self._host_lru.move_to_end(name)
-        self._shrink_host(keep=name)
-        return entry.weights
+        weights = entry.weights
+        packed = self._read_weights(entry) if weights is None else None
+        with self._lock:
+            if entry.weights is None:  # (another thread may have read it meanwhile)
+                entry.weights = packed
+                self.host_bytes += packed.numel() * packed.element_size()
+                self.disk_loads += 1
+            self._host_lru[name] = None
+            self._host_lru.move_to_end(name)
+            self._shrink_host(keep=name)
+            return entry.weights
 
     def drop_weights(self, name: str) -> None:
         with self._lock:
@@ -297,14 +298,36 @@ class AdapterStore:
                     tensors[(int(m.group(1)), m.group(2), m.group(3))] = f.get_tensor(key)
         except Exception as e:  # safetensors raises several types for a damaged file
             raise AdapterLoadError(f"adapter {entry.name!r}: cannot read weights: {e}") from None
-        def row(layer: int, r: PlannedRow) -> torch.Tensor:
-            if r.kind == "a":
-                return tensors[(layer, r.module, "A")][r.index]
-            return tensors[(layer, r.module, "B")][:, r.index]  # a column of B = a row of B^T
-
-        packed = torch.empty(spec.num_layers, plan.used_elements, dtype=self.dtype)
-        for layer in range(spec.num_layers):
-            packed[layer] = torch.cat([row(layer, r) for r in plan.rows]).to(self.dtype)
-        if self.pin_memory and torch.cuda.is_available():
-            packed = packed.pin_memory()
+        # Each module's A and B^T for all layers at once, contiguous [layers, rank, dim]. The plan
+        # lists a module's rows in runs of consecutive indices, so packing copies one slab per
+        # run (one memcpy-like copy) instead of a strided column of B per row and layer.
+        stacked = {}
+        for module in entry.ranks:
+            for kind in ("a", "b"):
+                per_layer = [tensors[(layer, module, kind.upper())] for layer in range(spec.num_layers)]
+                t = torch.stack(per_layer)  # A: [L, r, in]; B: [L, out, r]
+                stacked[(module, kind)] = t if kind == "a" else t.transpose(1, 2).contiguous()
+        pin = self.pin_memory and torch.cuda.is_available()
+        packed = torch.empty(spec.num_layers, plan.used_elements, dtype=self.dtype, pin_memory=pin)
+        start = 0
+        for (module, kind), first, count in _runs(plan.rows):
+            slab = stacked[(module, kind)][:, first:first + count].reshape(spec.num_layers, -1)
+            packed[:, start:start + slab.shape[1]] = slab
+            start += slab.shape[1]
+        assert start == plan.used_elements
         return packed
+
+
+def _runs(rows: Sequence[PlannedRow]) -> Iterator[tuple[tuple[str, str], int, int]]:
+    """Maximal runs of planned rows of one module and kind with consecutive indices, in order:
+    ((module, kind), first index, count)."""
+    run: list = []
+    for r in rows:
+        if run and run[0] == (r.module, r.kind) and r.index == run[1] + run[2]:
+            run[2] += 1
+            continue
+        if run:
+            yield run[0], run[1], run[2]
+        run = [(r.module, r.kind), r.index, 1]
+    if run:
+        yield run[0], run[1], run[2]

@@ -37,8 +37,11 @@ class EngineConfig:
     max_model_len: int | None = None
     max_adapters_per_batch: int | None = None  # None: no limit beyond the pool
     host_adapter_bytes: int = 64 * 2**30  # adapter weights kept in host memory before LRU drop
-    pin_host_memory: bool = True
-    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA + Triton; see docs)
+    # Off by default: each pinned allocation (cudaHostAlloc) takes the driver's lock and orders the
+    # whole device, so pinning every adapter as it is read stalled a serving engine that reads
+    # dozens a second (S1, n=2000, on the H200). Pageable copies block only the engine thread.
+    pin_host_memory: bool = False
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # Ablations of the S-LoRA paper: LoRA as padded gather + bmm ("bmm"), and adapters in a
     # fixed partition of this many pages instead of sharing the pool with KV ("no unified memory").

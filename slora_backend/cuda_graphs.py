@@ -2,9 +2,12 @@
 
 A decode step of a 7B model launches about 500 kernels; launched from Python that costs more
 host time than the GPU needs to run them. A decode step (one token per sequence) has a shape
-that depends only on the batch size, the batch's largest adapter rank and its longest context,
-so one graph is captured per bucket of those three, the first time a step needs it, and later
-steps copy their metadata into the graph's static input tensors and replay it.
+that depends only on the batch size and the batch's largest adapter rank, so one graph is
+captured per bucket of those two and later steps copy their metadata into the graph's static
+input tensors and replay it. Attention is captured for the longest context the engine allows
+(its programs stop at each sequence's own length), so the context does not multiply the graphs.
+``capture_all`` captures every batch bucket up front (as vLLM does at start-up): a capture
+compiles kernels and runs the model three times, far too slow to happen inside a serving step.
 
 Padding rows (up to the batch bucket) are harmless by construction: they use no adapter
 (slot -1), write no KV (slot -1) and attend to one token of page 0; their logits are dropped.
@@ -13,6 +16,8 @@ Padding rows (up to the batch bucket) are harmless by construction: they use no 
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +44,15 @@ class _EagerReplay:
 
 @dataclass
 class _Graph:
+    """A captured step and every tensor its kernels read or write. A captured kernel keeps raw
+    device pointers, so each of these must live as long as the graph: a tensor freed after the
+    capture hands its memory to the next allocation and the replay reads whatever lands there."""
+
     graph: torch.cuda.CUDAGraph | _EagerReplay
     ids: torch.Tensor
     attn: AttentionBatch
     lora: LoraBatch | None
+    sample_rows: torch.Tensor
     logits: torch.Tensor
 
 
@@ -61,31 +71,40 @@ class DecodeGraphs:
         self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
         self.max_model_len = max_model_len
         self.device = pool.device
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int], _Graph] = {}
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self.replays = 0
+        self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
 
     def fits(self, batch: int, max_rank: int) -> bool:
         return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
 
-    def _context_bucket(self, max_context_len: int) -> int:
-        bucket = 256
-        while bucket < max_context_len:
-            bucket *= 2
-        return min(bucket, -(-self.max_model_len // self.block_tokens) * self.block_tokens)
+    def capture_all(self, ranks: Iterable[int]) -> None:
+        """Capture every batch bucket for the rank buckets of ``ranks`` (0 = no adapter)."""
+        for rank in sorted({_bucket(r, RANK_BUCKETS) for r in ranks} - {None}):
+            for batch in BATCH_BUCKETS:
+                if batch > self.max_batch:
+                    break
+                self._get((batch, rank))
+
+    def _get(self, key: tuple[int, int]) -> _Graph:
+        g = self._graphs.get(key)
+        if g is None:
+            t = time.perf_counter()
+            g = self._graphs[key] = self._capture(*key)
+            self.capture_seconds += time.perf_counter() - t
+        return g
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> torch.Tensor:
         """Replay the step for host-side inputs; returns logits ``[batch, vocab]`` (row order of ``ids``)."""
         n = ids.shape[0]
         rank = lora.max_rank if lora is not None else 0
-        key = (_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS),
-               self._context_bucket(attn.max_context_len))
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._graphs[key] = self._capture(*key)
+        g = self._get((_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS)))
         self._fill(g, ids, attn, lora)
         g.graph.replay()
+        self.replays += 1
         return g.logits[:n]
 
     def _fill(self, g: _Graph, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> None:
@@ -116,8 +135,9 @@ class DecodeGraphs:
         lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
         lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
 
-    def _capture(self, batch: int, rank: int, context: int) -> _Graph:
+    def _capture(self, batch: int, rank: int) -> _Graph:
         dev, i32, i64 = self.device, torch.int32, torch.int64
+        context = -(-self.max_model_len // self.block_tokens) * self.block_tokens
         ids = torch.zeros(batch, dtype=i64, device=dev)
         attn = AttentionBatch(
             positions=torch.zeros(batch, dtype=i64, device=dev),
@@ -149,7 +169,7 @@ class DecodeGraphs:
         if not self.capture:
             logits = torch.empty(batch, self.model.spec.vocab_size, device=dev)
             replay = _EagerReplay(lambda: logits.copy_(self.model(ids, ctx, rows)))
-            return _Graph(replay, ids, attn, lora, logits)
+            return _Graph(replay, ids, attn, lora, rows, logits)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator
@@ -157,9 +177,11 @@ class DecodeGraphs:
                 self.model(ids, ctx, rows)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        # thread_local: the engine's adapter-read threads pin host memory while a capture runs,
+        # which the default (global) mode counts as an illegal call and aborts the capture.
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             logits = self.model(ids, ctx, rows)
-        return _Graph(graph, ids, attn, lora, logits)
+        return _Graph(graph, ids, attn, lora, rows, logits)
 
     @property
     def num_graphs(self) -> int:

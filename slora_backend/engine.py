@@ -8,10 +8,11 @@ the middle of a step.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -54,9 +55,16 @@ class EngineStats:
     finished_requests: int
     preemptions: int
     steps: int
+    decode_graphs: int  # CUDA graphs captured so far (one per batch/rank/context bucket)
+    graph_steps: int  # decode steps replayed from a graph
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """Threads that read queued requests' adapters from disk into host memory."""
+    return ThreadPoolExecutor(4, thread_name_prefix="slora-adapter-read")
 
 
 class Engine:
@@ -94,7 +102,8 @@ class Engine:
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
-                                   config.slo_ttft_s if config.early_abort else None)
+                                   config.slo_ttft_s if config.early_abort else None,
+                                   adapter_ready=self._adapter_ready)
         # Graphs need ops that never sync with the host: the Triton kernels, not the references.
         graphable = config.cuda_graphs and config.resolved_kernel_backend == "triton" and not config.lora_ops
         self.runner = ModelRunner(
@@ -103,7 +112,9 @@ class Engine:
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
         # Reads adapters of queued requests from disk into host memory off the engine thread.
-        self._host_prefetch = ThreadPoolExecutor(1, thread_name_prefix="slora-adapter-read")
+        self._host_prefetch = _reader_pool()
+        self._reading: set[str] = set()  # adapters being read by those threads
+        self._unreadable: set[str] = set()
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
@@ -112,6 +123,8 @@ class Engine:
         self._inbox_lock = threading.Lock()
         self._wakeup = threading.Condition(self._inbox_lock)
         self._step_lock = threading.RLock()
+        self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
+        self._registry_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -119,6 +132,8 @@ class Engine:
         self.finished_requests = 0
         self.steps = 0
         self.registry.restore()
+        if self.runner.graphs is not None:  # every batch size, base model and registered ranks
+            self.runner.graphs.capture_all({0, *(self.store.get(n).rank for n in self.store.names())})
 
     # ---- sizing -------------------------------------------------------------------------------
 
@@ -148,29 +163,48 @@ class Engine:
 
     # ---- adapters -----------------------------------------------------------------------------
 
+    # Registering, listing and describing only add to or read the store's dict of entries, which
+    # the engine thread reads but never iterates: they take the registry lock, not the step lock,
+    # so a busy engine never delays them (the ensemble resolves an adapter for every request).
+
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
-        with self._step_lock:
+        with self._registry_lock:
             return self.registry.load(name, path, self._active_counts())
 
     def unload_adapter(self, name: str) -> None:
-        with self._step_lock:
+        """Unregister ``name`` (refused while requests use it); frees its pool pages."""
+        with self._registry_lock, self._between_steps():
             self.registry.unload(name, self._active_counts())
 
     def list_adapters(self) -> list[AdapterInfo]:
-        with self._step_lock:
+        with self._registry_lock:
             return self.registry.list(self._active_counts())
 
     def describe_adapter(self, name: str) -> AdapterInfo:
-        with self._step_lock:
+        with self._registry_lock:
             return self.registry.describe(name, self._active_counts())
 
     def resolve_adapter(self, name: str) -> AdapterInfo:
         """The adapter called ``name``: registered, or loaded from ``<adapter_root>/<name>``."""
-        with self._step_lock:
+        with self._registry_lock:
             return self.registry.resolve(name, self._active_counts())
 
+    @contextlib.contextmanager
+    def _between_steps(self) -> Iterator[None]:
+        """Hold the step lock from another thread. Python's locks are not fair: the engine thread
+        re-takes the lock right after each step and would win every race against a waiter, so
+        it yields between steps while anyone is waiting here."""
+        with self._inbox_lock:
+            self._step_lock_waiters += 1
+        try:
+            with self._step_lock:
+                yield
+        finally:
+            with self._inbox_lock:
+                self._step_lock_waiters -= 1
+
     def _active_counts(self) -> dict[str, int]:
-        counts = self.scheduler.pinned_adapters()
+        counts = self.scheduler.pinned_adapters()  # copies the queues atomically (GIL)
         with self._inbox_lock:
             for r in self._inbox:
                 if r.adapter is not None:
@@ -292,6 +326,7 @@ class Engine:
         else:
             while not done.is_set():
                 self.step()
+                self._idle_while_reading()
         return [results[i] for i in ids]
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -309,6 +344,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        # Queued adapter reads are dropped and running ones finish: none outlives the loop
+        # (a new reader pool starts its threads on first use).
+        self._host_prefetch.shutdown(wait=True, cancel_futures=True)
+        self._host_prefetch = _reader_pool()
+        with self._inbox_lock:
+            self._reading.clear()
 
     def _loop(self) -> None:
         while True:
@@ -318,6 +359,9 @@ class Engine:
                 if self._stopping:
                     break
             self.step()
+            self._idle_while_reading()
+            while self._step_lock_waiters:
+                time.sleep(1e-4)
         with self._step_lock:  # a stopped engine leaves nothing behind
             self._drain_inbox()
             for stream in list(self._streams.values()):
@@ -380,8 +424,7 @@ class Engine:
                         f"adapter {request.adapter!r} was unloaded before the request started")))
                     continue
                 self.store.get(request.adapter).total_requests += 1
-                if not self.store.has_weights(request.adapter):
-                    self._host_prefetch.submit(self._read_adapter, request.adapter)
+                self._adapter_ready(request.adapter)  # starts reading it from disk if needed
             self.scheduler.add(request)
         for request_id in aborts:
             stream = self._streams.get(request_id)
@@ -389,11 +432,34 @@ class Engine:
                 outputs.append(self._finish(stream.request, "abort"))
         return outputs
 
+    def _idle_while_reading(self) -> None:
+        """Nothing runs and the queue waits for adapter reads: pause instead of spinning (the
+        reader threads need the GIL too)."""
+        if not self.scheduler.running and self._reading:
+            time.sleep(1e-3)
+
+    def _adapter_ready(self, name: str) -> bool:
+        """Whether a request for ``name`` can be admitted: its adapter is on the GPU or in host
+        memory. Otherwise a helper thread reads it, and the scheduler passes the request over
+        meanwhile - a disk read inside a step would stall every running request."""
+        if (name in self.adapters or name not in self.store or self.store.has_weights(name)
+                or name in self._unreadable):
+            return True  # (unregistered or unreadable: admitted, and its step reports the error)
+        with self._inbox_lock:
+            if name in self._reading:
+                return False
+            self._reading.add(name)
+        self._host_prefetch.submit(self._read_adapter, name)
+        return False
+
     def _read_adapter(self, name: str) -> None:
         try:
             self.store.weights(name)
         except Exception:  # unloaded meanwhile, or unreadable: the request's step reports it
-            pass
+            self._unreadable.add(name)
+        finally:
+            with self._inbox_lock:
+                self._reading.discard(name)
 
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput | None:
         if request.first_token_time is None:
@@ -432,6 +498,7 @@ class Engine:
     # ---- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        graphs = self.runner.graphs
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -452,4 +519,6 @@ class Engine:
             finished_requests=self.finished_requests,
             preemptions=self.scheduler.num_preemptions,
             steps=self.steps,
+            decode_graphs=graphs.num_graphs if graphs else 0,
+            graph_steps=graphs.replays if graphs else 0,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .adapter_cache import AdapterCache
@@ -51,8 +52,10 @@ class Scheduler:
         max_num_seqs: int,
         max_batched_tokens: int,
         slo_ttft_s: float | None = None,
+        adapter_ready: Callable[[str], bool] = lambda name: True,
     ) -> None:
         self.pool = pool
+        self.adapter_ready = adapter_ready
         self.adapters = adapters
         # Adapters either share this pool with KV (S-LoRA's unified paging) or have their own.
         self.unified = adapters.pool is pool
@@ -119,11 +122,16 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(request, n))
                 budget -= n
                 i += 1
-        # 2. Waiting requests, in order, while they fit (not in a step that had to preempt).
-        while self.waiting and not out.preempted and budget > 0:
+        # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
+        #    whose adapter is still being read from disk is passed over, not waited for.
+        i = 0
+        while i < len(self.waiting) and not out.preempted and budget > 0:
             if len(self.running) >= self.max_num_seqs:
                 break
-            request = self.waiting[0]
+            request = self.waiting[i]
+            if request.adapter is not None and not self.adapter_ready(request.adapter):
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             kv_pages = self._pages_for(request.num_computed_tokens + n) - len(request.block_table)
             if not self._fits(request, kv_pages):
@@ -134,7 +142,7 @@ class Scheduler:
                 if request.adapter is not None:
                     self.adapters.release(request.adapter)
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n))

@@ -141,6 +141,8 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
             recorder.token(out.request_id, len(out.token_ids), now)
 
     before = engine.stats().to_dict()
+    graphs = engine.runner.graphs
+    capture_s = graphs.capture_seconds if graphs else 0.0
     engine.start()
     start = time.perf_counter() + 0.05
     deadline = start + time_limit_s if time_limit_s else None
@@ -173,6 +175,7 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
         "requests_in_trace": len(requests),
         **sampler.summary(),
         **stats_delta(before, after),
+        "graph_capture_s": round(graphs.capture_seconds - capture_s, 2) if graphs else None,
         "truncated": truncated or len(recorder.records) < len(requests),
         "engine_config": asdict(engine.config),
     }

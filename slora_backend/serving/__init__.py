@@ -7,13 +7,20 @@ get typed results back; ``triton_python_backend_utils`` stays in the models' ``m
 - ``router``: ``StreamRouter``, the in-flight requests of one engine model. ``execute()`` only
   queues; an intake thread adds requests to the engine, the engine thread only queues outputs,
   and a response thread sends them, polls cancellation and aborts cancelled requests.
-- ``control``: adapter management and introspection actions run in the engine's process.
+- ``control``: adapter management and introspection actions run in the engine's process, and
+  ``AdapterNames``, the ensemble's per-request adapter check run in the adapter model's.
 - ``metrics``: engine statistics -> gauges and counters.
 - ``settings``: ``config.pbtxt`` parameters -> ``EngineConfig``.
 - ``errors``: ``ServingError`` with its Triton error code.
 """
 
-from .control import ADAPTER_ACTIONS, ControlHandler, ControlRequest, parse_adapter_action
+from .control import (
+    ADAPTER_ACTIONS,
+    AdapterNames,
+    ControlHandler,
+    ControlRequest,
+    parse_adapter_action,
+)
 from .errors import ServingError, error_from_exception
 from .inputs import GenerateRequest, parse_generate
 from .metrics import HIT_RATIO, METRICS, TTFT_BUCKETS, TTFT_NAME, MetricsPublisher
@@ -21,7 +28,7 @@ from .router import ResponsePayload, StreamRouter
 from .settings import ServingSettings, settings_from_parameters
 
 __all__ = [
-    "ADAPTER_ACTIONS", "ControlHandler", "ControlRequest", "GenerateRequest", "HIT_RATIO",
+    "ADAPTER_ACTIONS", "AdapterNames", "ControlHandler", "ControlRequest", "GenerateRequest", "HIT_RATIO",
     "METRICS", "MetricsPublisher", "ResponsePayload", "ServingError", "ServingSettings",
     "StreamRouter", "TTFT_BUCKETS", "TTFT_NAME", "error_from_exception", "parse_adapter_action",
     "parse_generate", "settings_from_parameters",

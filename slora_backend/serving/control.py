@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .errors import INVALID_ARG, ServingError, error_from_exception
+from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 from .router import StreamRouter
 
@@ -54,6 +56,49 @@ def parse_adapter_action(get: TensorGetter) -> ControlRequest:
     if action == "abort" and not request_id:
         raise ServingError(INVALID_ARG, "action 'abort' needs the input 'request_id'")
     return ControlRequest(action, lora_name, lora_path, request_id)
+
+
+class AdapterNames:
+    """The ``slora`` ensemble's adapter step, answered in the adapter model's own process.
+
+    A name passes when ``registry.json`` under the adapter root lists it or when it names an
+    adapter directory inside the root (the engine registers it on first use); anything else is
+    NOT_FOUND before generation starts. The engine step still validates the adapter itself
+    (a corrupt file, another base model) and answers such a request with its own error. Asking
+    the engine process for every request instead (a BLS call per request) crashed the adapter
+    model's stub under load on the H200 (docs/serving.md).
+    """
+
+    REGISTRY_FILE = "registry.json"  # written by slora_backend.adapter_registry
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.realpath(root))
+        self._registered: tuple[float, frozenset[str]] = (-1.0, frozenset())
+
+    def check(self, name: str) -> dict[str, Any]:
+        if name in self._registry():
+            return {"name": name, "registered": True}
+        path = Path(os.path.realpath(self.root / name))  # resolves '..' and symlinks
+        inside = "/" not in name and path != self.root and self.root in path.parents
+        if inside and (path / "adapter_config.json").is_file():
+            return {"name": name, "registered": False}
+        raise ServingError(NOT_FOUND, f"adapter {name!r} is not registered and {self.root} has "
+                                      "no adapter directory of that name")
+
+    def _registry(self) -> frozenset[str]:
+        """Registered names, re-read when the engine rewrites the file."""
+        file = self.root / self.REGISTRY_FILE
+        try:
+            mtime = file.stat().st_mtime
+        except OSError:
+            return frozenset()
+        if mtime != self._registered[0]:
+            try:
+                names = frozenset(json.loads(file.read_text()).get("adapters", {}))
+            except (OSError, ValueError, AttributeError):
+                names = frozenset()
+            self._registered = (mtime, names)
+        return self._registered[1]
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -175,14 +176,28 @@ class StreamRouter:
             except queue.Empty:
                 item = None
             if item is not None:
-                try:
-                    self._deliver(*item)
-                except Exception:  # one bad response must not stop the others
-                    log.exception("failed to deliver a response")
+                for at, out in _coalesce([item, *self._pending()]):
+                    try:
+                        self._deliver(at, out)
+                    except Exception:  # one bad response must not stop the others
+                        log.exception("failed to deliver a response")
             now = time.monotonic()
             if now - last_poll >= self.CANCEL_POLL_S:
                 last_poll = now
                 self._poll_cancelled()
+
+    def _pending(self) -> list[tuple[float, RequestOutput]]:
+        """Whatever else is queued now (a ``None`` from stop() is put back for the loop)."""
+        items = []
+        while True:
+            try:
+                item = self._outputs.get_nowait()
+            except queue.Empty:
+                return items
+            if item is None:
+                self._outputs.put(None)
+                return items
+            items.append(item)
 
     def _poll_cancelled(self) -> None:
         with self._lock:
@@ -252,3 +267,23 @@ class StreamRouter:
             log.debug("send for %s failed: %s", s.request_id, e)
             if not final:
                 self._cancel(s)
+
+
+def _coalesce(items: list[tuple[float, RequestOutput]]) -> list[tuple[float, RequestOutput]]:
+    """Merge each request's queued outputs into one, in order of their first arrival.
+
+    Every response is a round trip to the server process; when this thread falls behind the
+    engine, one response per request carrying all its new text keeps up where one per token
+    would not. The first output's time is kept (it dates the first token).
+    """
+    merged: dict[str, tuple[float, RequestOutput]] = {}
+    for at, out in items:
+        prev = merged.get(out.request_id)
+        if prev is None:
+            merged[out.request_id] = (at, out)
+        else:
+            first_at, before = prev
+            merged[out.request_id] = (first_at, dataclasses.replace(
+                out, delta_token_ids=before.delta_token_ids + out.delta_token_ids,
+                delta_text=before.delta_text + out.delta_text))
+    return list(merged.values())

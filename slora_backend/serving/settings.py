@@ -53,6 +53,12 @@ def _convert(key: str, raw: str, type_name: str) -> object:
     return raw
 
 
+def adapter_root_parameter(params: Mapping[str, str], base_dir: Path) -> Path | None:
+    """The ``adapter_root`` parameter as an absolute path (relative to ``base_dir``), or None."""
+    raw = params.get("adapter_root", "").strip()
+    return Path(_resolve_path("adapter_root", raw, base_dir)) if raw else None
+
+
 def _resolve_path(key: str, raw: str, base_dir: Path) -> str:
     if key == "base_model" and raw == DEFAULT_MODEL:
         from ..default_model import smollm2_dir

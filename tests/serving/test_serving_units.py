@@ -4,7 +4,9 @@ environment, and the client's error parsing."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sysconfig
 import threading
 import time
@@ -34,7 +36,9 @@ from slora_backend.serving import (
     parse_generate,
     settings_from_parameters,
 )
+from slora_backend.serving.control import AdapterNames
 from slora_backend.serving.metrics import HIT_RATIO, METRICS
+from slora_backend.serving.router import _coalesce
 from slora_backend.triton_utils import (
     build_backend_dir,
     find_tritonserver,
@@ -202,9 +206,25 @@ def test_router_streams_deltas_then_one_final():
         assert sink.done.wait(5)
     finally:
         router.stop()
-    texts = [(p.text, p.finish_reason, p.num_output_tokens, final) for p, e, final in sink.sent]
-    assert texts == [("a", "", 1, False), ("bc", "length", 3, True)]
+    # Deltas the response thread finds queued together go out as one response (_coalesce).
+    assert "".join(p.text for p, e, final in sink.sent) == "abc"
+    assert [final for p, e, final in sink.sent][-1] and sum(f for _, _, f in sink.sent) == 1
+    last = sink.sent[-1][0]
+    assert (last.finish_reason, last.num_output_tokens) == ("length", 3)
     assert len(ttft) == 1 and router.num_in_flight() == 0
+
+
+def test_queued_outputs_of_a_request_merge_into_one_response():
+    def out(rid, tokens, delta, finished=False):
+        return RequestOutput(rid, tokens, "", tokens[-1:], delta, finished,
+                             "length" if finished else None, 3)
+
+    items = [(1.0, out("a", [5], "x")), (1.5, out("b", [7], "p")), (2.0, out("a", [5, 6], "y")),
+             (3.0, out("a", [5, 6, 8], "z", finished=True))]
+    merged = _coalesce(items)
+    assert [(at, o.request_id, o.delta_text, o.delta_token_ids, o.finished) for at, o in merged] == [
+        (1.0, "a", "xyz", [5, 6, 8], True), (1.5, "b", "p", [7], False)]
+    assert merged[0][1].token_ids == [5, 6, 8] and merged[0][1].finish_reason == "length"
 
 
 def test_router_non_streaming_prepends_prompt_unless_excluded():
@@ -420,3 +440,26 @@ def test_client_error_parsing():
     raw = "[request id: 1] inference input 'x' data-type is 'FP32', but model expects 'INT32'"
     e = from_message(raw)
     assert e.code == "UNKNOWN" and e.message == raw
+
+
+def test_adapter_names_checks_the_root_without_the_engine(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for d in (root / "mine", root / "bare", outside / "theirs"):
+        d.mkdir(parents=True)
+    (root / "mine" / "adapter_config.json").write_text("{}")
+    (outside / "theirs" / "adapter_config.json").write_text("{}")
+    (root / "escape").symlink_to(outside / "theirs")
+    names = AdapterNames(root)
+    assert names.check("mine") == {"name": "mine", "registered": False}
+    for bad in ("nobody", "bare", "escape", "../outside/theirs", "mine/..", ""):
+        with pytest.raises(ServingError) as e:
+            names.check(bad)
+        assert e.value.code == "NOT_FOUND" and repr(bad) in str(e.value)
+    # A name the engine registered from elsewhere (registry.json) passes; the file is re-read
+    # when the engine rewrites it.
+    (root / "registry.json").write_text(json.dumps({"adapters": {"alias": "mine"}}))
+    assert names.check("alias") == {"name": "alias", "registered": True}
+    (root / "registry.json").write_text(json.dumps({"adapters": {}}))
+    os.utime(root / "registry.json", (1, 1))
+    with pytest.raises(ServingError):
+        names.check("alias")

@@ -1,9 +1,11 @@
 """slora_adapters: adapter management while serving, and the `slora` ensemble's adapter step.
 
-Each request names an ``action`` (absent = ``resolve``). The adapters live in the engine's
-process, so every action except resolving the base model travels there as a control request
-through BLS (``slora_engine``, input ``control``); the engine's answer (JSON) or its error (with
-its code) comes back as this model's response.
+Each request names an ``action``. Without one it is the ``slora`` ensemble's adapter step: the
+name is checked here against the adapter root (``serving.AdapterNames``), with no call to the
+engine, so this step costs microseconds per request. Every explicit action (``list``, ``load``,
+``unload``, ``describe``, ``resolve``, ...) travels to the engine's process, where the adapters
+live, as a control request through BLS (``slora_engine``, input ``control``); the engine's
+answer (JSON) or its error (with its code) comes back as this model's response.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -39,14 +42,22 @@ class TritonPythonModel:
 
         self.serving = serving
         self.engine_model = params.get("engine_model") or "slora_engine"
+        # Relative paths are resolved as slora_engine resolves them: from the repository's parent.
+        base_dir = Path(args["model_repository"]).resolve().parent.parent
+        root = serving.settings.adapter_root_parameter(params, base_dir)
+        self.names = serving.AdapterNames(root) if root is not None else None
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                control = self.serving.parse_adapter_action(_getter(request))
+                get = _getter(request)
+                control = self.serving.parse_adapter_action(get)
+                ensemble_step = get("action") is None
                 if control.action == "resolve" and not control.lora_name:
                     result = {"name": None, "base_model": True}  # nothing to ask the engine
+                elif ensemble_step and self.names is not None:
+                    result = self.names.check(control.lora_name)
                 else:
                     result = self._ask_engine(control)
                 payload = np.array([json.dumps(result, sort_keys=True).encode()], dtype=np.object_)
