@@ -11,30 +11,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from .adapter_files import DTYPES, LORA_KEY, AdapterFileReader
 from .batch import LORA_MODULES
 from .errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
-from .layout import AdapterPlan, PlannedRow, PoolLayout
+from .layout import AdapterPlan, PoolLayout
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 # PEFT key: [base_model.model.]model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter>].weight
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
-    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
-)
-_SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
 
 
 @dataclass
@@ -90,6 +83,7 @@ class AdapterStore:
         self.host_bytes = 0
         self.disk_loads = 0
         self._lock = threading.RLock()
+        self._reader = AdapterFileReader(layout.spec.num_layers)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -246,14 +240,14 @@ class AdapterStore:
         found: dict[str, set[int]] = {}
         ranks: dict[str, int] = {}
         for key, (dtype, shape) in shapes.items():
-            m = _KEY.match(key)
+            m = LORA_KEY.match(key)
             if m is None:
                 raise AdapterLoadError(
                     f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight of a supported "
                     "module (DoRA magnitudes, biases and saved modules are refused)"
                 )
             layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-            if dtype not in _SAFETENSORS_DTYPES:
+            if dtype not in DTYPES:
                 raise AdapterLoadError(f"adapter {name!r}: tensor {key!r} has dtype {dtype}")
             if layer >= spec.num_layers:
                 raise AdapterLoadError(
@@ -288,46 +282,10 @@ class AdapterStore:
 
     def _read_weights(self, entry: AdapterEntry) -> torch.Tensor:
         """Read A and B^T rows and pack them in the plan's row order, ``[layers, used]``."""
-        spec, plan = self.layout.spec, entry.plan
-        tensors: dict[tuple[int, str, str], torch.Tensor] = {}
         try:
-            with safe_open(entry.path / WEIGHTS_FILE, framework="pt") as f:
-                for key in f.keys():
-                    m = _KEY.match(key)
-                    assert m is not None  # validated at registration
-                    tensors[(int(m.group(1)), m.group(2), m.group(3))] = f.get_tensor(key)
-        except Exception as e:  # safetensors raises several types for a damaged file
+            packed = self._reader.read(entry.path / WEIGHTS_FILE, entry.plan, self.dtype)
+        except Exception as e:  # a file damaged after registration: any parsing error
             raise AdapterLoadError(f"adapter {entry.name!r}: cannot read weights: {e}") from None
-        # Each module's A and B^T for all layers at once, contiguous [layers, rank, dim]. The plan
-        # lists a module's rows in runs of consecutive indices, so packing copies one slab per
-        # run (one memcpy-like copy) instead of a strided column of B per row and layer.
-        stacked = {}
-        for module in entry.ranks:
-            for kind in ("a", "b"):
-                per_layer = [tensors[(layer, module, kind.upper())] for layer in range(spec.num_layers)]
-                t = torch.stack(per_layer)  # A: [L, r, in]; B: [L, out, r]
-                stacked[(module, kind)] = t if kind == "a" else t.transpose(1, 2).contiguous()
-        pin = self.pin_memory and torch.cuda.is_available()
-        packed = torch.empty(spec.num_layers, plan.used_elements, dtype=self.dtype, pin_memory=pin)
-        start = 0
-        for (module, kind), first, count in _runs(plan.rows):
-            slab = stacked[(module, kind)][:, first:first + count].reshape(spec.num_layers, -1)
-            packed[:, start:start + slab.shape[1]] = slab
-            start += slab.shape[1]
-        assert start == plan.used_elements
+        if self.pin_memory and torch.cuda.is_available():
+            packed = packed.pin_memory()
         return packed
-
-
-def _runs(rows: Sequence[PlannedRow]) -> Iterator[tuple[tuple[str, str], int, int]]:
-    """Maximal runs of planned rows of one module and kind with consecutive indices, in order:
-    ((module, kind), first index, count)."""
-    run: list = []
-    for r in rows:
-        if run and run[0] == (r.module, r.kind) and r.index == run[1] + run[2]:
-            run[2] += 1
-            continue
-        if run:
-            yield run[0], run[1], run[2]
-        run = [(r.module, r.kind), r.index, 1]
-    if run:
-        yield run[0], run[1], run[2]

@@ -1,0 +1,66 @@
+"""Packed adapter rows read by one gather (adapter_files.py) equal a row-by-row reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.adapter_sets import model_spec
+from benchmarks.synthetic_adapters import write_random_adapter
+from slora_backend.adapter_files import LORA_KEY
+from slora_backend.adapter_store import AdapterStore
+from slora_backend.errors import AdapterLoadError
+from slora_backend.layout import PoolLayout
+
+SPEC = model_spec("random:tiny-gqa")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def reference_pack(path, plan, dtype):
+    """Row by row, layer by layer: A row j, or column j of B (= row j of B^T)."""
+    tensors = {}
+    for key, t in load_file(path / "adapter_model.safetensors").items():
+        m = LORA_KEY.match(key)
+        tensors[(int(m.group(1)), m.group(2), m.group(3))] = t
+    rows = []
+    for layer in range(SPEC.num_layers):
+        parts = [tensors[(layer, r.module, "A")][r.index] if r.kind == "a"
+                 else tensors[(layer, r.module, "B")][:, r.index] for r in plan.rows]
+        rows.append(torch.cat(parts).to(dtype))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("rank, targets, file_dtype", [
+    (8, ["q_proj", "v_proj", "down_proj"], torch.float16),
+    (16, ALL, torch.float32),
+    (4, ["o_proj", "up_proj"], torch.bfloat16),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_packed_rows_equal_the_reference(tmp_path, rank, targets, file_dtype, dtype):
+    path = write_random_adapter(tmp_path / "a", SPEC, rank, targets, seed=rank, dtype=file_dtype)
+    store = AdapterStore(PoolLayout(SPEC, 4), dtype, 1 << 30, False)
+    entry = store.register("a", path)
+    assert torch.equal(store.weights("a"), reference_pack(path, entry.plan, dtype))
+
+
+def test_mixed_dtypes_in_one_file(tmp_path):
+    path = write_random_adapter(tmp_path / "a", SPEC, 8, ALL, seed=3)
+    tensors = load_file(path / "adapter_model.safetensors")
+    for i, key in enumerate(sorted(tensors)):  # every third tensor in fp32, one in bf16
+        tensors[key] = tensors[key].float() if i % 3 == 0 else tensors[key]
+    tensors[key] = tensors[key].bfloat16()
+    save_file(tensors, path / "adapter_model.safetensors")
+    store = AdapterStore(PoolLayout(SPEC, 4), torch.float32, 1 << 30, False)
+    entry = store.register("a", path)
+    assert torch.equal(store.weights("a"), reference_pack(path, entry.plan, torch.float32))
+
+
+def test_file_damaged_after_registration_is_a_load_error(tmp_path):
+    path = write_random_adapter(tmp_path / "a", SPEC, 8, ALL, seed=4)
+    store = AdapterStore(PoolLayout(SPEC, 4), torch.float32, 1 << 30, False)
+    store.register("a", path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(AdapterLoadError, match="cannot read weights"):
+        store.weights("a")
