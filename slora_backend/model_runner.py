@@ -129,7 +129,7 @@ class ModelRunner:
             s = scheduled[i]
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            input_ids += r.token_ids[start:end]
+            input_ids += r.token_slice(start, end)
             positions += range(start, end)
             kv_slots += [r.block_table[p // block_tokens] * block_tokens + p % block_tokens
                          for p in range(start, end)]
@@ -142,10 +142,9 @@ class ModelRunner:
         sample_rows = [sample_rows_by_index[i] for i in range(len(scheduled)) if i in sample_rows_by_index]
 
         max_blocks = max(len(scheduled[i].request.block_table) for i in order)
-        tables = torch.zeros(len(order), max_blocks, dtype=torch.int32)
-        for row, i in enumerate(order):
-            bt = scheduled[i].request.block_table
-            tables[row, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        tables = torch.tensor([bt + [0] * (max_blocks - len(bt))
+                               for bt in (scheduled[i].request.block_table for i in order)],
+                              dtype=torch.int32)
         q_lens = [scheduled[i].num_new_tokens for i in order]
         attn = AttentionBatch(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
