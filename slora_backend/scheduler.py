@@ -123,10 +123,11 @@ class Scheduler:
                 budget -= n
                 i += 1
         # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
-        #    whose adapter is still being read from disk is passed over, not waited for.
+        #    whose adapter is still being read from disk is passed over, not waited for; the
+        #    look-ahead past such requests is bounded so a long queue costs a bounded scan.
         i = 0
         while i < len(self.waiting) and not out.preempted and budget > 0:
-            if len(self.running) >= self.max_num_seqs:
+            if len(self.running) >= self.max_num_seqs or i >= self.max_num_seqs:
                 break
             request = self.waiting[i]
             if request.adapter is not None and not self.adapter_ready(request.adapter):

@@ -143,3 +143,20 @@ def test_thousands_of_tiny_adapters_keep_exact_accounting():
         assert pool.num_free + pool.used_by["kv"] + pool.used_by["adapter"] == 64
     assert pool.used_by["kv"] == 0
     assert cache.loads == 3000 and cache.loads - cache.evictions == len(cache)
+
+
+def test_requests_whose_adapter_is_not_read_yet_are_passed_over_not_waited_for():
+    pool = PagePool(40)
+    cache = AdapterCache(pool, FakeStore({"slow": 2, "fast": 2}))
+    ready = {"fast"}
+    sched = Scheduler(pool, cache, 4, 8, 64, adapter_ready=lambda name: name in ready)
+    first, second, third = req(0, adapter="slow"), req(1, adapter="fast"), req(2)
+    for r in (first, second, third):
+        sched.add(r)
+    out = run_step(sched)
+    assert [s.request for s in out.scheduled] == [second, third]
+    assert list(sched.waiting) == [first] and "slow" not in cache
+    ready.add("slow")  # its read finished: admitted on the next step, ahead of later arrivals
+    sched.add(req(3))
+    out = run_step(sched)
+    assert first in [s.request for s in out.scheduled] and list(sched.waiting) == []
