@@ -60,7 +60,11 @@ class AdapterFileReader:
                 self._layouts[key] = layout
                 while len(self._layouts) > self.max_layouts:
                     self._layouts.popitem(last=False)
-        elements = layout.elements(buf[8 + n:])
+        data = buf[8 + n:]
+        if data.numel() < layout.data_bytes:
+            raise ValueError(f"{path.name} holds {data.numel()} bytes of tensor data, its header "
+                             f"describes {layout.data_bytes}")
+        elements = layout.elements(data)
         return elements.index_select(0, layout.index).view(self.num_layers, -1).to(dtype)
 
 
@@ -72,6 +76,7 @@ class _Layout:
         self.index = index
         self.tensors = tensors  # (byte start, byte end, dtype) in file order
         self.dtype = dtype  # one dtype for the whole file, or None (mixed: converted to fp32)
+        self.data_bytes = max((e for _, e, _ in tensors), default=0)
 
     def elements(self, data: torch.Tensor) -> torch.Tensor:
         """The file's tensor data as one flat tensor of elements (a view where possible)."""

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .adapter_cache import AdapterCache
+from .adapter_cache import AdapterCache, ResidentAdapter
 from .adapter_registry import AdapterInfo, AdapterRegistry
 from .adapter_store import AdapterStore
 from .config import EngineConfig, SamplingParams
-from .errors import EngineOverloadedError, InvalidRequestError
+from .errors import AdapterLoadError, AdapterNotFoundError, EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner
@@ -114,7 +114,7 @@ class Engine:
         # Reads adapters of queued requests from disk into host memory off the engine thread.
         self._host_prefetch = _reader_pool()
         self._reading: set[str] = set()  # adapters being read by those threads
-        self._unreadable: set[str] = set()
+        self._unreadable: dict[str, str] = {}  # adapter -> why its weights could not be read
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
@@ -371,13 +371,16 @@ class Engine:
         """Admit new work, run one forward over the scheduled batch, emit outputs."""
         with self._step_lock:
             outputs = self._drain_inbox()
+            outputs += self._fail_unreadable(list(self.scheduler.waiting))
             out = self.scheduler.schedule()
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
+            if self._copy_in(self.adapters.take_pending()):
+                outputs += self._fail_unreadable([s.request for s in out.scheduled])
+                out.scheduled = [s for s in out.scheduled if not s.request.finished]
             if not out.scheduled:
                 return outputs
-            self.runner.load_adapters(self.adapters.take_pending())
             residents = {r.adapter: self.adapters.get(r.adapter)
                          for r in (s.request for s in out.scheduled) if r.adapter is not None}
             try:
@@ -410,7 +413,7 @@ class Engine:
                 continue
             if not self.adapters.prefetch(name, keep_free):
                 break
-        self.runner.load_adapters(self.adapters.take_pending(), overlap=True)
+        self._copy_in(self.adapters.take_pending(), overlap=True)  # a failure: next step's work
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
@@ -432,6 +435,35 @@ class Engine:
                 outputs.append(self._finish(stream.request, "abort"))
         return outputs
 
+    def _copy_in(self, pending: list[ResidentAdapter], overlap: bool = False) -> bool:
+        """Copy newly resident adapters into their pages. One whose weights cannot be read
+        (its file damaged after registration) is recorded in ``_unreadable``; returns whether
+        any was."""
+        failed = False
+        for resident in pending:
+            try:
+                self.runner.load_adapters([resident], overlap)
+            except AdapterLoadError as e:
+                with self._inbox_lock:
+                    self._unreadable[resident.name] = str(e)
+                failed = True
+        return failed
+
+    def _fail_unreadable(self, requests: list[Request]) -> list[RequestOutput]:
+        """End ``requests`` that use an adapter whose weights could not be read, with that error,
+        and drop the adapter from the pool (its pages hold nothing valid). The name is forgotten
+        afterwards: a later request reads the file again."""
+        if not self._unreadable:
+            return []
+        with self._inbox_lock:
+            unreadable, self._unreadable = self._unreadable, {}
+        outputs = [self._finish(r, "error", error=unreadable[r.adapter])
+                   for r in requests if r.adapter in unreadable]
+        for name in unreadable:
+            if name in self.adapters and not self.adapters.get(name).pins:
+                self.adapters.evict(name)
+        return outputs
+
     def _idle_while_reading(self) -> None:
         """Nothing runs and the queue waits for adapter reads: pause instead of spinning (the
         reader threads need the GIL too)."""
@@ -442,12 +474,11 @@ class Engine:
         """Whether a request for ``name`` can be admitted: its adapter is on the GPU or in host
         memory. Otherwise a helper thread reads it, and the scheduler passes the request over
         meanwhile - a disk read inside a step would stall every running request."""
-        if (name in self.adapters or name not in self.store or self.store.has_weights(name)
-                or name in self._unreadable):
-            return True  # (unregistered or unreadable: admitted, and its step reports the error)
+        if name in self.adapters or name not in self.store or self.store.has_weights(name):
+            return True  # (unregistered: admitted, and its step reports the error)
         with self._inbox_lock:
-            if name in self._reading:
-                return False
+            if name in self._reading or name in self._unreadable:
+                return False  # (unreadable: the next step fails its requests)
             self._reading.add(name)
         self._host_prefetch.submit(self._read_adapter, name)
         return False
@@ -455,8 +486,11 @@ class Engine:
     def _read_adapter(self, name: str) -> None:
         try:
             self.store.weights(name)
-        except Exception:  # unloaded meanwhile, or unreadable: the request's step reports it
-            self._unreadable.add(name)
+        except AdapterNotFoundError:
+            pass  # unloaded meanwhile: its requests were refused at intake or are gone
+        except AdapterLoadError as e:
+            with self._inbox_lock:
+                self._unreadable[name] = str(e)
         finally:
             with self._inbox_lock:
                 self._reading.discard(name)

@@ -174,3 +174,20 @@ def test_adapter_unloaded_after_validation_fails_only_its_request(setup, tiny_mo
     assert finals[rid].finish_reason == "error" and "was unloaded" in finals[rid].error
     assert finals[other].finish_reason == "length"
     assert engine.pool.used_by["kv"] == 0
+
+
+def test_adapter_damaged_after_registration_fails_only_its_requests(setup, tiny_models):
+    engine, root = setup
+    make_adapter(tiny_models["gqa"], root / "damaged", 4, ["v_proj"], 4, seed=11)
+    engine.load_adapter("damaged", "damaged")
+    weights = root / "damaged" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # registered intact, truncated afterwards
+    out = engine.generate(["a", "b", "c"], GOOD, ["damaged", "good", None])
+    assert out[0].finish_reason == "error" and "damaged" in out[0].error
+    assert "cannot read weights" in out[0].error and "bytes of tensor data" in out[0].error
+    assert [o.finish_reason for o in out[1:]] == ["length", "length"]
+    assert "damaged" not in engine.adapters and engine.pool.used_by["kv"] == 0
+    # Repaired on disk, the same name serves again (the failure is not remembered).
+    make_adapter(tiny_models["gqa"], root / "damaged", 4, ["v_proj"], 4, seed=11)
+    assert engine.generate(["a"], GOOD, ["damaged"])[0].finish_reason == "length"
+    engine.unload_adapter("damaged")
