@@ -9,11 +9,13 @@ get typed results back; ``triton_python_backend_utils`` stays in the models' ``m
   and a response thread sends them, polls cancellation and aborts cancelled requests.
 - ``control``: adapter management and introspection actions run in the engine's process, and
   ``AdapterNames``, the ensemble's per-request adapter check run in the adapter model's.
+- ``control_channel``: the UNIX socket that carries those actions from ``slora_adapters``.
 - ``metrics``: engine statistics -> gauges and counters.
 - ``settings``: ``config.pbtxt`` parameters -> ``EngineConfig``.
 - ``errors``: ``ServingError`` with its Triton error code.
 """
 
+from . import control_channel
 from .control import (
     ADAPTER_ACTIONS,
     AdapterNames,
@@ -28,8 +30,8 @@ from .router import ResponsePayload, StreamRouter
 from .settings import ServingSettings, settings_from_parameters
 
 __all__ = [
-    "ADAPTER_ACTIONS", "AdapterNames", "ControlHandler", "ControlRequest", "GenerateRequest", "HIT_RATIO",
-    "METRICS", "MetricsPublisher", "ResponsePayload", "ServingError", "ServingSettings",
-    "StreamRouter", "TTFT_BUCKETS", "TTFT_NAME", "error_from_exception", "parse_adapter_action",
-    "parse_generate", "settings_from_parameters",
+    "ADAPTER_ACTIONS", "AdapterNames", "ControlHandler", "ControlRequest", "GenerateRequest",
+    "HIT_RATIO", "METRICS", "MetricsPublisher", "ResponsePayload", "ServingError",
+    "ServingSettings", "StreamRouter", "TTFT_BUCKETS", "TTFT_NAME", "control_channel",
+    "error_from_exception", "parse_adapter_action", "parse_generate", "settings_from_parameters",
 ]

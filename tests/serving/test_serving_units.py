@@ -463,3 +463,30 @@ def test_adapter_names_checks_the_root_without_the_engine(tmp_path):
     os.utime(root / "registry.json", (1, 1))
     with pytest.raises(ServingError):
         names.check("alias")
+
+
+def test_control_channel_round_trip_errors_and_permissions(tmp_path):
+    from slora_backend.serving import control_channel
+
+    def handle(req):
+        if req.action == "describe":
+            raise AdapterNotFoundError(f"adapter {req.lora_name!r} is not registered")
+        return {"action": req.action, "name": req.lora_name}
+
+    path = str(tmp_path / "c.sock")
+    server = control_channel.ControlServer(path, handle)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600  # owner only
+        assert control_channel.ask(path, ControlRequest("list")) == {"action": "list", "name": None}
+        with pytest.raises(ServingError) as e:
+            control_channel.ask(path, ControlRequest("describe", "ghost"))
+        assert e.value.code == "NOT_FOUND" and "ghost" in e.value.message
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    with pytest.raises(ServingError) as e:
+        control_channel.ask(path, ControlRequest("list"))
+    assert e.value.code == "UNAVAILABLE"
+    # One socket per repository path, in the temp directory.
+    a, b = control_channel.channel_path(tmp_path / "r1"), control_channel.channel_path(tmp_path / "r2")
+    assert a != b and a == control_channel.channel_path(tmp_path / "r1")

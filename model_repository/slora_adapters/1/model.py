@@ -4,8 +4,9 @@ Each request names an ``action``. Without one it is the ``slora`` ensemble's ada
 name is checked here against the adapter root (``serving.AdapterNames``), with no call to the
 engine, so this step costs microseconds per request. Every explicit action (``list``, ``load``,
 ``unload``, ``describe``, ``resolve``, ...) travels to the engine's process, where the adapters
-live, as a control request through BLS (``slora_engine``, input ``control``); the engine's
-answer (JSON) or its error (with its code) comes back as this model's response.
+live, over its control socket (``serving.control_channel``; not BLS, which crashed this model's
+stub under load); the engine's answer (JSON) or its error (with its code) comes back as this
+model's response.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ class TritonPythonModel:
         from slora_backend import serving
 
         self.serving = serving
-        self.engine_model = params.get("engine_model") or "slora_engine"
         # Relative paths are resolved as slora_engine resolves them: from the repository's parent.
         base_dir = Path(args["model_repository"]).resolve().parent.parent
         root = serving.settings.adapter_root_parameter(params, base_dir)
         self.names = serving.AdapterNames(root) if root is not None else None
+        repository_root = Path(args["model_repository"]).resolve().parent
+        self.channel = serving.control_channel.channel_path(repository_root)
 
     def execute(self, requests):
         responses = []
@@ -63,35 +65,12 @@ class TritonPythonModel:
                 payload = np.array([json.dumps(result, sort_keys=True).encode()], dtype=np.object_)
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor("result", payload)]))
-            except self.serving.ServingError as e:
+            except Exception as e:  # a ServingError keeps its code; anything else is mapped
+                e = self.serving.error_from_exception(e)
                 code = getattr(pb_utils.TritonError, e.code, pb_utils.TritonError.INTERNAL)
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(e.wire_message(), code)))
         return responses
 
     def _ask_engine(self, control) -> dict:
-        ServingError = self.serving.ServingError
-        request = pb_utils.InferenceRequest(
-            model_name=self.engine_model,
-            requested_output_names=["result"],
-            inputs=[pb_utils.Tensor(
-                "control", np.array([control.to_json().encode()], dtype=np.object_))],
-        )
-        result = None
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                raise self._engine_error(response.error().message())
-            tensor = pb_utils.get_output_tensor_by_name(response, "result")
-            if tensor is not None:
-                result = json.loads(tensor.as_numpy().reshape(-1)[0])
-        if result is None:
-            raise ServingError("INTERNAL", f"{self.engine_model} sent no result for {control.action}")
-        return result
-
-    def _engine_error(self, message: str):
-        """The engine's error, its code read back from the message prefix ("NOT_FOUND: ...")."""
-        ServingError = self.serving.ServingError
-        code, sep, text = message.partition(": ")
-        if sep and code in self.serving.errors.ERROR_CODES:
-            return ServingError(code, text)
-        return ServingError("UNAVAILABLE", f"{self.engine_model}: {message}")
+        return self.serving.control_channel.ask(self.channel, control)

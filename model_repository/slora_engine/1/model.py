@@ -3,9 +3,10 @@
 ``execute()`` only converts each request into a typed ``GenerateRequest`` and queues it; the
 engine runs on its own thread, and ``slora_backend.serving.StreamRouter`` sends every response
 through the request's response sender from its own thread, polls ``is_cancelled()`` and aborts
-cancelled requests in the engine (their pages go back to the pool). Control requests (input
-``control``, sent by ``slora_adapters`` through BLS) run on a worker thread, so adapter loads
-never stall the intake. ``finalize()`` answers what is in flight and stops the engine.
+cancelled requests in the engine (their pages go back to the pool). Adapter management from
+``slora_adapters`` arrives on a UNIX socket (``serving.control_channel``), answered on its own
+threads, so adapter loads never stall the intake. ``finalize()`` answers what is in flight and
+stops the engine.
 
 All Triton types stay in this file: the engine and the serving layer see numpy arrays, plain
 values and the two small sink classes below.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import threading
 import time
@@ -65,12 +65,6 @@ class _SenderSink:
             ])
         self.sender.send(response, flags=flags)
 
-    def send_result(self, result: dict) -> None:
-        response = pb_utils.InferenceResponse(output_tensors=[
-            _bytes_tensor("result", json.dumps(result, sort_keys=True))
-        ])
-        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
     def is_cancelled(self) -> bool:
         return self.sender.is_cancelled()
 
@@ -114,10 +108,8 @@ class TritonPythonModel:
                 "max_model_len": self.engine.max_model_len,
                 "max_tokens_limit": self.max_tokens_limit,
             })
-        self._control_queue: queue.Queue = queue.Queue()
-        self._control_thread = threading.Thread(target=self._control_loop, name="slora-control",
-                                                daemon=True)
-        self._control_thread.start()
+        self.control_server = serving.control_channel.ControlServer(
+            serving.control_channel.channel_path(repository_root), self.control.handle)
         cfg = settings.engine
         self.logger.log_info(
             f"slora_engine ready: base_model={cfg.base_model} device={cfg.device} "
@@ -175,11 +167,6 @@ class TritonPythonModel:
             sink = _SenderSink(request.get_response_sender())
             get = _getter(request)
             try:
-                control = get("control")
-                if control is not None:
-                    raw = serving.inputs.get_str(get, "control", required=True)
-                    self._control_queue.put((serving.ControlRequest.from_json(raw), sink))
-                    continue
                 generate = serving.parse_generate(get, self.max_tokens_limit)
                 self.router.submit(generate, request.request_id(), sink, arrival)
             except serving.ServingError as e:
@@ -188,28 +175,10 @@ class TritonPythonModel:
                 sink.send(None, serving.error_from_exception(e), final=True)
         return None
 
-    def _control_loop(self) -> None:
-        while True:
-            item = self._control_queue.get()
-            if item is None:
-                return
-            control, sink = item
-            try:
-                sink.send_result(self.control.handle(control))
-            except self.serving.ServingError as e:
-                sink.send(None, e, final=True)
-            except Exception as e:
-                self.logger.log_error(f"slora_engine control {control.action} failed: {e}")
-                try:
-                    sink.send(None, self.serving.error_from_exception(e), final=True)
-                except Exception:
-                    pass
-
     def finalize(self) -> None:
         self._metrics_stop.set()
-        self._control_queue.put(None)
+        self.control_server.close()
         self.router.stop()
         self.engine.stop()
-        self._control_thread.join(timeout=5)
         self._metrics_thread.join(timeout=5)
         self.logger.log_info("slora_engine stopped")
