@@ -7,15 +7,14 @@ there as a BLS request into the decoupled engine model; on the H200 under load t
 docs/serving.md), and a dead ``slora_adapters`` takes the ``slora`` ensemble down with it. A
 local socket keeps Triton's C++ out of this path: one JSON line asks, one JSON line answers.
 
-The socket lives in the temp directory under a name derived from the model repository's path
-(both models know it), is readable and writable by its owner only, and is removed at shutdown.
+The socket lives in a directory of the temp directory that only its owner can enter, under a
+name derived from the model repository's path (both models know it), and is removed at shutdown.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import socket
 import socketserver
@@ -28,14 +27,22 @@ from typing import Any
 from .control import ControlRequest
 from .errors import INTERNAL, UNAVAILABLE, ServingError, error_from_exception
 
-log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 1 << 20
 
 
 def channel_path(repository: str | os.PathLike[str]) -> str:
     """The socket of the engine serving the model repository at ``repository``."""
     digest = hashlib.sha1(str(Path(repository).resolve()).encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"slora-control-{digest}.sock")
+    return os.path.join(tempfile.gettempdir(), f"slora-control-{os.getuid()}", f"{digest}.sock")
+
+
+def _private_dir(path: str) -> None:
+    """Create the socket's directory owner-only; refuse one that someone else could enter."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{directory} must belong to this user with mode 0700")
 
 
 class ControlServer:
@@ -43,6 +50,7 @@ class ControlServer:
 
     def __init__(self, path: str, handle: Callable[[ControlRequest], dict[str, Any]]) -> None:
         self.path = path
+        _private_dir(path)
         if os.path.exists(path):  # left by a server that did not shut down
             os.unlink(path)
 
@@ -56,11 +64,7 @@ class ControlServer:
                     answer = {"error": {"code": err.code, "message": err.message}}
                 self.wfile.write(json.dumps(answer, sort_keys=True).encode() + b"\n")
 
-        old_umask = os.umask(0o177)  # the socket is created owner-only
-        try:
-            self._server = socketserver.ThreadingUnixStreamServer(path, Handler)
-        finally:
-            os.umask(old_umask)
+        self._server = socketserver.ThreadingUnixStreamServer(path, Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="slora-control",
                                         daemon=True)

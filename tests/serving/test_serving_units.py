@@ -473,10 +473,10 @@ def test_control_channel_round_trip_errors_and_permissions(tmp_path):
             raise AdapterNotFoundError(f"adapter {req.lora_name!r} is not registered")
         return {"action": req.action, "name": req.lora_name}
 
-    path = str(tmp_path / "c.sock")
+    path = str(tmp_path / "private" / "c.sock")
     server = control_channel.ControlServer(path, handle)
     try:
-        assert os.stat(path).st_mode & 0o777 == 0o600  # owner only
+        assert os.stat(tmp_path / "private").st_mode & 0o777 == 0o700  # owner only
         assert control_channel.ask(path, ControlRequest("list")) == {"action": "list", "name": None}
         with pytest.raises(ServingError) as e:
             control_channel.ask(path, ControlRequest("describe", "ghost"))
@@ -487,6 +487,10 @@ def test_control_channel_round_trip_errors_and_permissions(tmp_path):
     with pytest.raises(ServingError) as e:
         control_channel.ask(path, ControlRequest("list"))
     assert e.value.code == "UNAVAILABLE"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    with pytest.raises(PermissionError, match="0700"):
+        control_channel.ControlServer(str(shared / "c.sock"), handle)
     # One socket per repository path, in the temp directory.
     a, b = control_channel.channel_path(tmp_path / "r1"), control_channel.channel_path(tmp_path / "r2")
     assert a != b and a == control_channel.channel_path(tmp_path / "r1")
