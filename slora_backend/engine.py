@@ -12,8 +12,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,7 +21,8 @@ from .adapter_cache import AdapterCache, ResidentAdapter
 from .adapter_registry import AdapterInfo, AdapterRegistry
 from .adapter_store import AdapterStore
 from .config import EngineConfig, SamplingParams
-from .errors import AdapterLoadError, AdapterNotFoundError, EngineOverloadedError, InvalidRequestError
+from .errors import AdapterLoadError, EngineOverloadedError, InvalidRequestError
+from .host_reads import HostReads
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner
@@ -60,11 +60,6 @@ class EngineStats:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-def _reader_pool() -> ThreadPoolExecutor:
-    """Threads that read queued requests' adapters from disk into host memory."""
-    return ThreadPoolExecutor(4, thread_name_prefix="slora-adapter-read")
 
 
 class Engine:
@@ -112,9 +107,7 @@ class Engine:
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
         # Reads adapters of queued requests from disk into host memory off the engine thread.
-        self._host_prefetch = _reader_pool()
-        self._reading: set[str] = set()  # adapters being read by those threads
-        self._unreadable: dict[str, str] = {}  # adapter -> why its weights could not be read
+        self.host_reads = HostReads(self.store)
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
@@ -344,12 +337,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        # Queued adapter reads are dropped and running ones finish: none outlives the loop
-        # (a new reader pool starts its threads on first use).
-        self._host_prefetch.shutdown(wait=True, cancel_futures=True)
-        self._host_prefetch = _reader_pool()
-        with self._inbox_lock:
-            self._reading.clear()
+        self.host_reads.shutdown()  # no read outlives the loop
 
     def _loop(self) -> None:
         while True:
@@ -371,7 +359,7 @@ class Engine:
         """Admit new work, run one forward over the scheduled batch, emit outputs."""
         with self._step_lock:
             outputs = self._drain_inbox()
-            outputs += self._fail_unreadable(list(self.scheduler.waiting))
+            outputs += self._fail_unreadable(self.scheduler.waiting)
             out = self.scheduler.schedule()
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
@@ -427,7 +415,7 @@ class Engine:
                         f"adapter {request.adapter!r} was unloaded before the request started")))
                     continue
                 self.store.get(request.adapter).total_requests += 1
-                self._adapter_ready(request.adapter)  # starts reading it from disk if needed
+                self._adapter_ready(request.adapter)  # starts reading it from disk now
             self.scheduler.add(request)
         for request_id in aborts:
             stream = self._streams.get(request_id)
@@ -436,30 +424,26 @@ class Engine:
         return outputs
 
     def _copy_in(self, pending: list[ResidentAdapter], overlap: bool = False) -> bool:
-        """Copy newly resident adapters into their pages. One whose weights cannot be read
-        (its file damaged after registration) is recorded in ``_unreadable``; returns whether
-        any was."""
+        """Copy newly resident adapters into their pages; one whose file cannot be read (damaged
+        after registration) is recorded as a read failure. Returns whether any was."""
         failed = False
         for resident in pending:
             try:
                 self.runner.load_adapters([resident], overlap)
             except AdapterLoadError as e:
-                with self._inbox_lock:
-                    self._unreadable[resident.name] = str(e)
+                self.host_reads.record_failure(resident.name, str(e))
                 failed = True
         return failed
 
-    def _fail_unreadable(self, requests: list[Request]) -> list[RequestOutput]:
-        """End ``requests`` that use an adapter whose weights could not be read, with that error,
-        and drop the adapter from the pool (its pages hold nothing valid). The name is forgotten
-        afterwards: a later request reads the file again."""
-        if not self._unreadable:
+    def _fail_unreadable(self, requests: Iterable[Request]) -> list[RequestOutput]:
+        """End ``requests`` that use an adapter whose file could not be read, with the reason,
+        and drop the adapter from the pool (its pages hold nothing valid)."""
+        failed = self.host_reads.take_failures()
+        if not failed:
             return []
-        with self._inbox_lock:
-            unreadable, self._unreadable = self._unreadable, {}
-        outputs = [self._finish(r, "error", error=unreadable[r.adapter])
-                   for r in requests if r.adapter in unreadable]
-        for name in unreadable:
+        outputs = [self._finish(r, "error", error=failed[r.adapter])
+                   for r in list(requests) if r.adapter in failed]
+        for name in failed:
             if name in self.adapters and not self.adapters.get(name).pins:
                 self.adapters.evict(name)
         return outputs
@@ -467,33 +451,12 @@ class Engine:
     def _idle_while_reading(self) -> None:
         """Nothing runs and the queue waits for adapter reads: pause instead of spinning (the
         reader threads need the GIL too)."""
-        if not self.scheduler.running and self._reading:
+        if not self.scheduler.running and self.host_reads.busy:
             time.sleep(1e-3)
 
     def _adapter_ready(self, name: str) -> bool:
-        """Whether a request for ``name`` can be admitted: its adapter is on the GPU or in host
-        memory. Otherwise a helper thread reads it, and the scheduler passes the request over
-        meanwhile - a disk read inside a step would stall every running request."""
-        if name in self.adapters or name not in self.store or self.store.has_weights(name):
-            return True  # (unregistered: admitted, and its step reports the error)
-        with self._inbox_lock:
-            if name in self._reading or name in self._unreadable:
-                return False  # (unreadable: the next step fails its requests)
-            self._reading.add(name)
-        self._host_prefetch.submit(self._read_adapter, name)
-        return False
-
-    def _read_adapter(self, name: str) -> None:
-        try:
-            self.store.weights(name)
-        except AdapterNotFoundError:
-            pass  # unloaded meanwhile: its requests were refused at intake or are gone
-        except AdapterLoadError as e:
-            with self._inbox_lock:
-                self._unreadable[name] = str(e)
-        finally:
-            with self._inbox_lock:
-                self._reading.discard(name)
+        """Admit a request for ``name`` only once its adapter is on the GPU or in host memory."""
+        return name in self.adapters or self.host_reads.ready(name)
 
     def _append_token(self, request: Request, token: int, now: float) -> RequestOutput | None:
         if request.first_token_time is None:

@@ -64,3 +64,35 @@ def test_file_damaged_after_registration_is_a_load_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(AdapterLoadError, match="cannot read weights"):
         store.weights("a")
+
+
+def test_host_reads_start_once_report_failures_once_and_retry(tmp_path):
+    import time
+
+    from slora_backend.host_reads import HostReads
+
+    good = write_random_adapter(tmp_path / "good", SPEC, 8, ALL, seed=5)
+    bad = write_random_adapter(tmp_path / "bad", SPEC, 8, ALL, seed=6)
+    store = AdapterStore(PoolLayout(SPEC, 4), torch.float32, 1 << 30, False)
+    store.register("good", good)
+    store.register("bad", bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    reads = HostReads(store, workers=2)
+    assert reads.ready("nobody")  # unregistered: admitted, its step reports it
+    assert not reads.ready("good") and not reads.ready("bad")  # reads started
+    deadline = time.monotonic() + 30
+    while reads.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert reads.ready("good") and store.has_weights("good")
+    assert not reads.ready("bad")  # failed: not retried until the failure is taken
+    failures = reads.take_failures()
+    assert list(failures) == ["bad"] and "cannot read weights" in failures["bad"]
+    assert reads.take_failures() == {}
+    assert not reads.ready("bad")  # read again: the file may have been repaired meanwhile
+    while reads.busy:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert list(reads.take_failures()) == ["bad"]  # it was not
+    reads.shutdown()
