@@ -2,7 +2,9 @@
 
 Each request names an ``action``. Without one it is the ``slora`` ensemble's adapter step: the
 name is checked here against the adapter root (``serving.AdapterNames``), with no call to the
-engine, so this step costs microseconds per request. Every explicit action (``list``, ``load``,
+engine, so this step costs microseconds per request; only a name not found there is asked of
+the engine (so an ``adapter_root`` parameter that differs from the engine's cannot refuse a
+name the engine knows). Every explicit action (``list``, ``load``,
 ``unload``, ``describe``, ``resolve``, ...) travels to the engine's process, where the adapters
 live, over its control socket (``serving.control_channel``; not BLS, which crashed this model's
 stub under load); the engine's answer (JSON) or its error (with its code) comes back as this
@@ -59,7 +61,10 @@ class TritonPythonModel:
                 if control.action == "resolve" and not control.lora_name:
                     result = {"name": None, "base_model": True}  # nothing to ask the engine
                 elif ensemble_step and self.names is not None:
-                    result = self.names.check(control.lora_name)
+                    try:
+                        result = self.names.check(control.lora_name)
+                    except self.serving.ServingError:  # not found here: the engine decides
+                        result = self._ask_engine(control)
                 else:
                     result = self._ask_engine(control)
                 payload = np.array([json.dumps(result, sort_keys=True).encode()], dtype=np.object_)
