@@ -62,11 +62,12 @@ class AdapterNames:
     """The ``slora`` ensemble's adapter step, answered in the adapter model's own process.
 
     A name passes when ``registry.json`` under the adapter root lists it or when it names an
-    adapter directory inside the root (the engine registers it on first use); anything else is
-    NOT_FOUND before generation starts. The engine step still validates the adapter itself
-    (a corrupt file, another base model) and answers such a request with its own error. Asking
-    the engine process for every request instead (a BLS call per request) crashed the adapter
-    model's stub under load on the H200 (docs/serving.md).
+    adapter directory inside the root (the engine registers it on first use); ``check`` raises
+    NOT_FOUND for anything else, and the adapter model then asks the engine, whose answer is
+    final. The engine step still validates the adapter itself (a corrupt file, another base
+    model) and answers such a request with its own error. Asking the engine for every request
+    instead (then a BLS call each) crashed the adapter model's stub under load on the H200
+    (docs/serving.md).
     """
 
     REGISTRY_FILE = "registry.json"  # written by slora_backend.adapter_registry
