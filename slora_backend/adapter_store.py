@@ -27,8 +27,6 @@ from .layout import AdapterPlan, PoolLayout
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-# PEFT key: [base_model.model.]model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter>].weight
-
 
 @dataclass
 class AdapterEntry:
@@ -124,8 +122,7 @@ class AdapterStore:
         read runs outside the lock, so several adapters are read at once.
         """
         entry = self.get(name)
-        weights = entry.weights
-        packed = self._read_weights(entry) if weights is None else None
+        packed = self._read_weights(entry) if entry.weights is None else None
         with self._lock:
             if entry.weights is None:  # (another thread may have read it meanwhile)
                 entry.weights = packed

@@ -17,9 +17,9 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class Request:
-    """One generation request. Progress is counters over ``token_ids`` (prompt + output).
+    """One generation request. Progress is counters over its tokens (prompt, then output).
 
-    Invariants: ``num_computed_tokens <= len(token_ids)``; ``block_table`` holds exactly
+    Invariants: ``num_computed_tokens <= num_tokens``; ``block_table`` holds exactly
     ``ceil(num_computed_tokens / block_tokens)`` pages or more (pages reserved for this step).
     """
 
@@ -36,12 +36,8 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_slice(self, start: int, end: int) -> list[int]:
-        """``token_ids[start:end]`` without building the whole list (a decode step wants one)."""
+        """Tokens ``start:end`` of prompt + output, without joining the two lists."""
         p = len(self.prompt_token_ids)
         if start >= p:
             return self.output_token_ids[start - p:end - p]

@@ -97,11 +97,9 @@ def write_repository(dest: Path, engine_params: Mapping[str, str],
         text = config.read_text()
         if model == ENGINE_MODEL:
             text = set_parameters(text, {**engine_params, **common_params})
-        elif model == "slora_adapters":  # checks adapter names against the engine's root
-            root = {"adapter_root": engine_params["adapter_root"]} if "adapter_root" in engine_params else {}
+        elif model == "slora_adapters":  # checks adapter names against the engine's root itself
+            root = {k: v for k, v in engine_params.items() if k == "adapter_root"}
             text = set_parameters(text, {**common_params, **root})
-        elif model != "slora":
-            text = set_parameters(text, common_params)
         config.write_text(text)
     return dest
 

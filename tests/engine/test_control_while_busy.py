@@ -1,8 +1,10 @@
 """Adapter management stays responsive while the engine loop is busy.
 
-The engine thread takes its step lock back to back; Python's locks are not fair, so a control
-call that needed the same lock used to wait until the engine ran out of work (seconds under
-load on the H200, where the ensemble's adapter step resolved every request this way).
+The engine thread takes its step lock back to back and Python's locks are not fair, so a call
+that needs the same lock could wait for many steps. Registry actions no longer take it; unload
+(which must stop steps) is handed the lock between steps. (On the H200 the ensemble's adapter
+step, which then resolved every request under the step lock, took 2.2 s per request; on this
+CPU the starvation itself did not reproduce, so this test checks the bound, not the old fault.)
 """
 
 from __future__ import annotations
