@@ -17,6 +17,7 @@ Usage: python -m benchmarks.bench_decode_step --device cuda [--batch 64] [--cont
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -47,7 +48,7 @@ def adapter_weight_bytes(engine: Any, names: list[str]) -> int:
     return sum(engine.store.get(n).size_bytes for n in names)
 
 
-def profile_steps(engine: Any, steps: int) -> dict[str, Any]:
+def profile_steps(engine: Any, steps: int, before_step=lambda i: None) -> dict[str, Any]:
     """GPU kernel time of ``steps`` decode steps by kernel, and the share of the steps' wall
     time the GPU spent in kernels (the rest is host time the GPU waited for)."""
     import torch
@@ -56,7 +57,8 @@ def profile_steps(engine: Any, steps: int) -> dict[str, Any]:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps):
+            before_step(i)
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -73,10 +75,34 @@ def profile_steps(engine: Any, steps: int) -> dict[str, Any]:
     }
 
 
-def measure(engine: Any, names: list[str | None], context: int, warmup: int, iters: int,
-            profile: int = 0, log=print) -> dict[str, Any]:
-    """Prefill ``len(names)`` requests of ``context`` tokens, then time ``iters`` decode steps."""
+def timed_steps(engine: Any, iters: int, before_step=lambda i: None) -> tuple[list[float], list[float]]:
+    """(GPU-event seconds, wall seconds) of ``iters`` engine steps, each synchronised."""
     import torch
+
+    cuda = engine.device.type == "cuda"
+    events, wall = [], []
+    for i in range(iters):
+        before_step(i)
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        engine.step()
+        if cuda:
+            end.record()
+            events.append((start, end))
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t)
+    return ([s.elapsed_time(e) / 1e3 for s, e in events] if events else wall), wall
+
+
+def measure(engine: Any, names: list[str | None], context: int, warmup: int, iters: int,
+            profile: int = 0, mixed_prompt: int = 0, log=print) -> dict[str, Any]:
+    """Prefill ``len(names)`` requests of ``context`` tokens, then time ``iters`` decode steps.
+    With ``mixed_prompt``, also time ``iters`` mixed steps: in each, one request of the batch is
+    replaced by a new one (same adapter) whose ``mixed_prompt``-token prompt is prefilled while
+    the others decode - the steady state of a busy server, where requests finish and arrive."""
 
     from slora_backend import SamplingParams
 
@@ -85,7 +111,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
     def on_output(out) -> None:
         produced[out.request_id] = len(out.token_ids)
 
-    max_tokens = warmup + iters + profile + 4
+    max_tokens = warmup + 2 * iters + 2 * profile + 4
     for i, name in enumerate(names):
         prompt = [3 + (7 * i + j) % 30000 for j in range(context)]
         engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), name,
@@ -95,27 +121,35 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
         engine.step()
     for _ in range(warmup):
         engine.step()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda *a: None)
-    sync()
-    events = []
-    wall = []
     contexts = []
-    for _ in range(iters):
-        contexts.append(sum(context + produced[f"d{i}"] for i in range(batch)))
-        if engine.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = time.perf_counter()
-        engine.step()
-        if engine.device.type == "cuda":
-            end.record()
-            events.append((start, end))
-        sync()
-        wall.append(time.perf_counter() - t)
-    step_s = ([s.elapsed_time(e) / 1e3 for s, e in events] if events else wall)
-    prof = profile_steps(engine, profile) if profile and engine.device.type == "cuda" else None
-    for i in range(batch):
-        engine.abort(f"d{i}")
+    step_s, wall = timed_steps(engine, iters, lambda _: contexts.append(
+        sum(context + produced[f"d{i}"] for i in range(batch))))
+    cuda = engine.device.type == "cuda"
+    prof = profile_steps(engine, profile) if profile and cuda else None
+    mixed = {}
+    if mixed_prompt:
+        live = [f"d{i}" for i in range(batch)]
+        replaced = itertools.count()
+
+        def replace_one(_: int) -> None:  # the oldest request leaves, a new one arrives
+            k = next(replaced)
+            engine.abort(live[k % batch])
+            live[k % batch] = f"m{k}"
+            prompt = [3 + (11 * k + j) % 30000 for j in range(mixed_prompt)]
+            engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                               names[k % batch], request_id=f"m{k}")
+
+        mixed_s, _ = timed_steps(engine, iters, replace_one)
+        mixed = {"mixed_prompt": mixed_prompt,
+                 "mixed_step_ms_median": round(statistics.median(mixed_s) * 1e3, 3),
+                 "mixed_step_ms_min": round(min(mixed_s) * 1e3, 3)}
+        if profile and cuda:
+            mixed["mixed_profile"] = profile_steps(engine, profile, replace_one)
+        for rid in live:
+            engine.abort(rid)
+    else:
+        for i in range(batch):
+            engine.abort(f"d{i}")
     engine.step()
     mean_context = statistics.mean(contexts) / batch
     lens = [int(round(mean_context))] * batch
@@ -133,6 +167,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
         "bytes_adapters": ad,
         "bytes_total": w + kv + ad,
         **({"profile": prof} if prof else {}),
+        **mixed,
     }
 
 
@@ -152,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also profile this many steps: GPU time by kernel, host share")
+    ap.add_argument("--mixed-prompt", type=int, default=0, metavar="TOKENS",
+                    help="also time mixed steps: one request replaced by a new prompt this long")
     ap.add_argument("--json", type=Path, default=None)
     return ap
 
@@ -183,9 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **parse_engine_params(args.engine_param)))
     device = engine.device
     try:
-        lora = measure(engine, list(names), args.context, args.warmup, args.iters, args.profile)
+        lora = measure(engine, list(names), args.context, args.warmup, args.iters, args.profile,
+                       args.mixed_prompt)
         base = measure(engine, [None] * args.batch, args.context, args.warmup, args.iters,
-                       args.profile)
+                       args.profile, args.mixed_prompt)
     finally:
         engine.stop()
         del engine

@@ -220,7 +220,8 @@ def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, ta
     limit = args.slow_baseline_limit if key == "c" else args.time_limit
     log(f"{tag} {v.label} (limit {limit or 'none'} s)")
     return engine_replay.run_variant(kwargs, v, workload, adapter_root, slo_s=args.slo,
-                                     time_limit_s=limit, prompt_seed=args.seed, log=log)
+                                     time_limit_s=limit, prompt_seed=args.seed,
+                                     profile_dir=args.profile_dir, log=log)
 
 
 def run_peft(args, workload, base_model, adapter_root, log) -> dict[str, Any]:
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gen-workers", type=int, default=None)
     o.add_argument("--json", type=Path, default=None)
     o.add_argument("--markdown", type=Path, default=None)
+    o.add_argument("--profile-dir", type=Path, default=None,
+                   help="write each engine replay's step profile here (benchmarks.step_profile)")
     return ap
 
 

@@ -108,7 +108,9 @@ def write_kv(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (value 1, multiple of 16):
+# each new combination would compile the kernel again in the middle of serving.
+@triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, query_starts_ptr, context_lens_ptr,
@@ -183,7 +185,7 @@ def _paged_attention_kernel(
                      out.to(out_ptr.dtype.element_ty), mask=row_live[:, None] & d_live[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, num_splits, num_heads, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,

@@ -51,6 +51,9 @@ class LoraBatch:
     seg_slots: torch.Tensor  # int32 [num_segments]
     max_seg_len: int
     is_decode: bool  # every sequence contributes exactly one token this step
+    # Module indices some slot targets (host-side); None = not known, launch for every module.
+    # Lets a layer skip the launches of a projection no adapter in the batch touches.
+    targets: frozenset[int] | None = None
     # Scratch space for ops that derive per-step values once and reuse them in every layer
     # (the offsets are the same in all layers). Cleared with the batch.
     scratch: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -62,6 +65,9 @@ class LoraBatch:
     @property
     def has_lora(self) -> bool:
         return self.num_slots > 0 and int(self.seg_lens.numel()) > 0
+
+    def targets_any(self, modules: tuple[int, ...]) -> bool:
+        return self.targets is None or not self.targets.isdisjoint(modules)
 
 
 @dataclass

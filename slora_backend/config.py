@@ -43,6 +43,9 @@ class EngineConfig:
     pin_host_memory: bool = False
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
+    # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
+    # a compile in the middle of serving stalls every running request for seconds.
+    warm_up: bool = True
     # Ablations of the S-LoRA paper: LoRA as padded gather + bmm ("bmm"), and adapters in a
     # fixed partition of this many pages instead of sharing the pool with KV ("no unified memory").
     lora_ops: str | None = None

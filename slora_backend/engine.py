@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .adapter_cache import AdapterCache, ResidentAdapter
+from .adapter_cache import AdapterCache
+from .adapter_copier import AdapterCopier
 from .adapter_registry import AdapterInfo, AdapterRegistry
 from .adapter_store import AdapterStore
 from .config import EngineConfig, SamplingParams
-from .errors import AdapterLoadError, EngineOverloadedError, InvalidRequestError
+from .errors import EngineOverloadedError, InvalidRequestError
 from .host_reads import HostReads
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
@@ -106,8 +107,11 @@ class Engine:
             make_ops(config.resolved_kernel_backend, config.lora_ops), self.store, self.device, dtype,
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
-        # Reads adapters of queued requests from disk into host memory off the engine thread.
+        # Reads adapters of queued requests from disk into host memory off the engine thread,
+        # and copies them into their pages (on CUDA) off it too.
         self.host_reads = HostReads(self.store)
+        self.copier = AdapterCopier(self.runner.copy_adapter, self.host_reads.record_failure,
+                                    background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
@@ -127,6 +131,31 @@ class Engine:
         self.registry.restore()
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
             self.runner.graphs.capture_all({0, *(self.store.get(n).rank for n in self.store.names())})
+        if config.warm_up and self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the kernels' variants before serving: for the base model and one adapter of
+        each registered rank (the batch's largest rank picks LoRA tiles), prompts short and long
+        enough for each prefill tile, joining a batch that already decodes (a mixed step)."""
+        by_rank: dict[int, str] = {}
+        for name in self.store.names():
+            by_rank.setdefault(self.store.get(name).rank, name)
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        vocab = self.spec.vocab_size
+        lengths = [n for n in (8, 24, 100) if n + params.max_tokens <= self.max_model_len]
+        for name in [None, *(by_rank[r] for r in sorted(by_rank))]:
+            ids = []
+            for length in lengths:
+                prompt = [1 + (7 * i) % (vocab - 1) for i in range(length)]
+                ids.append(self.add_request(prompt, params, name))
+                self.step()
+            while any(i in self._streams for i in ids):
+                self.step()
+                self._idle_while_reading()
+            if name is not None:
+                self.store.get(name).total_requests -= len(ids)  # not a user's requests
+        self.generated_tokens = self.finished_requests = self.steps = 0
 
     # ---- sizing -------------------------------------------------------------------------------
 
@@ -338,6 +367,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         self.host_reads.shutdown()  # no read outlives the loop
+        self.copier.wait()
 
     def _loop(self) -> None:
         while True:
@@ -364,9 +394,11 @@ class Engine:
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
-            if self._copy_in(self.adapters.take_pending()):
-                outputs += self._fail_unreadable([s.request for s in out.scheduled])
-                out.scheduled = [s for s in out.scheduled if not s.request.finished]
+            self.copier.submit(self.adapters.take_pending())
+            self.copier.wait()  # this step reads adapters copied in so far, and reuses pages
+            outputs += self._fail_unreadable([*(s.request for s in out.scheduled),
+                                              *self.scheduler.waiting])
+            out.scheduled = [s for s in out.scheduled if not s.request.finished]
             if not out.scheduled:
                 return outputs
             residents = {r.adapter: self.adapters.get(r.adapter)
@@ -401,7 +433,7 @@ class Engine:
                 continue
             if not self.adapters.prefetch(name, keep_free):
                 break
-        self._copy_in(self.adapters.take_pending(), overlap=True)  # a failure: next step's work
+        self.copier.submit(self.adapters.take_pending())  # a failure: next step's work
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
@@ -422,18 +454,6 @@ class Engine:
             if stream is not None:
                 outputs.append(self._finish(stream.request, "abort"))
         return outputs
-
-    def _copy_in(self, pending: list[ResidentAdapter], overlap: bool = False) -> bool:
-        """Copy newly resident adapters into their pages; one whose file cannot be read (damaged
-        after registration) is recorded as a read failure. Returns whether any was."""
-        failed = False
-        for resident in pending:
-            try:
-                self.runner.load_adapters([resident], overlap)
-            except AdapterLoadError as e:
-                self.host_reads.record_failure(resident.name, str(e))
-                failed = True
-        return failed
 
     def _fail_unreadable(self, requests: Iterable[Request]) -> list[RequestOutput]:
         """End ``requests`` that use an adapter whose file could not be read, with the reason,

@@ -9,10 +9,11 @@ from __future__ import annotations
 from contextlib import nullcontext as _nullcontext
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .adapter_cache import ResidentAdapter
 from .adapter_store import AdapterStore
-from .batch import LORA_MODULES, AttentionBatch, LoraBatch
+from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .models.llama import ForwardContext, LlamaModel
@@ -34,70 +35,72 @@ class ModelRunner:
         spec = layout.spec
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
-        self._offsets: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
-        # Prefetched adapters are copied on a side stream while the current step computes;
-        # the next step waits for those copies before it touches the pool.
+        # adapter -> (its pages, its offset and rank tables): rebuilt only when the pages change
+        self._offsets: dict[str, tuple[tuple[int, ...], tuple[torch.Tensor, ...]]] = {}
+        self._plan_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _scatter_index
+        # Adapters are copied in on a side stream, overlapping the step in flight; the engine
+        # orders each step after the copies submitted before it (AdapterCopier.wait).
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._copies_in_flight: list[torch.cuda.Event] = []
         self.graphs = None
         if graphs_for is not None and device.type == "cuda":
             self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for)
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def load_adapters(self, pending: list[ResidentAdapter], overlap: bool = False) -> None:
-        """Copy host weights of newly resident adapters into their pool pages (one scatter each).
+    def copy_adapter(self, resident: ResidentAdapter) -> torch.cuda.Event | None:
+        """Copy the host weights of a newly resident adapter into its pool pages (one scatter).
 
-        With ``overlap`` (prefetch) the copies go on the side stream, to overlap the step in flight.
+        On CUDA the copy goes on the side stream (it may run on a helper thread, see
+        ``AdapterCopier``) and the returned event marks its end: the compute stream must wait
+        for it before it reads those pages or reuses them.
         """
-        if not pending:
-            return
-        side = overlap and self.copy_stream is not None
-        if not side:
-            self._wait_for_copies()
-        with torch.cuda.stream(self.copy_stream) if side else _nullcontext():
-            for resident in pending:
-                weights = self.store.weights(resident.name)
-                index = self._scatter_index(resident)
-                src = weights.to(self.device, non_blocking=True)
-                self.pool.view(self.pool.shape[0], -1)[:, index] = src
-            if side:
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-                self._copies_in_flight.append(event)
-
-    def _wait_for_copies(self) -> None:
-        """Order the compute stream after every side-stream copy (their pages may be reused)."""
-        for event in self._copies_in_flight:
-            torch.cuda.current_stream(self.device).wait_event(event)
-        self._copies_in_flight.clear()
+        weights = self.store.weights(resident.name)
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _nullcontext():
+            index = self._scatter_index(resident)
+            src = weights.to(self.device, non_blocking=True)
+            self.pool.view(self.pool.shape[0], -1)[:, index] = src
+            if self.copy_stream is None:
+                return None
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+            return event
 
     def _scatter_index(self, resident: ResidentAdapter) -> torch.Tensor:
-        plan = self.store.get(resident.name).plan
-        page_size = self.layout.page_size
-        starts = torch.tensor(
-            [resident.pages[r.page] * page_size + r.offset for r in plan.rows], dtype=torch.int64
-        )
-        lengths = torch.tensor([r.length for r in plan.rows], dtype=torch.int64)
-        # element k of row i lands at starts[i] + k
-        base = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-        return (base + torch.arange(int(lengths.sum()))).to(self.device)
+        """Where each packed element of ``resident`` lands in a layer of the flat pool, on the
+        device. The part that depends only on the adapter's plan (which of its pages, offset in
+        the page) is built once per plan; per adapter only its page ids travel."""
+        entry = self.store.get(resident.name)
+        key = tuple(entry.ranks.items())  # the plan is a function of the ranks
+        cached = self._plan_index.get(key)
+        if cached is None:
+            rows = entry.plan.rows
+            lengths = torch.tensor([r.length for r in rows], dtype=torch.int64)
+            row_of = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+            first = torch.cumsum(lengths, 0) - lengths  # packed position of each row's start
+            within = torch.arange(int(lengths.sum())) - first[row_of]
+            page_slot = torch.tensor([r.page for r in rows], dtype=torch.int64)[row_of]
+            offset = torch.tensor([r.offset for r in rows], dtype=torch.int64)[row_of] + within
+            cached = self._plan_index[key] = (page_slot.to(self.device), offset.to(self.device))
+        page_slot, offset = cached
+        pages = torch.tensor(resident.pages, dtype=torch.int64).to(self.device, non_blocking=True)
+        return pages[page_slot] * self.layout.page_size + offset
 
-    def _adapter_offsets(self, resident: ResidentAdapter) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a_offsets, b_offsets) as [7, rank] host tensors for a resident adapter, memoised."""
+    def _adapter_tables(self, resident: ResidentAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a_offsets, b_offsets) as [rank, 7] host tensors and ranks as [7], for a resident
+        adapter; memoised while its pages stay the same."""
         cached = self._offsets.get(resident.name)
         if cached is not None and cached[0] == tuple(resident.pages):
-            return cached[1], cached[2]
+            return cached[1]
         entry = self.store.get(resident.name)
-        rank = entry.rank
-        a = torch.zeros(len(LORA_MODULES), rank, dtype=torch.int64)
-        b = torch.zeros(len(LORA_MODULES), rank, dtype=torch.int64)
+        a = torch.zeros(entry.rank, len(LORA_MODULES), dtype=torch.int64)
+        b = torch.zeros(entry.rank, len(LORA_MODULES), dtype=torch.int64)
         page_size = self.layout.page_size
         for r in entry.plan.rows:
             table = a if r.kind == "a" else b
-            table[LORA_MODULES.index(r.module), r.index] = resident.pages[r.page] * page_size + r.offset
-        self._offsets[resident.name] = (tuple(resident.pages), a, b)
-        return a, b
+            table[r.index, LORA_MODULES.index(r.module)] = resident.pages[r.page] * page_size + r.offset
+        ranks = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES], dtype=torch.int32)
+        self._offsets[resident.name] = (tuple(resident.pages), (a, b, ranks))
+        return a, b, ranks
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -106,7 +109,6 @@ class ModelRunner:
         self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter]
     ) -> torch.Tensor:
         """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order."""
-        self._wait_for_copies()
         block_tokens = self.layout.block_tokens
         use_graph = (
             self.graphs is not None
@@ -176,17 +178,13 @@ class ModelRunner:
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         entries = [self.store.get(name) for name in slot_of]
-        max_rank = max(e.rank for e in entries)
-        n = len(entries)
-        a_off = torch.zeros(n, len(LORA_MODULES), max_rank, dtype=torch.int64)
-        b_off = torch.zeros(n, len(LORA_MODULES), max_rank, dtype=torch.int64)
-        ranks = torch.zeros(n, len(LORA_MODULES), dtype=torch.int32)
-        for slot, entry in enumerate(entries):
-            a, b = self._adapter_offsets(residents[entry.name])
-            a_off[slot, :, : entry.rank] = a
-            b_off[slot, :, : entry.rank] = b
-            for module, rank in entry.ranks.items():
-                ranks[slot, LORA_MODULES.index(module)] = rank
+        tables = [self._adapter_tables(residents[name]) for name in slot_of]
+        # [n, max_rank, 7] zero-padded past each adapter's rank -> [n, 7, max_rank]: a few
+        # calls for the whole batch (a decode batch can hold hundreds of adapters).
+        a_off = pad_sequence([t[0] for t in tables], batch_first=True).transpose(1, 2).contiguous()
+        b_off = pad_sequence([t[1] for t in tables], batch_first=True).transpose(1, 2).contiguous()
+        ranks = torch.stack([t[2] for t in tables])
+        max_rank = a_off.shape[2]
         # Segments: maximal runs of equal slot >= 0 (tokens are already grouped by adapter).
         seg_starts, seg_lens, seg_slots = [], [], []
         for i, slot in enumerate(token_slots):
@@ -210,4 +208,5 @@ class ModelRunner:
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             max_seg_len=max(seg_lens),
             is_decode=is_decode,
+            targets=frozenset(MODULE_INDEX[m] for e in entries for m in e.ranks),
         )

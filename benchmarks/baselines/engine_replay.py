@@ -192,21 +192,31 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
 
 def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workload,
                 adapter_root: Path | None, *, slo_s: float, time_limit_s: float | None,
-                prompt_seed: int = 0, log=print) -> dict[str, Any]:
-    """Build an engine for ``v``, warm it up, replay ``workload``, release it."""
+                prompt_seed: int = 0, profile_dir: Path | None = None,
+                log=print) -> dict[str, Any]:
+    """Build an engine for ``v``, warm it up, replay ``workload``, release it. With
+    ``profile_dir``, the replay's step profile is written there (``benchmarks.step_profile``)."""
     t0 = time.perf_counter()
     engine = build_engine(engine_kwargs, v, adapter_root, [a.name for a in workload.adapters])
     device = engine.device
+    profile = None
     try:
         build_s = time.perf_counter() - t0
         warm_up(engine, workload, v.use_adapters)
         log(f"  {v.system}: engine ready in {build_s:.1f} s (+ warm-up "
             f"{time.perf_counter() - t0 - build_s:.1f} s), {engine.pool.num_pages} pool pages")
+        if profile_dir is not None:
+            from ..step_profile import StepProfile
+
+            profile = StepProfile(engine)
         result = replay(engine, workload, v, slo_s=slo_s, time_limit_s=time_limit_s,
                         prompt_seed=prompt_seed)
+        if profile is not None:
+            engine.stop()  # ends the profiled thread
+            profile.write(profile_dir, v.system)
         result["engine_build_s"] = round(build_s, 2)
         return result
     finally:
         engine.stop()
-        del engine
+        del engine, profile  # (the profile holds the engine too)
         free_device_memory(device)

@@ -57,7 +57,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if ctx.lora is not None and ctx.lora.has_lora:
+        if ctx.lora is not None and ctx.lora.has_lora and ctx.lora.targets_any(self.modules_idx):
             buf = ctx.lora_buffer(layer)
             z = ctx.ops.lora_shrink(x, buf, ctx.lora, self.modules_idx)
             ctx.ops.lora_expand(y, z, buf, ctx.lora, self.modules_idx, self.out_starts, self.out_dims)

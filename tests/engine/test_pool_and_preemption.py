@@ -99,3 +99,21 @@ def test_streaming_thread_and_abort(tiny_models, adapter_root):
     finally:
         engine.stop()
     assert engine.pool.used_by["kv"] == 0
+
+
+def test_warm_up_leaves_no_trace(tiny_models, adapter_root):
+    """The CUDA engine compiles its kernels at start by serving a few requests of its own (for
+    the base and each registered rank): afterwards no page, request or count of theirs remains,
+    and the engine answers as one that never warmed up."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    cold = _engine(tiny_models["gqa"], adapter_root).generate(PROMPTS[:4], params, _loras(4))
+    engine = _engine(tiny_models["gqa"], adapter_root)  # restores a8 and b32 (the cold one used them)
+    assert sorted(a.name for a in engine.list_adapters()) == ["a8", "b32"]
+    engine._warm_up()
+    stats = engine.stats()
+    assert stats.pool_pages_kv == 0 and stats.num_running == stats.num_waiting == 0
+    assert stats.steps == stats.generated_tokens == stats.finished_requests == 0
+    assert stats.adapters_gpu == 2  # it did use both adapters, and they stay cached
+    assert [a.total_requests for a in engine.list_adapters()] == [0, 0]
+    warm = engine.generate(PROMPTS[:4], params, _loras(4))
+    assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
