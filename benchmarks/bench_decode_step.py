@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine(EngineConfig(
         base_model=args.base_model, adapter_root=str(root), device=args.device, dtype=args.dtype,
         pool_pages=args.pool_pages, max_num_seqs=max(args.batch, 1),
-        **parse_engine_params(args.engine_param)))
+        # A mixed step is measured as one: the replacement request joins at once.
+        **{"admit_wait_steps": 0, **parse_engine_params(args.engine_param)}))
     device = engine.device
     try:
         lora = measure(engine, list(names), args.context, args.warmup, args.iters, args.profile,

@@ -43,6 +43,9 @@ class EngineConfig:
     pin_host_memory: bool = False
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
+    # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
+    # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
+    admit_wait_steps: int | None = None
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
     warm_up: bool = True
@@ -79,6 +82,8 @@ class EngineConfig:
             )
         if self.lora_ops not in (None, "bmm"):
             raise ValueError(f"lora_ops must be None or 'bmm', got {self.lora_ops!r}")
+        if self.admit_wait_steps is not None and self.admit_wait_steps < 0:
+            raise ValueError(f"admit_wait_steps must be >= 0, got {self.admit_wait_steps}")
         for name in ("adapter_pool_pages", "max_waiting"):
             value = getattr(self, name)
             if value is not None and value < 1:

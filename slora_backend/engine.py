@@ -96,12 +96,16 @@ class Engine:
                                   config.pin_host_memory and self.device.type == "cuda")
         self.adapters = AdapterCache(adapter_pool, self.store)
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
+        # Graphs need ops that never sync with the host: the Triton kernels, not the references.
+        graphable = (config.cuda_graphs and self.device.type == "cuda"
+                     and config.resolved_kernel_backend == "triton" and not config.lora_ops)
+        admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
                                    config.slo_ttft_s if config.early_abort else None,
-                                   adapter_ready=self._adapter_ready)
-        # Graphs need ops that never sync with the host: the Triton kernels, not the references.
-        graphable = config.cuda_graphs and config.resolved_kernel_backend == "triton" and not config.lora_ops
+                                   adapter_ready=self._adapter_ready,
+                                   admit_wait_steps=(8 if graphable else 0) if admit_wait is None
+                                   else admit_wait)
         self.runner = ModelRunner(
             self.model, self.layout, num_pages,
             make_ops(config.resolved_kernel_backend, config.lora_ops), self.store, self.device, dtype,

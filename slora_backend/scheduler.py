@@ -53,8 +53,15 @@ class Scheduler:
         max_batched_tokens: int,
         slo_ttft_s: float | None = None,
         adapter_ready: Callable[[str], bool] = lambda name: True,
+        admit_wait_steps: int = 0,
     ) -> None:
         self.pool = pool
+        # While every running request decodes, new requests join only every admit_wait_steps+1
+        # steps: a step that prefills cannot replay a decode CUDA graph and costs several decode
+        # steps of host time, whether it admits one request or ten (LightLLM's router waits
+        # the same way, router_max_wait_tokens).
+        self.admit_wait_steps = admit_wait_steps
+        self._steps_without_admission = 0
         self.adapter_ready = adapter_ready
         self.adapters = adapters
         # Adapters either share this pool with KV (S-LoRA's unified paging) or have their own.
@@ -125,6 +132,9 @@ class Scheduler:
         # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
         #    whose adapter is still being read from disk is passed over, not waited for; the
         #    look-ahead past such requests is bounded so a long queue costs a bounded scan.
+        if self._defer_admission(out):
+            return out
+        admitted = len(out.scheduled)
         i = 0
         while i < len(self.waiting) and not out.preempted and budget > 0:
             if len(self.running) >= self.max_num_seqs or i >= self.max_num_seqs:
@@ -148,7 +158,19 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n))
             budget -= n
+        if len(out.scheduled) > admitted:
+            self._steps_without_admission = 0
         return out
+
+    def _defer_admission(self, out: SchedulerOutput) -> bool:
+        """Whether this step leaves the queue alone (see ``admit_wait_steps``): only a step of
+        pure decode defers, and only while requests run."""
+        decode_only = bool(out.scheduled) and all(s.num_new_tokens == 1 for s in out.scheduled)
+        if (not self.waiting or not decode_only
+                or self._steps_without_admission >= self.admit_wait_steps):
+            return False
+        self._steps_without_admission += 1
+        return True
 
     def _preempt(self, request: Request) -> None:
         self._release(request)

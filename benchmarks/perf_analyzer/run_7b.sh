@@ -90,7 +90,8 @@ for C in $CONCURRENCY; do
   "$PA" -m "$MODEL" -u "127.0.0.1:$GRPC" -i grpc --async --streaming \
     --input-data "$OUT/inputs.json" --concurrency-range "$C" \
     --measurement-interval "$INTERVAL_MS" --stability-percentage 25 --max-trials 6 \
-    -f "$OUT/perf_c$C.csv" >> "$OUT/perf_analyzer.log" 2>&1 \
+    -f "$OUT/perf_c$C.csv" --profile-export-file "$OUT/profile_c$C.json" \
+    >> "$OUT/perf_analyzer.log" 2>&1 \
     || echo "perf_analyzer failed at concurrency $C (see perf_analyzer.log)" | tee -a "$OUT/perf_analyzer.log"
 done
 
@@ -100,27 +101,47 @@ curl -s -X POST "http://127.0.0.1:$HTTP/v2/models/slora_adapters/infer" \
 curl -s "http://127.0.0.1:$METRICS/metrics" > "$OUT/metrics.txt" || true
 
 "$PY" - "$OUT" "$MAX_TOKENS" <<'PY'
-import csv, glob, json, os, sys
+import csv, glob, json, sys
 out, max_tokens = sys.argv[1], int(sys.argv[2])
 params = json.load(open(f"{out}/params.json"))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def first_response_ms(concurrency):
+    """Time to the first response of each request perf_analyzer timed (its profile export)."""
+    try:
+        export = json.load(open(f"{out}/profile_c{concurrency}.json"))
+    except (OSError, ValueError):
+        return []
+    return [(r["response_timestamps"][0] - r["timestamp"]) / 1e6
+            for e in export.get("experiments", []) for r in e.get("requests", [])
+            if r.get("response_timestamps")]
+
+
 rows = []
 for path in glob.glob(f"{out}/perf_c*.csv"):
-    for r in csv.DictReader(open(path)):
-        rows.append(r)
+    rows += list(csv.DictReader(open(path)))
 rows.sort(key=lambda r: int(r["Concurrency"]))
 lines = [f"# perf_analyzer: {params['model']} on random:{params['shape']} ({params['dtype']}, {params['device']})",
          "", f"- date: {params['date']}; GPU: {params['gpu']}; torch {params['torch']}; {params['perf_analyzer_version']}",
          f"- {params['adapters']} adapters, ranks {params['ranks']} on {params['targets']}; base-model requests mixed in: {params['base_requests']}",
          f"- every request: {params['prompt_tokens']} prompt tokens, {max_tokens} output tokens (ignore_eos), gRPC streaming",
-         "- latency columns are perf_analyzer's, measured to the first response (time to first token)",
-         "", "| concurrency | requests/s | output tokens/s | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) |",
-         "| --- | --- | --- | --- | --- | --- |"]
+         "- output tokens/s = requests/s x output tokens (the server may merge several tokens into one response);",
+         "  request latency = perf_analyzer's, to a request's last response; first response = from its profile export",
+         "", "| concurrency | requests/s | output tokens/s | request latency p50 / p99 (ms) | first response p50 / p90 / p99 (ms) |",
+         "| --- | --- | --- | --- | --- |"]
 for r in rows:
+    first = first_response_ms(r["Concurrency"])
     lines.append(f"| {r['Concurrency']} | {float(r['Inferences/Second']):.2f} | "
-                 f"{float(r['Response Throughput']):.1f} | {int(r['p50 latency'])/1000:.1f} | "
-                 f"{int(r['p90 latency'])/1000:.1f} | {int(r['p99 latency'])/1000:.1f} |")
+                 f"{float(r['Inferences/Second']) * max_tokens:.0f} | "
+                 f"{int(r['p50 latency']) / 1000:.0f} / {int(r['p99 latency']) / 1000:.0f} | "
+                 f"{pct(first, 0.5):.0f} / {pct(first, 0.9):.0f} / {pct(first, 0.99):.0f} |")
 if not rows:
-    lines.append("| (no successful measurement: see perf_analyzer.log) | | | | | |")
+    lines.append("| (no successful measurement: see perf_analyzer.log) | | | | |")
 open(f"{out}/summary.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

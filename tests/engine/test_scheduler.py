@@ -160,3 +160,29 @@ def test_requests_whose_adapter_is_not_read_yet_are_passed_over_not_waited_for()
     sched.add(req(3))
     out = run_step(sched)
     assert first in [s.request for s in out.scheduled] and list(sched.waiting) == []
+
+
+def test_admission_waits_while_all_running_requests_decode():
+    """admit_wait_steps=2: a queued request joins a decoding batch on the third decode step (not
+    the first), joins at once when nothing runs, and joins with a step that prefills anyway."""
+    pool = PagePool(40)
+    sched = Scheduler(pool, AdapterCache(pool, FakeStore({})), 4, 8, 64, admit_wait_steps=2)
+    sched.add(req(0, max_tokens=20))
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0"]  # nothing ran
+    sched.add(req(1, max_tokens=20))
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0"]  # waits
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0"]  # waits
+    joined = run_step(sched)
+    assert [s.request.request_id for s in joined.scheduled] == ["r0", "r1"]
+    assert joined.scheduled[1].num_new_tokens == 6  # its whole prompt
+    # A step that already prefills (r2's second chunk) admits r3 without waiting.
+    sched.max_batched_tokens = 4
+    sched.add(req(2, prompt_len=10, max_tokens=20))
+    for _ in range(2):
+        run_step(sched)  # the wait
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0", "r1", "r2"]
+    sched.max_batched_tokens = 64
+    sched.add(req(3, max_tokens=20))
+    ids = [s.request.request_id for s in run_step(sched).scheduled]
+    assert ids == ["r0", "r1", "r2", "r3"]
+    assert pool.used_by["kv"] > 0 and not sched.waiting
