@@ -46,6 +46,10 @@ class HostReads:
         self._pool.submit(self._read, name)
         return False
 
+    @property
+    def has_failures(self) -> bool:
+        return bool(self._failed)
+
     def record_failure(self, name: str, why: str) -> None:
         with self._lock:
             self._failed[name] = why

@@ -100,7 +100,7 @@ def test_decode_step_bandwidth_bench(cache):
     result = bench_decode_step.main([
         "--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",
         "--batch", "4", "--context", "16", "--warmup", "1", "--iters", "3",
-        "--cache", str(cache), "--bandwidth", "1e10"])
+        "--mixed-prompt", "12", "--cache", str(cache), "--bandwidth", "1e10"])
     for part in ("lora", "base"):
         r = result[part]
         assert r["batch"] == 4 and r["step_ms_median"] > 0 and r["bound_ms"] > 0
@@ -108,6 +108,22 @@ def test_decode_step_bandwidth_bench(cache):
     assert result["lora"]["distinct_adapters"] == 4 and result["lora"]["bytes_adapters"] > 0
     assert result["base"]["bytes_adapters"] == 0
     assert result["lora"]["context_len_mean"] > 16
+    assert all(result[p]["mixed_prompt"] == 12 and result[p]["mixed_step_ms_median"] > 0
+               for p in ("lora", "base"))
+
+
+def test_step_profile_of_a_replay(cache, tmp_path):
+    """--profile-dir: per-step phases and batch shapes, the Triton compiles seen (none on CPU:
+    the torch ops), and the engine thread's hottest functions."""
+    harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path)])), log=lambda *_: None)
+    report = json.loads((tmp_path / "slora_steps.json").read_text())
+    assert report["steps"] == report["decode_steps"] + report["mixed_steps"] > 0
+    assert report["mixed_steps"] > 0  # every prompt is prefilled in some step
+    assert set(report["phases"]) == {"step", "schedule", "copy_wait", "execute", "prefetch",
+                                     "sample"}
+    assert report["triton_compiles"] == [] and len(report["timeline"]) == report["steps"]
+    assert "engine.py" in (tmp_path / "slora_pstats.txt").read_text()
 
 
 def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
