@@ -82,7 +82,7 @@ def pad3(values: Sequence[int]) -> tuple[int, int, int]:
 
 def vector_elems(dtype: torch.dtype) -> int:
     """Elements per 16-byte load: the alignment a row offset needs for full-width loads."""
-    return 16 // torch.tensor([], dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def dot_precision(dtype: torch.dtype) -> str:
