@@ -36,6 +36,7 @@ from slora_kernels.lora_bmm import (
     lora_shrink_bmm_segments,
 )
 from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_decode_fused import lora_decode_fused
 from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.norm_rope_reference import (
@@ -170,6 +171,10 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
                                starts, dims, tiles=tiles_e)
             return z
 
+        def fused_fn(tiles=None) -> None:
+            lora_decode_fused(y, x, ad.pool, slots, ad.ranks, ad.a_off, ad.b_off, ad.scalings,
+                              mods, starts, dims, tiles=tiles)
+
         def sgmv_fn() -> None:
             z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
             lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
@@ -187,11 +192,22 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
         z_b = torch_fn()
         check(f"decode lora b{b} {rank_name} z", z_t, z_b)
         check(f"decode lora b{b} {rank_name} delta", y_t - y0, y - y0)
+        y[:] = y0
+        fused_fn()
+        check(f"decode lora b{b} {rank_name} fused delta", y - y0, y_t - y0)
         nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
         config = f"B={b} {rank_name} qkv, {b} distinct adapters"
+        fused_us = time_us(fused_fn)
         record("lora_decode", config, time_us(triton_fn), time_us(torch_fn), nbytes,
                sgmv_us=round(time_us(sgmv_fn), 2),
-               triton_eager_us=round(eager_us(triton_fn), 2))
+               triton_eager_us=round(eager_us(triton_fn), 2),
+               fused_us=round(fused_us, 2),
+               fused_pct_of_bound=round(100 * nbytes / HBM_BYTES_PER_S * 1e6 / fused_us, 1))
+        if sweep and b == TARGET_B and rank_name != "r64":
+            for tiles in ({"BLOCK_N": 512}, {"BLOCK_N": 2048}, {"BLOCK_K": 1024},
+                          {"BLOCK_K": 256}, {"BLOCK_R": 4}, {"num_warps": 8}):
+                record("sweep_lora_decode_fused", f"{config} fused {tiles}",
+                       time_us(lambda: fused_fn(tiles)), None, nbytes)
         if sweep and b == TARGET_B:
             # Defaults: shrink 2 rank rows x 1024, expand 4 rank rows x 1024 columns, 4 warps
             # (from --only decode_tiles); the first row is the first session's 8 x 512 pair.

@@ -69,6 +69,32 @@ def check_expand(
                  device=y.device, inner_contiguous=True)
     check_tensor("scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
                  device=y.device, contiguous=True)
+    starts, dims = _check_out_slices(y, mods, out_starts, out_dims)
+    return ExpandArgs(y.shape[0], max_rank, mods, starts, dims)
+
+
+def check_fused(
+    y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor,
+    a_offsets: torch.Tensor, b_offsets: torch.Tensor, scalings: torch.Tensor,
+    modules: Sequence[int], out_starts: Sequence[int], out_dims: Sequence[int],
+) -> tuple[ShrinkArgs, ExpandArgs]:
+    """The shrink's checks on x and the expand's on y, for a launch that does both."""
+    shrink = check_shrink(x, pool, ranks, a_offsets, modules)
+    check_tensor("y", y, dtypes=(x.dtype,), ndim=2, shape=(x.shape[0], None), device=x.device,
+                 inner_contiguous=True)
+    _check_tables(pool, ranks, b_offsets, "b_offsets", x.dtype, x.device)
+    if b_offsets.shape != a_offsets.shape:
+        raise ValueError(f"b_offsets has shape {list(b_offsets.shape)}, a_offsets "
+                         f"{list(a_offsets.shape)}: they must match")
+    check_tensor("scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
+                 device=x.device, contiguous=True)
+    starts, dims = _check_out_slices(y, shrink.modules, out_starts, out_dims)
+    return shrink, ExpandArgs(y.shape[0], shrink.max_rank, shrink.modules, starts, dims)
+
+
+def _check_out_slices(
+    y: torch.Tensor, mods: tuple[int, ...], out_starts: Sequence[int], out_dims: Sequence[int],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     starts, dims = tuple(int(s) for s in out_starts), tuple(int(d) for d in out_dims)
     if len(starts) != len(mods) or len(dims) != len(mods):
         raise ValueError(
@@ -80,7 +106,7 @@ def check_expand(
             raise ValueError(
                 f"output slice [{start}, {start + dim}) does not fit in y's {y.shape[1]} columns"
             )
-    return ExpandArgs(y.shape[0], max_rank, mods, starts, dims)
+    return starts, dims
 
 
 def check_segments(

@@ -73,6 +73,7 @@ def _compile(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
 def _launch_all() -> None:
     from slora_kernels import lora_args, norm_rope, paged_attention
     from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+    from slora_kernels.lora_decode_fused import lora_decode_fused
     from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 
     for module in (lora_args, norm_rope, paged_attention):
@@ -103,6 +104,8 @@ def _launch_all() -> None:
         lora_expand_decode(y, z, pool, slots, ranks, off, torch.ones(s), *qkv)
         lora_expand_decode(y, z[:, :2], pool, slots, ranks, off, torch.ones(s), (4, 5), (0, i),
                            (i, i))
+        small = off[:, :, :8].contiguous()  # the fused kernel is for small ranks
+        lora_decode_fused(y, x, pool, slots, ranks, small, small, torch.ones(s), *qkv)
         paged_attention.write_kv(kv, q[:, :8], q[:, :8], torch.zeros(t, dtype=torch.int64))
         norm_rope.rms_norm(x, torch.empty(h, dtype=dtype), 1e-5)
         norm_rope.add_rms_norm(x, x, torch.empty(h, dtype=dtype), 1e-5)
