@@ -21,3 +21,11 @@ def misaligned_rows(offs_ptr, rank, VEC: tl.constexpr, BLOCK_R: tl.constexpr):
         count += tl.sum((offs % VEC != 0).to(tl.int32), axis=0)
     return count
 
+
+
+@triton.jit
+def add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, scale):
+    """y[token, out_start + cols] += scale * delta: fp32 sum, one rounding into y's dtype."""
+    y_ptrs = y_ptr + token.to(tl.int64) * stride_y + out_start + cols
+    y = tl.load(y_ptrs, mask=col_live, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty), mask=col_live)

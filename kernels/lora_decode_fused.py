@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, pad3, vector_elems
-from ._tl_helpers import misaligned_rows
+from ._tl_helpers import add_scaled_row, misaligned_rows
 from .lora_args import check_fused, check_token_slots
 from .lora_decode import _rows_times_x
 
@@ -82,10 +82,7 @@ def _bgmv_fused_kernel(
                                  col_live, BLOCK_R, BLOCK_K, BLOCK_N, VEC, False)
         scale = tl.load(scalings_ptr + slot)
         out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
-        y_ptrs = y_ptr + token.to(tl.int64) * stride_y + out_start + cols
-        y = tl.load(y_ptrs, mask=col_live, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty),
-                 mask=col_live)
+        add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, scale)
 
 
 def lora_decode_fused(
