@@ -17,7 +17,6 @@ import io
 import json
 import pstats
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ PHASES = ("schedule", "copy_wait", "execute", "prefetch", "sample")
 class StepProfile:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.times: dict[str, list[float]] = defaultdict(list)
         self.steps: list[dict[str, Any]] = []
         self.profile = cProfile.Profile()
         self._current: dict[str, Any] | None = None
@@ -42,8 +40,8 @@ class StepProfile:
         self.compiles: list[dict[str, Any]] = []
         _on_triton_compile(self._note_compile)
 
-    def _note_compile(self, repr: str) -> None:
-        self.compiles.append({"t": round(time.perf_counter(), 3), "kernel": repr[:400]})
+    def _note_compile(self, kernel: str) -> None:
+        self.compiles.append({"t": round(time.perf_counter(), 3), "kernel": kernel[:400]})
 
     def close(self) -> None:
         _on_triton_compile(None)
@@ -59,7 +57,6 @@ class StepProfile:
                 return inner(*args, **kwargs)
             finally:
                 dt = time.perf_counter() - t0
-                self.times[phase].append(dt)
                 if self._current is not None:
                     self._current[phase] = self._current.get(phase, 0.0) + dt
                     if note is not None:
