@@ -29,3 +29,18 @@ def add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, sca
     y_ptrs = y_ptr + token.to(tl.int64) * stride_y + out_start + cols
     y = tl.load(y_ptrs, mask=col_live, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty), mask=col_live)
+
+
+@triton.jit
+def token_module_columns(token_slots_ptr, ranks_ptr, stride_rank, mod0, mod1, mod2,
+                         dim0, dim1, dim2, BLOCK_N: tl.constexpr):
+    """For a per-token program on grid (token, module of the call, block of output columns):
+    (token, mi, first_col, slot, module, out_dim, rank). rank is 0 for base rows (slot -1)."""
+    token = tl.program_id(0)
+    mi = tl.program_id(1)
+    first_col = tl.program_id(2) * BLOCK_N
+    slot = tl.load(token_slots_ptr + token)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    return token, mi, first_col, slot, module, out_dim, rank
