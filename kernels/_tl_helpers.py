@@ -24,8 +24,11 @@ def misaligned_rows(offs_ptr, rank, VEC: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, scale):
-    """y[token, out_start + cols] += scale * delta: fp32 sum, one rounding into y's dtype."""
+def add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
+                   scalings_ptr, slot):
+    """y[token, start_mi + cols] += scalings[slot] * delta: fp32 sum, one rounding into y."""
+    scale = tl.load(scalings_ptr + slot)
+    out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
     y_ptrs = y_ptr + token.to(tl.int64) * stride_y + out_start + cols
     y = tl.load(y_ptrs, mask=col_live, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty), mask=col_live)

@@ -121,9 +121,8 @@ def _bgmv_expand_kernel(
         else:
             delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
                                   BLOCK_R, BLOCK_N, VEC, False)
-        scale = tl.load(scalings_ptr + slot)
-        out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
-        add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, scale)
+        add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
+                       scalings_ptr, slot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,9 +75,8 @@ def _bgmv_fused_kernel(
         else:
             delta = _fused_delta(x_row, pool_ptr, a_offs_ptr, b_offs_ptr, rank, in_dim, cols,
                                  col_live, BLOCK_R, BLOCK_K, BLOCK_N, VEC, False)
-        scale = tl.load(scalings_ptr + slot)
-        out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
-        add_scaled_row(y_ptr, token, stride_y, out_start, cols, col_live, delta, scale)
+        add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
+                       scalings_ptr, slot)
 
 
 def lora_decode_fused(
