@@ -97,6 +97,19 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 2e-2) -
         raise AssertionError(f"{name}: relative error {err:.3g} vs the torch baseline")
 
 
+def check_lora(name: str, y: torch.Tensor, triton_fn: Callable[[], torch.Tensor],
+               torch_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Triton pair and the torch baseline from the same ``y``; check z and the update
+    of y. Returns (y before, y after the Triton pair); ``y`` is left as the baseline made it."""
+    y0 = y.clone()
+    z_t = triton_fn()
+    y_t, y[:] = y.clone(), y0
+    z_b = torch_fn()
+    check(f"{name} z", z_t, z_b)
+    check(f"{name} delta", y_t - y0, y - y0)
+    return y0, y_t
+
+
 def record(table: str, config: str, triton_us: float, torch_us: float | None, bytes_: float,
            **extra: object) -> None:
     bound = bytes_ / HBM_BYTES_PER_S * 1e6
@@ -186,12 +199,7 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
                             starts, dims)
             return z
 
-        y0 = y.clone()
-        z_t = triton_fn()
-        y_t, y[:] = y.clone(), y0
-        z_b = torch_fn()
-        check(f"decode lora b{b} {rank_name} z", z_t, z_b)
-        check(f"decode lora b{b} {rank_name} delta", y_t - y0, y - y0)
+        y0, y_t = check_lora(f"decode lora b{b} {rank_name}", y, triton_fn, torch_fn)
         y[:] = y0
         fused_fn()
         check(f"decode lora b{b} {rank_name} fused delta", y - y0, y_t - y0)
@@ -316,12 +324,7 @@ def bench_lora_prefill(configs: list[int], sweep: bool) -> None:
                                          mods, starts, dims, max_len)
                 return z
 
-            y0 = y.clone()
-            z_t = triton_fn()
-            y_t, y[:] = y.clone(), y0
-            z_b = torch_fn()
-            check(f"prefill lora n{n} {rank_name} z", z_t, z_b)
-            check(f"prefill lora n{n} {rank_name} delta", y_t - y0, y - y0)
+            check_lora(f"prefill lora n{n} {rank_name}", y, triton_fn, torch_fn)
             nbytes = ad.weight_bytes(list(range(n)), mods) + t * (H + 2 * sum(dims)) * 2
             config = f"{n} seqs, {t} tokens, {rank_name} qkv, distinct adapters"
             record("lora_prefill", config, time_us(triton_fn), time_us(torch_fn), nbytes)
