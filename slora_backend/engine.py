@@ -396,14 +396,13 @@ class Engine:
         """Admit new work, run one forward over the scheduled batch, emit outputs."""
         with self._step_lock:
             outputs = self._drain_inbox()
-            outputs += self._fail_unreadable(self.scheduler.waiting)
-            out = self.scheduler.schedule()
+            out = self.scheduler.schedule()  # (a request whose adapter failed to read waits)
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
             self.copier.submit(self.adapters.take_pending())
             self.copier.wait()  # this step reads adapters copied in so far, and reuses pages
-            if self.host_reads.has_failures:  # (a copy found its adapter's file damaged)
+            if self.host_reads.has_failures:  # a read or a copy found an adapter file damaged
                 outputs += self._fail_unreadable([*(s.request for s in out.scheduled),
                                                   *self.scheduler.waiting])
                 out.scheduled = [s for s in out.scheduled if not s.request.finished]
