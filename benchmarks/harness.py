@@ -221,7 +221,8 @@ def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, ta
     log(f"{tag} {v.label} (limit {limit or 'none'} s)")
     return engine_replay.run_variant(kwargs, v, workload, adapter_root, slo_s=args.slo,
                                      time_limit_s=limit, prompt_seed=args.seed,
-                                     profile_dir=args.profile_dir, log=log)
+                                     profile_dir=args.profile_dir, cprofile=args.cprofile,
+                                     log=log)
 
 
 def run_peft(args, workload, base_model, adapter_root, log) -> dict[str, Any]:
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--markdown", type=Path, default=None)
     o.add_argument("--profile-dir", type=Path, default=None,
                    help="write each engine replay's step profile here (benchmarks.step_profile)")
+    o.add_argument("--cprofile", action="store_true",
+                   help="with --profile-dir: also cProfile the engine thread (slows it ~2x)")
     return ap
 
 

@@ -2,9 +2,11 @@
 
 ``StepProfile(engine)`` wraps, on that engine instance only, ``step`` and the calls inside it
 that can take long (scheduling, waiting for adapter copies, the forward, sampling - which
-waits for the GPU), and runs the engine thread under cProfile. ``report()`` gives per-phase
-totals and percentiles plus the step's batch shape; ``write(dir, name)`` saves the report as
-JSON and the engine thread's hottest functions as text.
+waits for the GPU); with ``cprofile=True`` it also runs the engine thread under cProfile, which
+slows the engine's host side about 2x (so those runs are for finding hot functions, not for
+timing). ``report()`` gives per-phase totals and percentiles plus the step's batch shape;
+``write(dir, name)`` saves the report as JSON and, with cProfile, the engine thread's hottest
+functions as text.
 
 Host timings only: a phase that only launches GPU work looks cheap, and its GPU time shows up
 in ``sample`` (the first call that waits for the GPU). Used by ``harness --profile-dir``.
@@ -24,10 +26,10 @@ PHASES = ("schedule", "copy_wait", "execute", "prefetch", "sample")
 
 
 class StepProfile:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, cprofile: bool = False) -> None:
         self.engine = engine
         self.steps: list[dict[str, Any]] = []
-        self.profile = cProfile.Profile()
+        self.profile = cProfile.Profile() if cprofile else None
         self._current: dict[str, Any] | None = None
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.copier, "wait", "copy_wait")
@@ -35,8 +37,9 @@ class StepProfile:
         self._wrap(engine, "_prefetch_adapters", "prefetch")
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(engine, "step", "step")
-        loop = engine._loop
-        engine._loop = lambda: self.profile.runcall(loop)
+        if self.profile is not None:
+            loop, profile = engine._loop, self.profile
+            engine._loop = lambda: profile.runcall(loop)
         self.compiles: list[dict[str, Any]] = []
         _on_triton_compile(self._note_compile)
 
@@ -123,7 +126,8 @@ class StepProfile:
         self.close()
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"{name}_steps.json").write_text(json.dumps(self.report(), indent=1))
-        (directory / f"{name}_pstats.txt").write_text(self.hottest())
+        if self.profile is not None:
+            (directory / f"{name}_pstats.txt").write_text(self.hottest())
 
 
 def _on_triton_compile(callback) -> None:

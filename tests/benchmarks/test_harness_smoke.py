@@ -114,9 +114,10 @@ def test_decode_step_bandwidth_bench(cache):
 
 def test_step_profile_of_a_replay(cache, tmp_path):
     """--profile-dir: per-step phases and batch shapes, the Triton compiles seen (none on CPU:
-    the torch ops), and the engine thread's hottest functions."""
+    the torch ops), and with --cprofile the engine thread's hottest functions."""
     harness.run(harness.normalize(harness.build_parser().parse_args(
-        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path)])), log=lambda *_: None)
+        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--cprofile"])),
+        log=lambda *_: None)
     report = json.loads((tmp_path / "slora_steps.json").read_text())
     assert report["steps"] == report["decode_steps"] + report["mixed_steps"] > 0
     assert report["mixed_steps"] > 0  # every prompt is prefilled in some step
