@@ -42,6 +42,7 @@ class StepProfile:
             engine._loop = lambda: profile.runcall(loop)
         self.compiles: list[dict[str, Any]] = []
         _on_triton_compile(self._note_compile)
+        self._allocator_start = _allocator_counts(engine)
 
     def _note_compile(self, kernel: str) -> None:
         self.compiles.append({"t": round(time.perf_counter(), 3), "kernel": kernel[:400]})
@@ -111,6 +112,10 @@ class StepProfile:
             "mixed_step_ms_avg": None if not prefill else round(1e3 * mean(prefill, "step"), 3),
             "mixed_tokens_avg": mean(prefill, "tokens"),
             "triton_compiles": self.compiles,
+            # cudaMalloc / cudaFree calls and allocation retries during the replay: each free
+            # and retry synchronises the device, which a host timing would misread as host work
+            "cuda_allocator": {k: v - self._allocator_start.get(k, 0)
+                               for k, v in _allocator_counts(self.engine).items()},
             "timeline": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in s.items()}
                          for s in worked[:2000]],
         }
@@ -128,6 +133,16 @@ class StepProfile:
         (directory / f"{name}_steps.json").write_text(json.dumps(self.report(), indent=1))
         if self.profile is not None:
             (directory / f"{name}_pstats.txt").write_text(self.hottest())
+
+
+def _allocator_counts(engine: Any) -> dict[str, int]:
+    if engine.device.type != "cuda":
+        return {}
+    import torch
+
+    stats = torch.cuda.memory_stats(engine.device)
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc",
+                                               "num_device_free", "num_sync_all_streams")}
 
 
 def _on_triton_compile(callback) -> None:

@@ -7,6 +7,7 @@ weights of newly resident adapters (``take_pending``) into their pages before th
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adapter_store import AdapterStore
@@ -21,9 +22,15 @@ class ResidentAdapter:
 
 
 class AdapterCache:
-    def __init__(self, pool: PagePool, store: AdapterStore) -> None:
+    def __init__(
+        self, pool: PagePool, store: AdapterStore,
+        copying: Callable[[str], bool] = lambda name: False,
+    ) -> None:
+        """``copying(name)``: whether ``name``'s weights may still be in flight to its pages;
+        such an adapter is not evictable (its pages must not change hands under the copy)."""
         self.pool = pool
         self.store = store
+        self.copying = copying
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
         self._pending: list[ResidentAdapter] = []
         self.loads = 0
@@ -47,14 +54,18 @@ class AdapterCache:
             return 0
         return self.store.get(name).plan.num_pages
 
+    def _evictable(self) -> list[ResidentAdapter]:
+        """Unpinned adapters whose copy is done, least recently used first."""
+        return [r for r in self._resident.values() if r.pins == 0 and not self.copying(r.name)]
+
     def evictable_pages(self) -> int:
-        return sum(len(r.pages) for r in self._resident.values() if r.pins == 0)
+        return sum(len(r.pages) for r in self._evictable())
 
     def make_room(self, num_pages: int) -> bool:
         """Evict unpinned adapters, least recently used first, until ``num_pages`` are free."""
         if self.pool.num_free + self.evictable_pages() < num_pages:
             return False
-        for name in [n for n, r in self._resident.items() if r.pins == 0]:
+        for name in [r.name for r in self._evictable()]:
             if self.pool.num_free >= num_pages:
                 break
             self.evict(name)
@@ -103,9 +114,10 @@ class AdapterCache:
 
     def evict(self, name: str) -> None:
         resident = self._resident.pop(name)
-        if resident.pins:
+        if resident.pins or self.copying(name):
             self._resident[name] = resident
-            raise RuntimeError(f"adapter {name!r} is pinned by {resident.pins} requests")
+            raise RuntimeError(f"adapter {name!r} is pinned by {resident.pins} requests"
+                               if resident.pins else f"adapter {name!r} is still being copied in")
         if resident in self._pending:
             self._pending.remove(resident)
         self.pool.free(resident.pages)

@@ -94,7 +94,8 @@ class Engine:
             adapter_pages, first_page=num_pages - adapter_pages)
         self.store = AdapterStore(self.layout, dtype, config.host_adapter_bytes,
                                   config.pin_host_memory and self.device.type == "cuda")
-        self.adapters = AdapterCache(adapter_pool, self.store)
+        self.adapters = AdapterCache(adapter_pool, self.store,
+                                     copying=lambda name: self.copier.in_flight(name))
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
         # Graphs need ops that never sync with the host: the Triton kernels, not the references.
         graphable = (config.cuda_graphs and self.device.type == "cuda"
@@ -203,6 +204,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name`` (refused while requests use it); frees its pool pages."""
         with self._registry_lock, self._between_steps():
+            self.copier.wait([name])  # its pages go back to the pool: no copy may still write them
             self.registry.unload(name, self._active_counts())
 
     def list_adapters(self) -> list[AdapterInfo]:
@@ -401,7 +403,9 @@ class Engine:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
             self.copier.submit(self.adapters.take_pending())
-            self.copier.wait()  # this step reads adapters copied in so far, and reuses pages
+            # The step waits for the copies of the adapters it reads (and is ordered after every
+            # copy done so far, whose pages may have changed hands); prefetches run on.
+            self.copier.wait({s.request.adapter for s in out.scheduled})
             if self.host_reads.has_failures:  # a read or a copy found an adapter file damaged
                 outputs += self._fail_unreadable([*(s.request for s in out.scheduled),
                                                   *self.scheduler.waiting])
@@ -470,6 +474,7 @@ class Engine:
             return []
         outputs = [self._finish(r, "error", error=failed[r.adapter])
                    for r in list(requests) if r.adapter in failed]
+        self.copier.wait(failed)  # a failed copy reports before its future ends
         for name in failed:
             if name in self.adapters and not self.adapters.get(name).pins:
                 self.adapters.evict(name)
