@@ -57,6 +57,12 @@ class ModelRunner:
         weights = self.store.weights(resident.name)
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _nullcontext():
             index = self._scatter_index(resident)
+            if self.copy_stream is not None and not weights.is_pinned():
+                # Stage through pinned memory (torch's caching host allocator: a few blocks,
+                # each reused once its copy is done). A copy straight from pageable memory
+                # holds the CUDA driver's staging path for its whole 1.5 ms, and the engine
+                # thread's own small copies (a step's metadata) queue behind it.
+                weights = weights.pin_memory()
             src = weights.to(self.device, non_blocking=True)
             self.pool.view(self.pool.shape[0], -1)[:, index] = src
             if self.copy_stream is None:
