@@ -22,6 +22,26 @@ def misaligned_rows(offs_ptr, rank, VEC: tl.constexpr, BLOCK_R: tl.constexpr):
     return count
 
 
+@triton.jit
+def segment_tile(seg_lens_ptr, num_segs, tile, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Segments cut into tiles of BLOCK_M tokens (segment g into cdiv(seg_lens[g], BLOCK_M)
+    tiles), numbered in segment order: (g, first token of the tile within g) for tile number
+    ``tile``; g == num_segs for a tile past the last one. A scan over the segment lengths, so a
+    grid needs only as many tiles as the batch has, not max_seg_len / BLOCK_M per segment."""
+    seg = tl.zeros([], dtype=tl.int32)
+    start = tl.zeros([], dtype=tl.int32)  # number of segment ``seg``'s first tile
+    before = tl.zeros([], dtype=tl.int32)  # tiles of the segments of earlier chunks
+    for g0 in range(0, num_segs, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        valid = g < num_segs
+        tiles = (tl.load(seg_lens_ptr + g, mask=valid, other=0) + BLOCK_M - 1) // BLOCK_M
+        ends = before + tl.cumsum(tiles, axis=0)  # tiles of segments 0..g
+        passed = valid & (ends <= tile)
+        seg += tl.sum(passed.to(tl.int32), axis=0)
+        start = tl.maximum(start, tl.max(tl.where(passed, ends, 0), axis=0))
+        before += tl.sum(tiles, axis=0)
+    return seg, (tile - start) * BLOCK_M
+
 
 @triton.jit
 def add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, pad3, vector_elems
+from ._common import cdiv, next_pow2, pad3, vector_elems
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
 
@@ -163,7 +163,7 @@ def lora_shrink_decode(
     cfg = dict(BLOCK_R=min(2, next_pow2(args.max_rank)), BLOCK_K=min(1024, next_pow2(args.in_dim)),
                num_warps=4)
     cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), triton.cdiv(args.max_rank, cfg["BLOCK_R"]))
+    grid = (args.num_tokens, len(args.modules), cdiv(args.max_rank, cfg["BLOCK_R"]))
     _bgmv_shrink_kernel[grid](
         x, pool, z, token_slots, ranks, a_offsets,
         args.in_dim, args.max_rank,
@@ -204,7 +204,7 @@ def lora_expand_decode(
     cfg = dict(BLOCK_R=min(4, next_pow2(args.max_rank)),
                BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
     cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), triton.cdiv(max(args.out_dims), cfg["BLOCK_N"]))
+    grid = (args.num_tokens, len(args.modules), cdiv(max(args.out_dims), cfg["BLOCK_N"]))
     _bgmv_expand_kernel[grid](
         y, z, pool, token_slots, ranks, b_offsets, scalings,
         y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, pad3, vector_elems
+from ._common import cdiv, next_pow2, pad3, vector_elems
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_fused, check_token_slots
 from .lora_decode import _rows_times_x
@@ -111,7 +111,7 @@ def lora_decode_fused(
     cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)), BLOCK_K=min(512, next_pow2(args.in_dim)),
                BLOCK_N=min(1024, next_pow2(max(out.out_dims))), num_warps=4)
     cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), triton.cdiv(max(out.out_dims), cfg["BLOCK_N"]))
+    grid = (args.num_tokens, len(args.modules), cdiv(max(out.out_dims), cfg["BLOCK_N"]))
     _bgmv_fused_kernel[grid](
         x, y, pool, token_slots, ranks, a_offsets, b_offsets, scalings, args.in_dim,
         x.stride(0), y.stride(0), ranks.stride(0), a_offsets.stride(0), a_offsets.stride(1),

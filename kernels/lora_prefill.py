@@ -4,6 +4,9 @@ Shrink ``z = x A^T`` and expand ``y += scale * z B^T`` tiled over *segments*: se
 tokens ``seg_starts[g] .. seg_starts[g] + seg_lens[g] - 1``, all using adapter slot
 ``seg_slots[g]``. A program owns a tile of one segment's tokens and runs a matrix product
 against that adapter's A (or B^T) rows, gathered from the page pool through their offsets.
+Tiles are numbered across segments (``_tl_helpers.segment_tile``): a batch of one long prompt
+and hundreds of one-token segments (a mixed step) launches about T / BLOCK_M + G tiles per
+module block, not G x max_seg_len / BLOCK_M mostly empty ones.
 Ranks differ per segment; a program's loop stops at its own segment's rank. Tokens outside
 every segment (base model) are not visited: their z rows stay zero and their y rows untouched.
 Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
@@ -17,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dot_upcast, next_pow2, pad3, vector_elems
-from ._tl_helpers import misaligned_rows
+from ._common import cdiv, dot_precision, dot_upcast, next_pow2, pad3, vector_elems
+from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import check_expand, check_segments, check_shrink
 
 # ---------------------------------------------------------------------------------------------
@@ -51,24 +54,26 @@ def _x_times_rows_t(
     return acc
 
 
-@triton.jit
+# num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
+# variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay).
+@triton.jit(do_not_specialize=["num_segs"])
 def _sgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     a_offsets_ptr,
-    in_dim, max_rank, num_rank_blocks,
+    in_dim, max_rank, num_rank_blocks, num_segs,
     stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # Module and rank block vary fastest: programs reading the same x tile run together, so
     # the 2nd and 3rd module's reads of it hit L2.
     mi = tl.program_id(0) // num_rank_blocks
     first_row = (tl.program_id(0) % num_rank_blocks) * BLOCK_R
-    first_tok = tl.program_id(1) * BLOCK_M
-    seg = tl.program_id(2)
-    seg_len = tl.load(seg_lens_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
+    seg, first_tok = segment_tile(seg_lens_ptr, num_segs, tl.program_id(1), BLOCK_M, BLOCK_G)
+    seg_live = seg < num_segs
+    seg_len = tl.load(seg_lens_ptr + seg, mask=seg_live, other=0)
+    slot = tl.load(seg_slots_ptr + seg, mask=seg_live, other=-1)
     module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
     rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
     # Tiles past the segment's end or the adapter's rank do nothing (z was zero-filled).
@@ -115,23 +120,23 @@ def _z_times_rows_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segs"])
 def _sgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     b_offsets_ptr, scalings_ptr,
-    num_col_blocks,
+    num_col_blocks, num_segs,
     stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # Module and column block vary fastest: programs sharing a z tile run together.
     mi = tl.program_id(0) // num_col_blocks
     first_col = (tl.program_id(0) % num_col_blocks) * BLOCK_N
-    first_tok = tl.program_id(1) * BLOCK_M
-    seg = tl.program_id(2)
-    seg_len = tl.load(seg_lens_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
+    seg, first_tok = segment_tile(seg_lens_ptr, num_segs, tl.program_id(1), BLOCK_M, BLOCK_G)
+    seg_live = seg < num_segs
+    seg_len = tl.load(seg_lens_ptr + seg, mask=seg_live, other=0)
+    slot = tl.load(seg_slots_ptr + seg, mask=seg_live, other=-1)
     module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
     out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
     rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
@@ -162,6 +167,15 @@ def _sgmv_expand_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
+
+_BLOCK_G = 128  # segment lengths scanned per step of segment_tile's loop
+
+
+def _num_tiles(num_tokens: int, num_segs: int, block_m: int) -> int:
+    """Enough tiles for any segments of ``num_tokens`` tokens in all: sum_g cdiv(len_g, M)
+    <= T / M + G. Programs past the batch's real tile count exit at once."""
+    return cdiv(num_tokens, block_m) + num_segs
 
 
 def _tiles(dtype: torch.dtype, max_seg_len: int, max_rank: int) -> tuple[int, int]:
@@ -202,16 +216,16 @@ def lora_shrink_prefill(
     cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
                BLOCK_K=min(32 if x.dtype == torch.float32 else 64, max(16, next_pow2(args.in_dim))))
     cfg.update(tiles or {})
-    rank_blocks = triton.cdiv(args.max_rank, cfg["BLOCK_R"])
-    grid = (len(args.modules) * rank_blocks, triton.cdiv(max_seg_len, cfg["BLOCK_M"]), num_segs)
+    rank_blocks = cdiv(args.max_rank, cfg["BLOCK_R"])
+    grid = (len(args.modules) * rank_blocks, _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
     _sgmv_shrink_kernel[grid](
         x, pool, z, seg_starts, seg_lens, seg_slots, ranks, a_offsets,
-        args.in_dim, args.max_rank, rank_blocks,
+        args.in_dim, args.max_rank, rank_blocks, num_segs,
         x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
         a_offsets.stride(0), a_offsets.stride(1),
         *pad3(args.modules),
         VEC=vector_elems(x.dtype), PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype),
-        **cfg,
+        BLOCK_G=_BLOCK_G, **cfg,
     )
     return z
 
@@ -248,14 +262,14 @@ def lora_expand_prefill(
                BLOCK_N=min(64 if y.dtype == torch.float32 else 128,
                            max(16, next_pow2(max(args.out_dims)))))
     cfg.update(tiles or {})
-    col_blocks = triton.cdiv(max(args.out_dims), cfg["BLOCK_N"])
-    grid = (len(args.modules) * col_blocks, triton.cdiv(max_seg_len, cfg["BLOCK_M"]), num_segs)
+    col_blocks = cdiv(max(args.out_dims), cfg["BLOCK_N"])
+    grid = (len(args.modules) * col_blocks, _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
     _sgmv_expand_kernel[grid](
         y, z, pool, seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings,
-        col_blocks,
+        col_blocks, num_segs,
         y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
         b_offsets.stride(0), b_offsets.stride(1),
         *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
         VEC=vector_elems(y.dtype), PRECISION=dot_precision(y.dtype), UPCAST=dot_upcast(y.dtype),
-        **cfg,
+        BLOCK_G=_BLOCK_G, **cfg,
     )

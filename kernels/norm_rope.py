@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_device, check_tensor, next_pow2
+from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2
 
 _MAX_ROW = 65536  # widest row a single program holds in registers
 
@@ -131,7 +131,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[0] == 0 or n_cols == 0:
         return out
     block = min(1024, next_pow2(n_cols))
-    _silu_and_mul_kernel[(gate_up.shape[0], triton.cdiv(n_cols, block))](
+    _silu_and_mul_kernel[(gate_up.shape[0], cdiv(n_cols, block))](
         gate_up, out, n_cols, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
     )
     return out

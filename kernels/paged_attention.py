@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    cdiv,
     check_device,
     check_tensor,
     dot_precision,
@@ -218,8 +219,8 @@ def _default_splits(q: torch.Tensor, num_seqs: int, kv_heads: int, max_context_l
     if q.device.type != "cuda":
         return 1
     programs = num_seqs * kv_heads
-    want = triton.cdiv(2 * _num_sms(q.device.index or 0), programs)
-    return max(1, min(want, triton.cdiv(max_context_len, 256)))
+    want = cdiv(2 * _num_sms(q.device.index or 0), programs)
+    return max(1, min(want, cdiv(max_context_len, 256)))
 
 
 def _tiles(
@@ -296,15 +297,15 @@ def paged_attention(
     splits = 1
     if max_query_len == 1:
         splits = num_splits or _default_splits(q, num_seqs, kv_heads, max_context_len)
-    keys_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), splits), block_n) * block_n
-    splits = triton.cdiv(max(max_context_len, 1), keys_per_split)
+    keys_per_split = cdiv(cdiv(max(max_context_len, 1), splits), block_n) * block_n
+    splits = cdiv(max(max_context_len, 1), keys_per_split)
     if splits > 1:
         part_acc = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32,
                                device=dev)
         part_ml = torch.empty(num_tokens, num_heads, splits, 2, dtype=torch.float32, device=dev)
     else:
         part_acc = part_ml = out  # never touched
-    grid = (num_seqs, kv_heads, triton.cdiv(max_query_len, block_q) * splits)
+    grid = (num_seqs, kv_heads, cdiv(max_query_len, block_q) * splits)
     _paged_attention_kernel[grid](
         q, kv_pages, out, part_acc, part_ml,
         block_tables, query_starts, context_lens,

@@ -128,6 +128,25 @@ def test_lora_shape_popularity(shape_name: str, popularity: str, device) -> None
                          device)
 
 
+def test_prefill_kernels_on_a_mixed_step(device) -> None:
+    """A mixed step: two prompts among 140 one-token segments (more than one chunk of the
+    kernels' segment scan) of distinct adapters, base tokens between them; the tiles are
+    numbered across segments, so the grid is about T / BLOCK_M + G, not G x max_seg_len."""
+    gen = torch.Generator().manual_seed(7)
+    num_adapters = 142
+    adapters = build_adapter_pool(SHAPES["odd"], torch.float32,
+                                  [{"q_proj": 8, "v_proj": 8} for _ in range(num_adapters)],
+                                  device, gen)
+    token_slots = [0] * 37 + [-1, -1]
+    for a in range(1, num_adapters - 1):
+        token_slots += [a, -1] if a % 5 == 0 else [a]
+    token_slots += [num_adapters - 1] * 21
+    lora = lora_batch(token_slots, adapters, False, device)
+    assert lora.seg_lens.shape[0] == num_adapters and lora.max_seg_len == 37
+    _check_group("prefill", "odd", MODULE_GROUPS["qkv"], adapters.pool, lora, torch.float32, gen,
+                 device)
+
+
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_lora_without_adapters(kind: str, device) -> None:
     """Every token on the base model: z is zero and y is left exactly as it was."""
