@@ -99,7 +99,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def check_device(name: str, t: torch.Tensor) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return
     if t.device.type == "cpu" and interpreting():
         return

@@ -4,11 +4,16 @@ The adapter tables follow ``slora_backend.batch.LoraBatch``: ``ranks`` int32 ``[
 ``a_offsets`` / ``b_offsets`` int64 ``[S, M, R]`` (M = 7 module kinds, R = the batch's max rank),
 ``scalings`` fp32 ``[S]``; ``pool`` is one layer's flat buffer. The launchers cannot check that
 every offset lies inside ``pool`` without a device sync; the model runner guarantees it.
+
+The tables of a step are the same tensor objects in every layer's launches (a 7B model's step
+makes 64-256 LoRA launches), so a table set that passed is remembered (``_TableChecks``) and not
+re-checked; the per-layer tensors (x, y, z, the layer's pool buffer) are checked every time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +38,51 @@ class ExpandArgs:
     out_dims: tuple[int, ...]
 
 
+class _TableChecks:
+    """The last few table sets that passed their checks, keyed by the tensors' identities (and
+    the device they were checked for). Entries hold the tensors, so an id in a key cannot be
+    reused by another object while the entry lives. A tensor's dtype, shape, strides and device
+    do not change after creation (short of resize_/set_, which nothing applies to these)."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._passed: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def check(self, what: str, tensors: tuple[torch.Tensor, ...], device: torch.device,
+              run: Callable[[], None]) -> None:
+        key = (what, device, *(id(t) for t in tensors))
+        if key in self._passed:
+            self._passed.move_to_end(key)
+            return
+        run()  # raises, naming the problem, if a table is wrong: nothing is remembered then
+        self._passed[key] = tensors
+        if len(self._passed) > self.size:
+            self._passed.popitem(last=False)
+
+
+_TABLES = _TableChecks()
+
+
 def _check_tables(
     pool: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, offsets_name: str,
     dtype: torch.dtype, device: torch.device,
 ) -> None:
     check_tensor("pool", pool, dtypes=(dtype,), ndim=1, device=device, contiguous=True)
-    check_tensor("ranks", ranks, dtypes=(torch.int32,), ndim=2, device=device, contiguous=True)
-    num_slots, num_kinds = ranks.shape
-    check_tensor(offsets_name, offsets, dtypes=(torch.int64,), ndim=3,
-                 shape=(num_slots, num_kinds, None), device=device, contiguous=True)
+
+    def run() -> None:
+        check_tensor("ranks", ranks, dtypes=(torch.int32,), ndim=2, device=device,
+                     contiguous=True)
+        num_slots, num_kinds = ranks.shape
+        check_tensor(offsets_name, offsets, dtypes=(torch.int64,), ndim=3,
+                     shape=(num_slots, num_kinds, None), device=device, contiguous=True)
+
+    _TABLES.check(offsets_name, (ranks, offsets), device, run)
+
+
+def _check_scalings(scalings: torch.Tensor, ranks: torch.Tensor, device: torch.device) -> None:
+    _TABLES.check("scalings", (scalings, ranks), device, lambda: check_tensor(
+        "scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
+        device=device, contiguous=True))
 
 
 def check_shrink(
@@ -67,8 +108,7 @@ def check_expand(
     max_rank = b_offsets.shape[2]
     check_tensor("z", z, dtypes=(y.dtype,), ndim=3, shape=(y.shape[0], len(mods), max_rank),
                  device=y.device, inner_contiguous=True)
-    check_tensor("scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
-                 device=y.device, contiguous=True)
+    _check_scalings(scalings, ranks, y.device)
     starts, dims = _check_out_slices(y, mods, out_starts, out_dims)
     return ExpandArgs(y.shape[0], max_rank, mods, starts, dims)
 
@@ -86,8 +126,7 @@ def check_fused(
     if b_offsets.shape != a_offsets.shape:
         raise ValueError(f"b_offsets has shape {list(b_offsets.shape)}, a_offsets "
                          f"{list(a_offsets.shape)}: they must match")
-    check_tensor("scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
-                 device=x.device, contiguous=True)
+    _check_scalings(scalings, ranks, x.device)
     starts, dims = _check_out_slices(y, shrink.modules, out_starts, out_dims)
     return shrink, ExpandArgs(y.shape[0], shrink.max_rank, shrink.modules, starts, dims)
 
@@ -114,18 +153,23 @@ def check_segments(
     max_seg_len: int, device: torch.device,
 ) -> int:
     """Validate the segment tables (int32 ``[num_segments]`` each); return the segment count."""
-    check_tensor("seg_starts", seg_starts, dtypes=(torch.int32,), ndim=1, device=device,
-                 contiguous=True)
+
+    def run() -> None:
+        check_tensor("seg_starts", seg_starts, dtypes=(torch.int32,), ndim=1, device=device,
+                     contiguous=True)
+        n = seg_starts.shape[0]
+        for name, t in (("seg_lens", seg_lens), ("seg_slots", seg_slots)):
+            check_tensor(name, t, dtypes=(torch.int32,), shape=(n,), ndim=1, device=device,
+                         contiguous=True)
+
+    _TABLES.check("segments", (seg_starts, seg_lens, seg_slots), device, run)
     n = seg_starts.shape[0]
-    check_tensor("seg_lens", seg_lens, dtypes=(torch.int32,), shape=(n,), ndim=1, device=device,
-                 contiguous=True)
-    check_tensor("seg_slots", seg_slots, dtypes=(torch.int32,), shape=(n,), ndim=1,
-                 device=device, contiguous=True)
     if n > 0 and max_seg_len < 1:
         raise ValueError(f"max_seg_len must be >= 1 when there are segments, got {max_seg_len}")
     return n
 
 
 def check_token_slots(token_slots: torch.Tensor, num_tokens: int, device: torch.device) -> None:
-    check_tensor("token_slots", token_slots, dtypes=(torch.int32,), ndim=1, shape=(num_tokens,),
-                 device=device, contiguous=True)
+    _TABLES.check(f"token_slots[{num_tokens}]", (token_slots,), device, lambda: check_tensor(
+        "token_slots", token_slots, dtypes=(torch.int32,), ndim=1, shape=(num_tokens,),
+        device=device, contiguous=True))

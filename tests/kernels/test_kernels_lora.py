@@ -247,3 +247,29 @@ def test_lora_launchers_reject_bad_arguments(device) -> None:
     with pytest.raises(ValueError, match="max_seg_len"):
         lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, *args,
                             (0,), 0)
+
+
+def test_tables_that_passed_are_remembered_and_bad_ones_never_are(device) -> None:
+    """A step's tables are checked once, not in every layer; a failing table is not remembered
+    (it fails again), and a wrong one of the same shape but another object is still caught."""
+    from slora_kernels import lora_args
+
+    adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "decode", device, 8)
+    x = torch.randn(DECODE_SEQS, 128).half().to(device)
+    checked = []
+    original = lora_args.check_tensor
+    lora_args.check_tensor = lambda name, *a, **k: (checked.append(name), original(name, *a, **k))[1]
+    try:
+        for _ in range(3):
+            lora_shrink_decode(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, (0,))
+    finally:
+        lora_args.check_tensor = original
+    assert checked.count("a_offsets") == 1 and checked.count("ranks") == 1
+    assert checked.count("x") == 3 and checked.count("pool") == 3  # per-layer tensors: each call
+    bad = lora.a_offsets.int()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="a_offsets has dtype"):
+            lora_shrink_decode(x, adapters.pool, lora.token_slots, lora.ranks, bad, (0,))
+    narrow = lora.ranks[:, :3].contiguous()  # same kind of tensor, wrong shape
+    with pytest.raises(ValueError, match="a_offsets has size"):
+        lora_shrink_decode(x, adapters.pool, lora.token_slots, narrow, lora.a_offsets, (0,))
