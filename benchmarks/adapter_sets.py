@@ -58,12 +58,16 @@ def set_dir(cache: Path, setting: str, base: str) -> Path:
     return Path(cache) / f"{setting}-{tag}"
 
 
-def fitting_prefix(specs: Sequence[AdapterSpec], spec: ModelSpec, budget_bytes: int) -> int:
-    """How many of ``specs`` (a prefix) fit in ``budget_bytes``."""
-    total = 0
-    for i, a in enumerate(specs):
-        total += adapter_bytes(spec, a.rank)
-        if total > budget_bytes:
+def fitting_prefix(specs: Sequence[AdapterSpec], spec: ModelSpec, max_total_bytes: int,
+                   max_new_bytes: int, present: Sequence[bool]) -> int:
+    """How many of ``specs`` (a prefix) fit: the whole prefix within ``max_total_bytes`` and the
+    adapters not yet on disk (``present[i]`` false) within ``max_new_bytes``."""
+    total = new = 0
+    for i, (a, on_disk) in enumerate(zip(specs, present)):
+        size = adapter_bytes(spec, a.rank)
+        total += size
+        new += 0 if on_disk else size
+        if total > max_total_bytes or new > max_new_bytes:
             return i
     return len(specs)
 

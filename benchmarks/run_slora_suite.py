@@ -130,11 +130,10 @@ class Suite:
         specs = adapter_specs(setting, n)
         cache = Path(a.cache)
         cache.mkdir(parents=True, exist_ok=True)
-        existing = sum(adapter_bytes(spec, s.rank) for s in specs
-                       if (set_dir(cache, setting, base) / s.name).is_dir())
-        free = shutil.disk_usage(cache).free + existing - a.disk_margin_gib * GIB
-        budget = min(free, a.max_adapter_gib * GIB)
-        fits = fitting_prefix(specs, spec, int(budget))
+        present = [(set_dir(cache, setting, base) / s.name).is_dir() for s in specs]
+        # Adapters already written cost no disk; only the missing ones must leave the margin.
+        room = shutil.disk_usage(cache).free - a.disk_margin_gib * GIB
+        fits = fitting_prefix(specs, spec, int(a.max_adapter_gib * GIB), int(room), present)
         t = time.perf_counter()
         root = ensure_adapter_set(cache, setting, max(fits, 1), base=base, log=self.log)
         info = self.extra["adapter_sets"].setdefault(f"{setting} {base}", {})
@@ -142,8 +141,9 @@ class Suite:
                     gib=round(sum(adapter_bytes(spec, s.rank) for s in specs[:fits]) / GIB, 1))
         info.setdefault("write_s", round(time.perf_counter() - t, 1))
         if fits < n:
-            self.log(f"{setting}: only {fits} of {n} adapters fit the disk/size budget "
-                     f"({budget / GIB:.0f} GiB); runs asking for more use {fits}")
+            self.log(f"{setting}: only {fits} of {n} adapters fit the disk ({room / GIB:.0f} GiB "
+                     f"free beyond the margin) and the {a.max_adapter_gib:.0f} GiB set size; "
+                     f"runs asking for more use {fits}")
         return root, fits
 
     # ---- jobs ----------------------------------------------------------------------------------

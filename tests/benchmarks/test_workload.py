@@ -143,3 +143,16 @@ def test_json_round_trip_and_views():
     assert all(r.adapter is None for r in w.without_adapters().requests)
     s = w.summary()
     assert s["num_requests"] == 50 and s["distinct_adapters_used"] <= 12
+
+
+def test_adapter_set_prefix_counts_only_missing_adapters_against_the_disk():
+    """A set already on disk fits a full disk; new adapters must fit the room left, the whole
+    prefix the size cap."""
+    from benchmarks.adapter_sets import adapter_bytes, fitting_prefix, model_spec
+
+    spec = model_spec("random:llama-7b")
+    specs = adapter_specs("S1", 10)
+    one = adapter_bytes(spec, 8)
+    assert fitting_prefix(specs, spec, 100 * one, 0, [True] * 10) == 10
+    assert fitting_prefix(specs, spec, 100 * one, 2 * one, [True] * 5 + [False] * 5) == 7
+    assert fitting_prefix(specs, spec, 4 * one, 100 * one, [False] * 10) == 4
