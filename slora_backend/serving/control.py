@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapter_registry import REGISTRY_FILE
+from ..adapter_store import resolve_under_root
+from ..errors import AdapterLoadError
 from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 from .router import StreamRouter
@@ -70,8 +73,6 @@ class AdapterNames:
     (docs/serving.md).
     """
 
-    REGISTRY_FILE = "registry.json"  # written by slora_backend.adapter_registry
-
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.realpath(root))
         self._registered: tuple[float, frozenset[str]] = (-1.0, frozenset())
@@ -79,16 +80,19 @@ class AdapterNames:
     def check(self, name: str) -> dict[str, Any]:
         if name in self._registry():
             return {"name": name, "registered": True}
-        path = Path(os.path.realpath(self.root / name))  # resolves '..' and symlinks
-        inside = "/" not in name and path != self.root and self.root in path.parents
-        if inside and (path / "adapter_config.json").is_file():
+        try:  # the engine's own rule: '..' and symlinks resolved, nothing outside the root
+            path = resolve_under_root(self.root, name)
+        except AdapterLoadError:
+            path = None
+        if (path is not None and "/" not in name and path != self.root
+                and (path / "adapter_config.json").is_file()):
             return {"name": name, "registered": False}
         raise ServingError(NOT_FOUND, f"adapter {name!r} is not registered and {self.root} has "
                                       "no adapter directory of that name")
 
     def _registry(self) -> frozenset[str]:
         """Registered names, re-read when the engine rewrites the file."""
-        file = self.root / self.REGISTRY_FILE
+        file = self.root / REGISTRY_FILE
         try:
             mtime = file.stat().st_mtime
         except OSError:
