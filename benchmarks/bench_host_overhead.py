@@ -1,0 +1,159 @@
+"""Host time of the calls a step makes, on the GPU machine: what an eager step pays per launch.
+
+Two measurements, no syncs inside the timed loops (host microseconds, not GPU time):
+
+- ``--launches``: host microseconds per call of small torch ops, the LoRA launchers and a bare
+  Triton launch of the segment kernel (Llama-2-7B qkv shapes, batch 256, rank 8);
+- ``--mixed-step B P``: host milliseconds per step spent in each op of the forward (and in
+  ``execute`` / ``model.forward`` around them) over mixed steps - a decode batch of B requests
+  over B adapters in which one request is replaced by a new P-token prompt each step - with
+  and without adapters (``bench_decode_step.measure`` drives the engine).
+
+    python -m benchmarks.bench_host_overhead --launches --mixed-step 256 256 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def host_us(fn, n: int = 2000) -> float:
+    import torch
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return round(host, 2)
+
+
+def launches() -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+    from slora_kernels._common import dot_precision, dot_upcast, pad3, vector_elems
+    from slora_kernels.lora_decode import lora_shrink_decode
+    from slora_kernels.lora_prefill import _sgmv_shrink_kernel, lora_shrink_prefill
+    from slora_kernels.norm_rope import rms_norm
+
+    from . import bench_kernels as bk
+
+    b, dev, dt = 256, "cuda", torch.float16
+    ad = bk.Adapters(b, (8,), torch.Generator().manual_seed(0))
+    mods = bk.QKV[0]
+    x = torch.randn(b, bk.H, device=dev, dtype=dt)
+    slots = torch.arange(b, dtype=torch.int32, device=dev)
+    seg = (slots, torch.ones_like(slots), slots)
+    w = torch.randn(bk.H, device=dev, dtype=dt)
+    small_w, small_x = torch.randn(64, bk.H, device=dev, dtype=dt), x[:8]
+    z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
+    raw_args = (x, ad.pool, z, *seg, ad.ranks, ad.a_off, bk.H, 8, 1, b, x.stride(0), z.stride(0),
+                z.stride(1), ad.ranks.stride(0), ad.a_off.stride(0), ad.a_off.stride(1),
+                *pad3(mods))
+    raw_kw = dict(VEC=vector_elems(dt), PRECISION=dot_precision(dt), UPCAST=dot_upcast(dt),
+                  BLOCK_G=128, BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, num_warps=4, num_stages=3)
+    return {
+        "torch.zeros": host_us(lambda: torch.zeros(b, 3, 8, device=dev, dtype=dt)),
+        "torch.empty": host_us(lambda: torch.empty(b, 3, 8, device=dev, dtype=dt)),
+        "F.linear small": host_us(lambda: F.linear(small_x, small_w)),
+        "tensor add": host_us(lambda: small_x + small_x),
+        "rms_norm launcher": host_us(lambda: rms_norm(x, w, 1e-5)),
+        "sgmv shrink launcher": host_us(
+            lambda: lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)),
+        "bgmv shrink launcher": host_us(
+            lambda: lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)),
+        "sgmv shrink bare kernel[grid]": host_us(
+            lambda: _sgmv_shrink_kernel[(3, b + 16)](*raw_args, **raw_kw)),
+    }
+
+
+def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from slora_backend import Engine, EngineConfig
+    from slora_backend.ops_triton import TritonOps
+
+    from . import bench_decode_step as bds
+    from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
+    from .workload import adapter_specs
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+
+    def wrap(owner: Any, attr: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[attr] += time.perf_counter() - t
+                calls[attr] += 1
+
+        setattr(owner, attr, timed)
+
+    root = ensure_adapter_set(DEFAULT_CACHE, "S1", batch, base="random:llama-7b")
+    names = [a.name for a in adapter_specs("S1", batch)]
+    write_registry(root, names)
+    engine = Engine(EngineConfig(base_model="random:llama-7b", adapter_root=str(root),
+                                 device="cuda", dtype="float16", max_num_seqs=batch,
+                                 admit_wait_steps=0))
+    for op in ("lora_shrink", "lora_expand", "attention", "write_kv", "rms_norm", "add_rms_norm",
+               "silu_and_mul", "rotary"):
+        wrap(TritonOps, op)
+    wrap(F, "linear")
+    wrap(engine.runner, "execute")
+    wrap(engine.runner, "_lora_batch")
+    result: dict[str, Any] = {"batch": batch, "prompt": prompt}
+    timed_steps = bds.timed_steps
+    try:
+        for tag, batch_names in (("lora", list(names)), ("base", [None] * batch)):
+            def timed(engine, iters, before_step=lambda i: None, tag=tag):
+                if before_step.__name__ != "replace_one":  # the decode-only steps
+                    return timed_steps(engine, iters, before_step)
+                spent.clear()
+                calls.clear()
+                out = timed_steps(engine, iters, before_step)
+                result[f"{tag}_host_ms_per_step"] = {
+                    k: round(v / iters * 1e3, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+                result[f"{tag}_calls_per_step"] = {k: v / iters for k, v in calls.items()}
+                return out
+
+            bds.timed_steps = timed
+            m = bds.measure(engine, batch_names, 512, 3, 10, 0, prompt)
+            result[tag] = {k: m[k] for k in ("step_ms_median", "mixed_step_ms_median")}
+    finally:
+        bds.timed_steps = timed_steps
+        engine.stop()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--launches", action="store_true")
+    ap.add_argument("--mixed-step", type=int, nargs=2, metavar=("BATCH", "PROMPT"))
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    from .harness import run_metadata
+
+    result: dict[str, Any] = {"meta": run_metadata()}
+    if args.launches:
+        result["host_us_per_call"] = launches()
+    if args.mixed_step:
+        result["mixed_step"] = mixed_step(*args.mixed_step)
+    print(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_overhead.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
