@@ -212,8 +212,12 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
                fused_us=round(fused_us, 2),
                fused_pct_of_bound=round(100 * nbytes / HBM_BYTES_PER_S * 1e6 / fused_us, 1))
         if sweep and b == TARGET_B and rank_name != "r64":
-            for tiles in ({"BLOCK_N": 512}, {"BLOCK_N": 2048}, {"BLOCK_K": 1024},
-                          {"BLOCK_K": 256}, {"BLOCK_R": 4}, {"num_warps": 8}):
+            # Defaults: 8 (or 16) rank rows x 2048, 8 warps: 195 registers, one program per
+            # SM; smaller tiles fit two.
+            for tiles in ({"BLOCK_K": 1024, "BLOCK_N": 1024},
+                          {"BLOCK_K": 1024, "BLOCK_N": 1024, "num_warps": 4},
+                          {"BLOCK_K": 4096, "BLOCK_N": 4096}, {"num_warps": 4},
+                          {"BLOCK_R": 4}, {"BLOCK_K": 512, "BLOCK_N": 512, "num_warps": 4}):
                 record("sweep_lora_decode_fused", f"{config} fused {tiles}",
                        time_us(lambda: fused_fn(tiles)), None, nbytes)
         if sweep and b == TARGET_B:

@@ -1,14 +1,15 @@
-"""Decode LoRA in one launch, for small ranks: y += scale * round(x A^T) B^T, token by token.
+"""Decode LoRA in one launch: y += scale * round(x A^T) B^T, one program per (token, module).
 
 The two-launch path (``lora_decode``: shrink, then expand) pays two dependent launches and a
-round trip of z through memory. At rank 8 the adapter bytes of a 64-token batch take ~6 us to
+round trip of z through memory. At rank 8 the adapter bytes of a 64-token batch take ~6.8 us to
 read on the H200, but the pair took 20 us (docs/benchmarks.md, issue 3's 50% target missed).
-Here one program (token, module, block of BLOCK_N output columns) computes its token's z for
-that module itself and applies it to its columns. The A rows are read by every column block of
-a module - ``out_dim / BLOCK_N`` times, all but the first from L2 - so the redundant shrink
-grows with rank: this is a small-rank kernel (the launcher does not enforce a limit; the
-benchmark decides where it pays). z is rounded to the input dtype before it multiplies B^T, as
-the two-launch path and PEFT round it, so both paths give the same result.
+Here one program owns a token and a module: it reads the adapter's A rows once, writes its z
+(rounded to the input dtype, as the pair and PEFT round it) to a scratch row, then streams the
+B^T rows block of columns by block, adding each block's delta into y with one rounding. Each
+program moves tens of kilobytes in a few wide loads, so a batch of 64 x 3 programs keeps HBM
+busy with far fewer, longer programs than the pair. (The first version, one program per column
+block recomputing z, measured 29.5 us at batch 64 rank 8: the repeated shrink cost more than
+the launch it saved.)
 
 Reference: ``lora_reference.lora_shrink_ref`` followed by ``lora_expand_ref``.
 """
@@ -21,62 +22,71 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, pad3, vector_elems
-from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
+from ._common import next_pow2, pad3, vector_elems
+from ._tl_helpers import add_scaled_row, misaligned_rows
 from .lora_args import check_fused, check_token_slots
-from .lora_decode import _rows_times_x
+from .lora_decode import _rows_times_x, _z_times_rows
+
+# Elements of one tile (rank rows x columns): 8 warps hold a 16k-element fp32 tile in ~64
+# registers a thread, so a rank-8 row of A (4096) takes two wide loads.
+_TILE_ELEMS = 16384
 
 
 @triton.jit
-def _fused_delta(
-    x_row, pool_ptr, a_offs_ptr, b_offs_ptr, rank, in_dim, cols, col_live,
+def _fused_row(
+    x_row, y_ptr, z_row, pool_ptr, a_offs_ptr, b_offs_ptr, scalings_ptr,
+    token, mi, slot, rank, in_dim, out_dim, stride_y, start0, start1, start2,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """[BLOCK_N] fp32: sum_{j < rank} round(A[j] . x) * B^T[j, cols]."""
-    delta = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # 1. z[:rank] = round(A x), block of rank rows by block, into this program's scratch row.
     for j0 in range(0, rank, BLOCK_R):
         rows = j0 + tl.arange(0, BLOCK_R)
         live = rows < rank
-        a_offs = tl.load(a_offs_ptr + rows, mask=live, other=0)
-        z = _rows_times_x(x_row, pool_ptr, a_offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, ALIGNED)
-        z = z.to(x_row.dtype.element_ty).to(tl.float32)
-        b_offs = tl.load(b_offs_ptr + rows, mask=live, other=0)
-        if ALIGNED:
-            b_offs = (b_offs // VEC) * VEC
-        bt = tl.load(pool_ptr + b_offs[:, None] + cols[None, :],
-                     mask=live[:, None] & col_live[None, :], other=0.0)
-        delta += tl.sum(bt.to(tl.float32) * z[:, None], axis=0)
-    return delta
+        offs = tl.load(a_offs_ptr + rows, mask=live, other=0)
+        z = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, ALIGNED)
+        tl.store(z_row + rows, z.to(z_row.dtype.element_ty), mask=live)
+    tl.debug_barrier()  # the z each thread reads below was written by other threads
+    # 2. y[cols] += scale * z B^T[:, cols], block of columns by block, one rounding into y.
+    for nb in range(0, tl.cdiv(out_dim, BLOCK_N)):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_live = cols < out_dim
+        delta = _z_times_rows(z_row, b_offs_ptr, pool_ptr, rank, cols, col_live,
+                              BLOCK_R, BLOCK_N, VEC, ALIGNED)
+        add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
+                       scalings_ptr, slot)
 
 
 @triton.jit
 def _bgmv_fused_kernel(
-    x_ptr, y_ptr, pool_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr, b_offsets_ptr,
+    x_ptr, y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr, b_offsets_ptr,
     scalings_ptr, in_dim,
-    stride_x, stride_y, stride_rank, stride_off_s, stride_off_m,
+    stride_x, stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
 ):
-    token, mi, first_col, slot, module, out_dim, rank = token_module_columns(
-        token_slots_ptr, ranks_ptr, stride_rank, mod0, mod1, mod2, dim0, dim1, dim2, BLOCK_N)
-    # Base rows, untargeted modules and column blocks past the module's width do nothing.
-    if (rank > 0) & (first_col < out_dim):
-        cols = first_col + tl.arange(0, BLOCK_N)
-        col_live = cols < out_dim
+    token = tl.program_id(0)
+    mi = tl.program_id(1)
+    slot = tl.load(token_slots_ptr + token)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    # Base rows and untargeted modules do nothing.
+    if rank > 0:
         x_row = x_ptr + token.to(tl.int64) * stride_x
+        z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
         a_offs_ptr = a_offsets_ptr + slot * stride_off_s + module * stride_off_m
         b_offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
         misaligned = (misaligned_rows(a_offs_ptr, rank, VEC, BLOCK_R)
                       + misaligned_rows(b_offs_ptr, rank, VEC, BLOCK_R))
         if misaligned == 0:
-            delta = _fused_delta(x_row, pool_ptr, a_offs_ptr, b_offs_ptr, rank, in_dim, cols,
-                                 col_live, BLOCK_R, BLOCK_K, BLOCK_N, VEC, True)
+            _fused_row(x_row, y_ptr, z_row, pool_ptr, a_offs_ptr, b_offs_ptr, scalings_ptr,
+                       token, mi, slot, rank, in_dim, out_dim, stride_y, start0, start1, start2,
+                       BLOCK_R, BLOCK_K, BLOCK_N, VEC, True)
         else:
-            delta = _fused_delta(x_row, pool_ptr, a_offs_ptr, b_offs_ptr, rank, in_dim, cols,
-                                 col_live, BLOCK_R, BLOCK_K, BLOCK_N, VEC, False)
-        add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
-                       scalings_ptr, slot)
+            _fused_row(x_row, y_ptr, z_row, pool_ptr, a_offs_ptr, b_offs_ptr, scalings_ptr,
+                       token, mi, slot, rank, in_dim, out_dim, stride_y, start0, start1, start2,
+                       BLOCK_R, BLOCK_K, BLOCK_N, VEC, False)
 
 
 def lora_decode_fused(
@@ -108,13 +118,17 @@ def lora_decode_fused(
     check_token_slots(token_slots, args.num_tokens, x.device)
     if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
         return
-    cfg = dict(BLOCK_R=min(8, next_pow2(args.max_rank)), BLOCK_K=min(512, next_pow2(args.in_dim)),
-               BLOCK_N=min(1024, next_pow2(max(out.out_dims))), num_warps=4)
+    block_r = min(16, next_pow2(args.max_rank))
+    cfg = dict(BLOCK_R=block_r, BLOCK_K=min(_TILE_ELEMS // block_r, next_pow2(args.in_dim)),
+               BLOCK_N=min(_TILE_ELEMS // block_r, next_pow2(max(out.out_dims))), num_warps=8)
     cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), cdiv(max(out.out_dims), cfg["BLOCK_N"]))
+    z = torch.empty(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
+                    device=x.device)
+    grid = (args.num_tokens, len(args.modules))
     _bgmv_fused_kernel[grid](
-        x, y, pool, token_slots, ranks, a_offsets, b_offsets, scalings, args.in_dim,
-        x.stride(0), y.stride(0), ranks.stride(0), a_offsets.stride(0), a_offsets.stride(1),
+        x, y, z, pool, token_slots, ranks, a_offsets, b_offsets, scalings, args.in_dim,
+        x.stride(0), y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+        a_offsets.stride(0), a_offsets.stride(1),
         *pad3(args.modules), *pad3(out.out_starts), *pad3(out.out_dims),
         VEC=vector_elems(x.dtype), **cfg,
     )
