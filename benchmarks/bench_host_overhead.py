@@ -1,15 +1,19 @@
 """Host time of the calls a step makes, on the GPU machine: what an eager step pays per launch.
 
-Two measurements, no syncs inside the timed loops (host microseconds, not GPU time):
+Three measurements, no syncs inside the timed loops (host time, not GPU time):
 
 - ``--launches``: host microseconds per call of small torch ops, the LoRA launchers and a bare
   Triton launch of the segment kernel (Llama-2-7B qkv shapes, batch 256, rank 8);
 - ``--mixed-step B P``: host milliseconds per step spent in each op of the forward (and in
   ``execute`` / ``model.forward`` around them) over mixed steps - a decode batch of B requests
   over B adapters in which one request is replaced by a new P-token prompt each step - with
-  and without adapters (``bench_decode_step.measure`` drives the engine).
+  and without adapters (``bench_decode_step.measure`` drives the engine);
+- ``--step-metadata B`` (any device, CPU included): host milliseconds ``ModelRunner.execute``
+  spends turning a decode batch of B requests over B adapters into tensors (the forward itself
+  stubbed out), with and without adapters, and of that the LoRA tables (``_lora_batch``).
 
     python -m benchmarks.bench_host_overhead --launches --mixed-step 256 256 --out DIR
+    python -m benchmarks.bench_host_overhead --step-metadata 256 --device cpu --out DIR
 """
 
 from __future__ import annotations
@@ -137,10 +141,64 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
     return result
 
 
+def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+
+    from slora_backend import Engine, EngineConfig, SamplingParams
+
+    from .adapter_sets import ensure_adapter_set, write_registry
+    from .workload import adapter_specs
+
+    base = "random:tiny-mha"  # host work does not depend on the model's size
+    cache = Path(tempfile.gettempdir()) / "slora-bench-host-overhead"
+    root = ensure_adapter_set(cache, "S1", batch, base=base, log=lambda *_: None)
+    names = [a.name for a in adapter_specs("S1", batch)]
+    write_registry(root, names)
+    engine = Engine(EngineConfig(base_model=base, adapter_root=str(root), device=device,
+                                 max_num_seqs=batch, pool_pages=16 * batch,
+                                 max_batched_tokens=64 * batch, cuda_graphs=False))
+    for i, name in enumerate(names):
+        engine.add_request([3 + (i + j) % 100 for j in range(64)],
+                           SamplingParams(max_tokens=iters + 16, ignore_eos=True), name)
+    while len(engine.scheduler.running) < batch:
+        engine.step()
+    engine.step()  # every request decodes from here on
+    runner, scheduled = engine.runner, engine.scheduler.schedule().scheduled
+    residents = {s.request.adapter: engine.adapters.get(s.request.adapter) for s in scheduled}
+    runner.model.forward = lambda ids, ctx, rows: torch.zeros(rows.shape[0], 1)
+    lora_batch, spent = runner._lora_batch, [0.0]
+
+    def timed_lora_batch(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return lora_batch(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    runner._lora_batch = timed_lora_batch
+    result: dict[str, Any] = {"batch": batch, "device": device}
+    for tag in ("lora", "base"):
+        if tag == "base":
+            for s in scheduled:
+                s.request.adapter = None
+            residents = {}
+        spent[0] = 0.0
+        t = time.perf_counter()
+        for _ in range(iters):
+            runner.execute(scheduled, residents)
+        result[f"{tag}_execute_ms"] = round((time.perf_counter() - t) / iters * 1e3, 3)
+        result[f"{tag}_lora_tables_ms"] = round(spent[0] / iters * 1e3, 3)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--mixed-step", type=int, nargs=2, metavar=("BATCH", "PROMPT"))
+    ap.add_argument("--step-metadata", type=int, metavar="BATCH")
+    ap.add_argument("--device", default="cuda", help="for --step-metadata")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from .harness import run_metadata
@@ -150,6 +208,8 @@ def main() -> None:
         result["host_us_per_call"] = launches()
     if args.mixed_step:
         result["mixed_step"] = mixed_step(*args.mixed_step)
+    if args.step_metadata:
+        result["step_metadata"] = step_metadata(args.step_metadata, args.device)
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_overhead.json").write_text(json.dumps(result, indent=1))

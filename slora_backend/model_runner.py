@@ -7,9 +7,10 @@ weights of newly resident adapters into their pages.
 from __future__ import annotations
 
 from contextlib import nullcontext as _nullcontext
+from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
+import torch.nn.functional as F
 
 from .adapter_cache import ResidentAdapter
 from .adapter_store import AdapterStore
@@ -35,8 +36,8 @@ class ModelRunner:
         spec = layout.spec
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
-        # adapter -> (its pages, its offset and rank tables): rebuilt only when the pages change
-        self._offsets: dict[str, tuple[tuple[int, ...], tuple[torch.Tensor, ...]]] = {}
+        # adapter -> its rows of the batch tables: rebuilt only when its pages change
+        self._offsets: dict[str, _AdapterTables] = {}
         self._plan_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _scatter_index
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies submitted before it (AdapterCopier.wait).
@@ -91,22 +92,16 @@ class ModelRunner:
         pages = torch.tensor(resident.pages, dtype=torch.int64).to(self.device, non_blocking=True)
         return pages[page_slot] * self.layout.page_size + offset
 
-    def _adapter_tables(self, resident: ResidentAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a_offsets, b_offsets) as [rank, 7] host tensors and ranks as [7], for a resident
-        adapter; memoised while its pages stay the same."""
+    def _adapter_tables(self, resident: ResidentAdapter, width: int) -> _AdapterRows:
+        """A resident adapter's rows of the batch tables, padded to ``width`` rank columns
+        (the batch's largest rank); memoised while its pages stay the same, so a step only
+        stacks them."""
         cached = self._offsets.get(resident.name)
-        if cached is not None and cached[0] == tuple(resident.pages):
-            return cached[1]
-        entry = self.store.get(resident.name)
-        a = torch.zeros(entry.rank, len(LORA_MODULES), dtype=torch.int64)
-        b = torch.zeros(entry.rank, len(LORA_MODULES), dtype=torch.int64)
-        page_size = self.layout.page_size
-        for r in entry.plan.rows:
-            table = a if r.kind == "a" else b
-            table[r.index, LORA_MODULES.index(r.module)] = resident.pages[r.page] * page_size + r.offset
-        ranks = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES], dtype=torch.int32)
-        self._offsets[resident.name] = (tuple(resident.pages), (a, b, ranks))
-        return a, b, ranks
+        if cached is None or cached.pages != tuple(resident.pages):
+            entry = self.store.get(resident.name)
+            cached = self._offsets[resident.name] = _AdapterTables(
+                tuple(resident.pages), entry, self.layout.page_size)
+        return cached.padded(width)
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -184,13 +179,11 @@ class ModelRunner:
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         entries = [self.store.get(name) for name in slot_of]
-        tables = [self._adapter_tables(residents[name]) for name in slot_of]
-        # [n, max_rank, 7] zero-padded past each adapter's rank -> [n, 7, max_rank]: a few
-        # calls for the whole batch (a decode batch can hold hundreds of adapters).
-        a_off = pad_sequence([t[0] for t in tables], batch_first=True).transpose(1, 2).contiguous()
-        b_off = pad_sequence([t[1] for t in tables], batch_first=True).transpose(1, 2).contiguous()
-        ranks = torch.stack([t[2] for t in tables])
-        max_rank = a_off.shape[2]
+        max_rank = max(e.rank for e in entries)
+        rows = [self._adapter_tables(residents[name], max_rank) for name in slot_of]
+        a_off = torch.stack([r.a for r in rows])  # [n, 7, max_rank]: one call for the batch
+        b_off = torch.stack([r.b for r in rows])
+        ranks = torch.stack([r.ranks for r in rows])
         # Segments: maximal runs of equal slot >= 0 (tokens are already grouped by adapter).
         seg_starts, seg_lens, seg_slots = [], [], []
         for i, slot in enumerate(token_slots):
@@ -205,7 +198,7 @@ class ModelRunner:
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
             ranks=ranks.to(dev),
-            scalings=torch.tensor([e.scaling for e in entries], dtype=torch.float32, device=dev),
+            scalings=torch.tensor([r.scaling for r in rows], dtype=torch.float32, device=dev),
             a_offsets=a_off.to(dev),
             b_offsets=b_off.to(dev),
             max_rank=max_rank,
@@ -214,5 +207,41 @@ class ModelRunner:
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             max_seg_len=max(seg_lens),
             is_decode=is_decode,
-            targets=frozenset(MODULE_INDEX[m] for e in entries for m in e.ranks),
+            targets=frozenset().union(*(r.targets for r in rows)),
         )
+
+
+@dataclass(frozen=True)
+class _AdapterRows:
+    """One adapter's rows of a step's ``LoraBatch`` tables (see ``batch.py``)."""
+
+    a: torch.Tensor  # int64 [7, width]: where row j of module m's A starts in a layer's pool
+    b: torch.Tensor  # int64 [7, width]: the same for B^T
+    ranks: torch.Tensor  # int32 [7]
+    scaling: float
+    targets: frozenset[int]  # module indices with rank > 0
+
+
+class _AdapterTables:
+    """A resident adapter's offsets, built once per placement, padded once per batch width."""
+
+    def __init__(self, pages: tuple[int, ...], entry, page_size: int) -> None:
+        self.pages = pages
+        a = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
+        b = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
+        for r in entry.plan.rows:
+            table = a if r.kind == "a" else b
+            table[LORA_MODULES.index(r.module), r.index] = pages[r.page] * page_size + r.offset
+        ranks = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES], dtype=torch.int32)
+        targets = frozenset(MODULE_INDEX[m] for m in entry.ranks)
+        self._rows = {entry.rank: _AdapterRows(a, b, ranks, entry.scaling, targets)}
+
+    def padded(self, width: int) -> _AdapterRows:
+        rows = self._rows.get(width)
+        if rows is None:  # columns past the adapter's rank are 0 and never read
+            exact = next(iter(self._rows.values()))
+            pad = width - exact.a.shape[1]
+            rows = self._rows[width] = _AdapterRows(
+                F.pad(exact.a, (0, pad)), F.pad(exact.b, (0, pad)), exact.ranks, exact.scaling,
+                exact.targets)
+        return rows
