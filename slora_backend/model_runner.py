@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter_cache import ResidentAdapter
-from .adapter_store import AdapterStore
+from .adapter_store import AdapterEntry, AdapterStore
 from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
@@ -37,10 +37,10 @@ class ModelRunner:
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
         # adapter -> its rows of the batch tables: rebuilt only when its pages change
-        self._offsets: dict[str, _AdapterTables] = {}
+        self._tables: dict[str, _AdapterTables] = {}
         self._plan_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _scatter_index
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
-        # orders each step after the copies submitted before it (AdapterCopier.wait).
+        # orders each step after the copies of the adapters it reads (AdapterCopier.wait).
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graphs = None
         if graphs_for is not None and device.type == "cuda":
@@ -96,10 +96,10 @@ class ModelRunner:
         """A resident adapter's rows of the batch tables, padded to ``width`` rank columns
         (the batch's largest rank); memoised while its pages stay the same, so a step only
         stacks them."""
-        cached = self._offsets.get(resident.name)
+        cached = self._tables.get(resident.name)
         if cached is None or cached.pages != tuple(resident.pages):
             entry = self.store.get(resident.name)
-            cached = self._offsets[resident.name] = _AdapterTables(
+            cached = self._tables[resident.name] = _AdapterTables(
                 tuple(resident.pages), entry, self.layout.page_size)
         return cached.padded(width)
 
@@ -225,7 +225,7 @@ class _AdapterRows:
 class _AdapterTables:
     """A resident adapter's offsets, built once per placement, padded once per batch width."""
 
-    def __init__(self, pages: tuple[int, ...], entry, page_size: int) -> None:
+    def __init__(self, pages: tuple[int, ...], entry: AdapterEntry, page_size: int) -> None:
         self.pages = pages
         a = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
         b = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
