@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, pad3, vector_elems
-from ._tl_helpers import add_scaled_row, misaligned_rows
+from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_fused, check_token_slots
 from .lora_decode import _rows_times_x, _z_times_rows
 
@@ -65,12 +65,9 @@ def _bgmv_fused_kernel(
     mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    mi = tl.program_id(1)
-    slot = tl.load(token_slots_ptr + token)
-    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
-    out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
-    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    # A 2-D grid (token, module): the prologue's column block is always 0 here.
+    token, mi, _, slot, module, out_dim, rank = token_module_columns(
+        token_slots_ptr, ranks_ptr, stride_rank, mod0, mod1, mod2, dim0, dim1, dim2, BLOCK_N)
     # Base rows and untargeted modules do nothing.
     if rank > 0:
         x_row = x_ptr + token.to(tl.int64) * stride_x
