@@ -222,6 +222,7 @@ def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, ta
     return engine_replay.run_variant(kwargs, v, workload, adapter_root, slo_s=args.slo,
                                      time_limit_s=limit, prompt_seed=args.seed,
                                      profile_dir=args.profile_dir, cprofile=args.cprofile,
+                                     kernel_window=args.kernel_trace,
                                      log=log)
 
 
@@ -339,7 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each engine replay's step profile here (benchmarks.step_profile)")
     o.add_argument("--cprofile", action="store_true",
                    help="with --profile-dir: also cProfile the engine thread (slows it ~2x)")
+    o.add_argument("--kernel-trace", type=_step_window, default=None, metavar="FIRST:COUNT",
+                   help="with --profile-dir: GPU time per kernel over steps FIRST.. (torch.profiler)")
     return ap
+
+
+def _step_window(text: str) -> tuple[int, int]:
+    first, _, count = text.partition(":")
+    try:
+        window = int(first), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST:COUNT (two integers), got {text!r}") from None
+    if window[0] < 0 or window[1] < 1:
+        raise argparse.ArgumentTypeError(f"FIRST must be >= 0 and COUNT >= 1, got {text!r}")
+    return window
 
 
 def normalize(args: argparse.Namespace) -> argparse.Namespace:

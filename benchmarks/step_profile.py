@@ -8,8 +8,14 @@ timing). ``report()`` gives per-phase totals and percentiles plus the step's bat
 ``write(dir, name)`` saves the report as JSON and, with cProfile, the engine thread's hottest
 functions as text.
 
-Host timings only: a phase that only launches GPU work looks cheap, and its GPU time shows up
-in ``sample`` (the first call that waits for the GPU). Used by ``harness --profile-dir``.
+Host timings, plus on CUDA one GPU span per step: ``gpu_execute``, from the point the forward
+starts on the compute stream to the point its last kernel ends (CUDA events; no sync added). A
+phase that only launches GPU work looks cheap on the host, and its GPU time shows up in
+``sample`` (the first call that waits for the GPU); ``gpu_execute`` near ``execute`` means the
+host was the bottleneck, well above it means the GPU was. ``kernel_window=(first, count)`` also
+runs torch.profiler over that many steps and reports GPU time per kernel name (the profiler
+slows launches, so that window's host timings are not representative). Used by
+``harness --profile-dir``.
 """
 
 from __future__ import annotations
@@ -23,17 +29,25 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("schedule", "copy_wait", "execute", "prefetch", "sample")
+# parts of ``execute``: building the step's LoRA tables, copying a graph step's inputs in
+EXECUTE_PARTS = ("lora_tables", "graph_fill")
 
 
 class StepProfile:
-    def __init__(self, engine: Any, cprofile: bool = False) -> None:
+    def __init__(self, engine: Any, cprofile: bool = False,
+                 kernel_window: tuple[int, int] | None = None) -> None:
         self.engine = engine
+        self.kernels = _KernelWindow(*kernel_window) if kernel_window else None
+        self._cuda = engine.device.type == "cuda"
         self.steps: list[dict[str, Any]] = []
         self.profile = cProfile.Profile() if cprofile else None
         self._current: dict[str, Any] | None = None
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.copier, "wait", "copy_wait")
         self._wrap(engine.runner, "execute", "execute", self._note_batch)
+        self._wrap(engine.runner, "_lora_batch", "lora_tables")
+        if engine.runner.graphs is not None:
+            self._wrap(engine.runner.graphs, "_fill", "graph_fill")
         self._wrap(engine, "_prefetch_adapters", "prefetch")
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(engine, "step", "step")
@@ -56,11 +70,16 @@ class StepProfile:
         def timed(*args, **kwargs):
             if phase == "step":
                 self._current = {"t": time.perf_counter()}
+                if self.kernels is not None:
+                    self.kernels.before_step(self.steps)
+            events = _record_event() if phase == "execute" and self._cuda else None
             t0 = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 dt = time.perf_counter() - t0
+                if events is not None and self._current is not None:
+                    self._current["_gpu_events"] = (events, _record_event())
                 if self._current is not None:
                     self._current[phase] = self._current.get(phase, 0.0) + dt
                     if note is not None:
@@ -70,6 +89,8 @@ class StepProfile:
                         self._current["waiting"] = len(self.engine.scheduler.waiting)
                         self.steps.append(self._current)
                         self._current = None
+                        if self.kernels is not None:
+                            self.kernels.after_step(self.steps)
 
         setattr(obj, attr, timed)
 
@@ -80,13 +101,17 @@ class StepProfile:
         step["adapters"] = len(residents)
 
     def report(self) -> dict[str, Any]:
+        for s in self.steps:  # every step's events have completed: its sample synchronised
+            start_end = s.pop("_gpu_events", None)
+            if start_end is not None:
+                s["gpu_execute"] = start_end[0].elapsed_time(start_end[1]) / 1e3
         worked = [s for s in self.steps if "batch" in s]
         total = sum(s["step"] for s in worked) or 1e-9
         phases = {}
-        for phase in ("step", *PHASES):
-            values = sorted(s.get(phase, 0.0) for s in worked)
-            if not values:
+        for phase in ("step", *PHASES, *EXECUTE_PARTS, "gpu_execute"):
+            if not any(phase in s for s in worked):
                 continue
+            values = sorted(s.get(phase, 0.0) for s in worked)
             phases[phase] = {
                 "total_s": round(sum(values), 4),
                 "share_of_step": round(sum(values) / total, 3),
@@ -111,6 +136,7 @@ class StepProfile:
             "mixed_steps": len(prefill),
             "mixed_step_ms_avg": None if not prefill else round(1e3 * mean(prefill, "step"), 3),
             "mixed_tokens_avg": mean(prefill, "tokens"),
+            "kernels": None if self.kernels is None else self.kernels.summary,
             "triton_compiles": self.compiles,
             # cudaMalloc / cudaFree calls and allocation retries during the replay: each free
             # and retry synchronises the device, which a host timing would misread as host work
@@ -133,6 +159,74 @@ class StepProfile:
         (directory / f"{name}_steps.json").write_text(json.dumps(self.report(), indent=1))
         if self.profile is not None:
             (directory / f"{name}_pstats.txt").write_text(self.hottest())
+
+
+class _KernelWindow:
+    """torch.profiler over ``count`` working steps after the first ``first`` (idle steps between
+    them are inside the window but not counted): GPU time per kernel name, and the window's
+    kernel time against its wall time (how busy the GPU was)."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+        self.profiler = None
+        self.summary: dict[str, Any] | None = None
+        self._t0 = 0.0
+        self._start = 0  # index in the step list where the window opened
+
+    def before_step(self, steps: list[dict[str, Any]]) -> None:
+        if self.profiler is not None or self.summary is not None:
+            return
+        if sum(1 for s in steps if "batch" in s) < self.first:
+            return
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        # on a machine without CUDA the CPU ops stand in for kernels (tests run the window)
+        cuda = torch.cuda.is_available()
+        self.profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        self.profiler.start()
+        self._t0 = time.perf_counter()
+        self._start = len(steps)
+
+    def after_step(self, steps: list[dict[str, Any]]) -> None:
+        if self.profiler is None:
+            return
+        window = [s for s in steps[self._start:] if "batch" in s]  # idle steps do not count
+        if len(window) < self.count:
+            return
+        self.profiler.stop()
+        self.summary = _kernel_summary(self.profiler, time.perf_counter() - self._t0, window)
+        self.profiler = None
+
+
+def _kernel_summary(profiler: Any, wall_s: float, window: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        kind, self_us = torch.autograd.DeviceType.CUDA, lambda e: e.self_device_time_total
+    else:
+        kind, self_us = torch.autograd.DeviceType.CPU, lambda e: e.self_cpu_time_total
+    kernels = [e for e in profiler.key_averages() if e.device_type == kind and self_us(e) > 0]
+    kernels.sort(key=lambda e: -self_us(e))
+    busy_us = sum(self_us(e) for e in kernels)
+    return {
+        "steps": len(window),
+        "mixed_steps": sum(1 for s in window if s["tokens"] > s["batch"]),
+        "tokens": sum(s["tokens"] for s in window),
+        "wall_ms": round(1e3 * wall_s, 2),
+        "kernel_ms": round(busy_us / 1e3, 2),
+        "gpu_busy": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
+        "by_kernel": [{"name": e.key[:120], "ms": round(self_us(e) / 1e3, 3),
+                       "calls": e.count} for e in kernels[:40]],
+    }
+
+
+def _record_event() -> Any:
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _allocator_counts(engine: Any) -> dict[str, int]:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, pad3, vector_elems
+from ._common import cdiv, check_tensor, next_pow2, pad3, vector_elems
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
 
@@ -138,6 +138,7 @@ def lora_shrink_decode(
     a_offsets: torch.Tensor,
     modules: Sequence[int],
     *,
+    out: torch.Tensor | None = None,
     tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank(s_i, m), else 0.
@@ -145,13 +146,19 @@ def lora_shrink_decode(
     x: [T, in_dim] (rows may be strided); pool: one layer's flat buffer, x's dtype;
     token_slots: int32 [T] (-1 = base model); ranks: int32 [S, 7]; a_offsets: int64 [S, 7, R].
     Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
-    three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
-    num_warps (for benchmark sweeps).
+    three modules that share x (q/k/v, gate/up). ``out``: write z there instead (every element
+    is written; rows may be strided, e.g. the first rows of a larger z). ``tiles`` overrides
+    BLOCK_R / BLOCK_K / num_warps (for benchmark sweeps).
     """
     args = check_shrink(x, pool, ranks, a_offsets, modules)
     check_token_slots(token_slots, args.num_tokens, x.device)
-    z = torch.empty(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
-                    device=x.device)
+    z_shape = (args.num_tokens, len(args.modules), args.max_rank)
+    if out is None:
+        z = torch.empty(z_shape, dtype=x.dtype, device=x.device)
+    else:
+        check_tensor("out", out, dtypes=(x.dtype,), ndim=3, shape=z_shape, device=x.device,
+                     inner_contiguous=True)
+        z = out
     if args.num_tokens == 0 or args.max_rank == 0:
         return z.zero_()
     if ranks.shape[0] == 0:  # no adapter in this batch: no token uses LoRA

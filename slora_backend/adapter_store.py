@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .adapter_files import DTYPES, LORA_KEY, AdapterFileReader
-from .batch import LORA_MODULES
+from .batch import LORA_MODULES, MODULE_INDEX
 from .errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
 from .layout import AdapterPlan, PoolLayout
 
@@ -45,6 +45,11 @@ class AdapterEntry:
     @property
     def rank(self) -> int:
         return max(self.ranks.values())
+
+    @property
+    def targets(self) -> frozenset[int]:
+        """Indices (``batch.MODULE_INDEX``) of the modules this adapter has LoRA on."""
+        return frozenset(MODULE_INDEX[m] for m in self.ranks)
 
     @property
     def scaling(self) -> float:

@@ -10,6 +10,7 @@ prefill chunk) several; both kinds mix freely in one batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,12 @@ class LoraBatch:
     seg_slots: torch.Tensor  # int32 [num_segments]
     max_seg_len: int
     is_decode: bool  # every sequence contributes exactly one token this step
+    # A mixed step puts its one-token (decode) sequences first: tokens 0 .. decode_tokens - 1,
+    # whose segments are the first decode_segments entries of the segment tables (no segment
+    # crosses that boundary). The ops may run those rows with the per-token kernels and only
+    # the prompts' segments with the segment kernels (see ``slot_segments``).
+    decode_tokens: int = 0
+    decode_segments: int = 0
     # Module indices some slot targets (host-side); None = not known, launch for every module.
     # Lets a layer skip the launches of a projection no adapter in the batch touches.
     targets: frozenset[int] | None = None
@@ -68,6 +75,27 @@ class LoraBatch:
 
     def targets_any(self, modules: tuple[int, ...]) -> bool:
         return self.targets is None or not self.targets.isdisjoint(modules)
+
+
+def slot_segments(
+    token_slots: Sequence[int], decode_tokens: int = 0
+) -> tuple[list[int], list[int], list[int]]:
+    """(starts, lengths, slots) of the maximal runs of one slot >= 0 in ``token_slots``; no run
+    crosses ``decode_tokens`` (the end of a mixed step's decode rows). Base tokens (-1) are in
+    no segment."""
+    starts: list[int] = []
+    lens: list[int] = []
+    slots: list[int] = []
+    for i, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        if slots and slots[-1] == slot and starts[-1] + lens[-1] == i and i != decode_tokens:
+            lens[-1] += 1
+        else:
+            starts.append(i)
+            lens.append(1)
+            slots.append(slot)
+    return starts, lens, slots
 
 
 @dataclass

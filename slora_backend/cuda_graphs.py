@@ -9,8 +9,9 @@ input tensors and replay it. Attention is captured for the longest context the e
 ``capture_all`` captures every batch bucket up front (as vLLM does at start-up): a capture
 compiles kernels and runs the model three times, far too slow to happen inside a serving step.
 
-Padding rows (up to the batch bucket) are harmless by construction: they use no adapter
-(slot -1), write no KV (slot -1) and attend to one token of page 0; their logits are dropped.
+Graphs are keyed by (batch bucket, rank bucket, ``graph_targets``). Padding rows (up to the
+batch bucket) are harmless by construction: they use no adapter (slot -1), write no KV (slot -1)
+and attend to one token of page 0; their logits are dropped.
 """
 
 from __future__ import annotations
@@ -22,11 +23,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import LORA_MODULES, AttentionBatch, LoraBatch
+from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
 from .models.llama import ForwardContext, LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 RANK_BUCKETS = (0, 8, 16, 32, 64, 128, 256)
+# Adapters that touch only the attention projections (the S-LoRA workloads) get graphs without
+# the MLP's LoRA launches, which would find rank 0 everywhere and still cost ~3 us each.
+ATTENTION_MODULES = frozenset(MODULE_INDEX[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def graph_targets(targets: frozenset[int] | None) -> frozenset[int] | None:
+    """The module set a batch with adapters on ``targets`` replays a graph for: the attention
+    projections, or None (every module)."""
+    return ATTENTION_MODULES if targets is not None and targets <= ATTENTION_MODULES else None
 
 
 def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
@@ -71,7 +81,7 @@ class DecodeGraphs:
         self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
         self.max_model_len = max_model_len
         self.device = pool.device
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, frozenset[int] | None], _Graph] = {}
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
@@ -80,15 +90,17 @@ class DecodeGraphs:
     def fits(self, batch: int, max_rank: int) -> bool:
         return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
 
-    def capture_all(self, ranks: Iterable[int]) -> None:
-        """Capture every batch bucket for the rank buckets of ``ranks`` (0 = no adapter)."""
-        for rank in sorted({_bucket(r, RANK_BUCKETS) for r in ranks} - {None}):
+    def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
+        """Capture every batch bucket for the adapter kinds of ``adapters``, each given as
+        (rank, target modules); rank 0 = no adapter."""
+        kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
+        for rank, targets in sorted(k for k in kinds if k[0] is not None):
             for batch in BATCH_BUCKETS:
                 if batch > self.max_batch:
                     break
-                self._get((batch, rank))
+                self._get((batch, rank, targets))
 
-    def _get(self, key: tuple[int, int]) -> _Graph:
+    def _get(self, key: tuple[int, int, frozenset[int] | None]) -> _Graph:
         g = self._graphs.get(key)
         if g is None:
             t = time.perf_counter()
@@ -101,7 +113,8 @@ class DecodeGraphs:
         """Replay the step for host-side inputs; returns logits ``[batch, vocab]`` (row order of ``ids``)."""
         n = ids.shape[0]
         rank = lora.max_rank if lora is not None else 0
-        g = self._get((_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS)))
+        targets = graph_targets(lora.targets) if lora is not None else None
+        g = self._get((_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS), targets))
         self._fill(g, ids, attn, lora)
         g.graph.replay()
         self.replays += 1
@@ -135,7 +148,7 @@ class DecodeGraphs:
         lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
         lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
 
-    def _capture(self, batch: int, rank: int) -> _Graph:
+    def _capture(self, batch: int, rank: int, targets: frozenset[int] | None) -> _Graph:
         dev, i32, i64 = self.device, torch.int32, torch.int64
         context = -(-self.max_model_len // self.block_tokens) * self.block_tokens
         ids = torch.zeros(batch, dtype=i64, device=dev)
@@ -162,7 +175,7 @@ class DecodeGraphs:
                 seg_starts=torch.arange(batch, dtype=i32, device=dev),
                 seg_lens=torch.ones(batch, dtype=i32, device=dev),
                 seg_slots=torch.zeros(batch, dtype=i32, device=dev),
-                max_seg_len=1, is_decode=True,
+                max_seg_len=1, is_decode=True, targets=targets,
             )
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         rows = torch.arange(batch, dtype=i64, device=dev)

@@ -135,7 +135,8 @@ class Engine:
         self.steps = 0
         self.registry.restore()
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
-            self.runner.graphs.capture_all({0, *(self.store.get(n).rank for n in self.store.names())})
+            entries = [self.store.get(n) for n in self.store.names()]
+            self.runner.graphs.capture_all([(0, None)] + [(e.rank, e.targets) for e in entries])
         if config.warm_up and self.device.type == "cuda":
             self._warm_up()
 

@@ -6,6 +6,7 @@ weights of newly resident adapters into their pages.
 
 from __future__ import annotations
 
+import bisect
 from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from .adapter_cache import ResidentAdapter
 from .adapter_store import AdapterEntry, AdapterStore
-from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
+from .batch import LORA_MODULES, AttentionBatch, LoraBatch, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .models.llama import ForwardContext, LlamaModel
@@ -118,8 +119,11 @@ class ModelRunner:
         )
         # A graph replay copies host-built metadata into its own static tensors.
         dev = torch.device("cpu") if use_graph else self.device
-        # Group tokens of the same adapter together so prefill LoRA sees long segments.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].request.adapter or "")
+        # One-token (decode) sequences first, then prompts; within each, tokens of one adapter
+        # together so prefill LoRA sees long segments (see LoraBatch.decode_tokens).
+        order = sorted(range(len(scheduled)), key=lambda i: (
+            scheduled[i].num_new_tokens > 1, scheduled[i].request.adapter or ""))
+        decode_tokens = sum(1 for s in scheduled if s.num_new_tokens == 1)
         input_ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
@@ -161,8 +165,8 @@ class ModelRunner:
             query_starts_host=query_starts,
             context_lens_host=context_lens,
         )
-        lora = (self._lora_batch(slot_of, token_slots, residents, attn.is_decode, dev)
-                if slot_of else None)
+        lora = (self._lora_batch(slot_of, token_slots, decode_tokens, residents, attn.is_decode,
+                                 dev) if slot_of else None)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         if use_graph:
@@ -175,7 +179,7 @@ class ModelRunner:
                     if s.request.adapter is not None), default=0)
 
     def _lora_batch(
-        self, slot_of: dict[str, int], token_slots: list[int],
+        self, slot_of: dict[str, int], token_slots: list[int], decode_tokens: int,
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         entries = [self.store.get(name) for name in slot_of]
@@ -184,17 +188,7 @@ class ModelRunner:
         a_off = torch.stack([r.a for r in rows])  # [n, 7, max_rank]: one call for the batch
         b_off = torch.stack([r.b for r in rows])
         ranks = torch.stack([r.ranks for r in rows])
-        # Segments: maximal runs of equal slot >= 0 (tokens are already grouped by adapter).
-        seg_starts, seg_lens, seg_slots = [], [], []
-        for i, slot in enumerate(token_slots):
-            if slot < 0:
-                continue
-            if seg_slots and seg_slots[-1] == slot and seg_starts[-1] + seg_lens[-1] == i:
-                seg_lens[-1] += 1
-            else:
-                seg_starts.append(i)
-                seg_lens.append(1)
-                seg_slots.append(slot)
+        seg_starts, seg_lens, seg_slots = slot_segments(token_slots, decode_tokens)
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
             ranks=ranks.to(dev),
@@ -207,6 +201,8 @@ class ModelRunner:
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             max_seg_len=max(seg_lens),
             is_decode=is_decode,
+            decode_tokens=decode_tokens,
+            decode_segments=bisect.bisect_left(seg_starts, decode_tokens),
             targets=frozenset().union(*(r.targets for r in rows)),
         )
 
@@ -233,8 +229,7 @@ class _AdapterTables:
             table = a if r.kind == "a" else b
             table[LORA_MODULES.index(r.module), r.index] = pages[r.page] * page_size + r.offset
         ranks = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES], dtype=torch.int32)
-        targets = frozenset(MODULE_INDEX[m] for m in entry.ranks)
-        self._rows = {entry.rank: _AdapterRows(a, b, ranks, entry.scaling, targets)}
+        self._rows = {entry.rank: _AdapterRows(a, b, ranks, entry.scaling, entry.targets)}
 
     def padded(self, width: int) -> _AdapterRows:
         rows = self._rows.get(width)

@@ -9,6 +9,7 @@ for tests only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
@@ -33,6 +34,38 @@ def _use_segments(lora: LoraBatch, num_tokens: int) -> bool:
     return num_segs > 0 and num_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * num_segs
 
 
+@dataclass(frozen=True)
+class _MixedSplit:
+    """A mixed step cut in two: its decode rows (0 .. tokens - 1) for the per-token kernels, its
+    prompts' segments for the segment kernels. Built once per step, used by every layer."""
+
+    tokens: int
+    token_slots: torch.Tensor  # the decode rows' slots
+    seg_starts: torch.Tensor  # the prompts' segments (absolute token indices)
+    seg_lens: torch.Tensor
+    seg_slots: torch.Tensor
+
+
+def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
+    """How to run a mixed step's LoRA, or None to run all of it with the segment kernels.
+
+    The segment kernels give a one-token segment a whole tile of BLOCK_M rows, and a mixed
+    step of the S1 workload has ~200 of them beside a few prompts: measured on the H200, its
+    sgmv_expand took ~200 us a call (12.5 ms of a 92 ms step). Its decode rows go to the
+    per-token kernels unless they share adapters as much as a decode batch that takes the
+    segment kernels would."""
+    if lora.is_decode or lora.decode_tokens == 0:
+        return None
+    if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
+        return None
+    split = lora.scratch.get("mixed_split")
+    if split is None:
+        d, k = lora.decode_tokens, lora.decode_segments
+        split = lora.scratch["mixed_split"] = _MixedSplit(
+            d, lora.token_slots[:d], lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
+    return split
+
+
 class TritonOps(TorchOps):
     """Triton kernels behind the ``TorchOps`` interface. Host-side metadata (``max_rank``,
     ``max_seg_len``, ``max_query_len``, ``max_context_len``) sizes the grids: no device syncs."""
@@ -43,6 +76,16 @@ class TritonOps(TorchOps):
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
     ) -> torch.Tensor:
         """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero."""
+        split = _mixed_split(lora)
+        if split is not None:
+            z = lora_shrink_prefill(
+                x, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
+                lora.a_offsets, modules, lora.max_seg_len,
+            )
+            d = split.tokens
+            lora_shrink_decode(x[:d], pool, split.token_slots, lora.ranks, lora.a_offsets,
+                               modules, out=z[:d])
+            return z
         if _use_segments(lora, x.shape[0]):
             return lora_shrink_prefill(
                 x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
@@ -61,6 +104,18 @@ class TritonOps(TorchOps):
         out_dims: Sequence[int],
     ) -> None:
         """y[:, module columns] += scaling * z @ B^T, in place."""
+        split = _mixed_split(lora)
+        if split is not None:
+            lora_expand_prefill(
+                y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
+                lora.b_offsets, lora.scalings, modules, out_starts, out_dims, lora.max_seg_len,
+            )
+            d = split.tokens
+            lora_expand_decode(
+                y[:d], z[:d], pool, split.token_slots, lora.ranks, lora.b_offsets, lora.scalings,
+                modules, out_starts, out_dims,
+            )
+            return
         if _use_segments(lora, y.shape[0]):
             lora_expand_prefill(
                 y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,

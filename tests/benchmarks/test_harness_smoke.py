@@ -122,9 +122,26 @@ def test_step_profile_of_a_replay(cache, tmp_path):
     assert report["steps"] == report["decode_steps"] + report["mixed_steps"] > 0
     assert report["mixed_steps"] > 0  # every prompt is prefilled in some step
     assert set(report["phases"]) == {"step", "schedule", "copy_wait", "execute", "prefetch",
-                                     "sample"}
+                                     "sample", "lora_tables"}  # (no graphs, no GPU span on CPU)
     assert report["triton_compiles"] == [] and len(report["timeline"]) == report["steps"]
     assert "engine.py" in (tmp_path / "slora_pstats.txt").read_text()
+
+
+def test_kernel_trace_covers_the_requested_steps(cache, tmp_path):
+    """--kernel-trace FIRST:COUNT profiles exactly those steps (on CPU the torch ops stand in
+    for kernels) and reports time per name against the window's wall time."""
+    harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--kernel-trace", "2:3"])),
+        log=lambda *_: None)
+    report = json.loads((tmp_path / "slora_steps.json").read_text())
+    kernels = report["kernels"]
+    assert kernels["steps"] == 3 and kernels["tokens"] == sum(
+        s["tokens"] for s in report["timeline"][2:5])
+    names = [k["name"] for k in kernels["by_kernel"]]
+    assert any(n.startswith("aten::") for n in names) and all(k["calls"] > 0 for k in kernels["by_kernel"])
+    assert 0 < kernels["kernel_ms"] and kernels["wall_ms"] > 0
+    with pytest.raises(SystemExit):
+        harness.build_parser().parse_args([*TINY, "--kernel-trace", "3"])
 
 
 def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):

@@ -7,13 +7,23 @@ padding rows with slot -1): this checks the padding and metadata copying, not th
 
 from __future__ import annotations
 
+import pytest
+
 from slora_backend import Engine, EngineConfig, SamplingParams
-from slora_backend.cuda_graphs import DecodeGraphs
+from slora_backend.cuda_graphs import ATTENTION_MODULES, DecodeGraphs
+from tests.conftest import make_adapter
 from tests.engine.test_triton_backend import LORAS, PROMPTS, _adapters
 
 
-def test_padded_graph_inputs_match_eager(tiny_models, tmp_path):
+@pytest.mark.parametrize("adapters", ["mlp_too", "attention_only"])
+def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
+    """Batches whose adapters touch only q/k/v/o replay graphs captured without the MLP's LoRA
+    launches; a batch with any MLP target replays one with every module's."""
     root = _adapters(tiny_models["gqa"], tmp_path)
+    loras = LORAS
+    if adapters == "attention_only":
+        make_adapter(tiny_models["gqa"], root / "attn", 8, ["q_proj", "k_proj", "o_proj"], 16, seed=7)
+        loras = ["attn", None, "attn", "attn"]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     results = []
     for emulate in (False, True):
@@ -24,7 +34,9 @@ def test_padded_graph_inputs_match_eager(tiny_models, tmp_path):
             r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
                                     engine.max_model_len, capture=False)
         results.append([o.token_ids for o in engine.generate(PROMPTS + PROMPTS[:1], params,
-                                                             LORAS + LORAS[:1])])
+                                                             loras + loras[:1])])
         if emulate:
-            assert engine.runner.graphs.num_graphs >= 1  # 5 sequences padded to a bucket of 8
+            keys = set(engine.runner.graphs._graphs)  # 5 sequences padded to a bucket of 8
+            want = ATTENTION_MODULES if adapters == "attention_only" else None
+            assert keys and {targets for _, rank, targets in keys if rank} == {want}
     assert results[0] == results[1]

@@ -16,9 +16,9 @@ LORAS = ["r8", None, "r16", "r8"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _tokens(model_dir, root, backend, max_tokens, device=DEVICE):
+def _tokens(model_dir, root, backend, max_tokens, device=DEVICE, **config):
     engine = Engine(EngineConfig(base_model=str(model_dir), adapter_root=str(root), device=device,
-                                 kernel_backend=backend, pool_pages=256))
+                                 kernel_backend=backend, pool_pages=256, **config))
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, ignore_eos=True), LORAS)
     assert engine.pool.used_by["kv"] == 0
     return [o.token_ids for o in outs]
@@ -35,3 +35,24 @@ def test_triton_backend_matches_torch_on_tiny_model(tiny_models, tmp_path):
     root = _adapters(tiny_models["gqa"], tmp_path)
     torch_tokens = _tokens(tiny_models["gqa"], root, "torch", 3)
     assert _tokens(tiny_models["gqa"], root, "triton", 3) == torch_tokens
+
+
+def test_triton_backend_matches_torch_in_mixed_steps(tiny_models, tmp_path, monkeypatch):
+    """Prompts prefilled a few tokens per step beside other requests' decode tokens: the mixed
+    steps run their decode rows on the per-token kernels and the prompt chunks on the segment
+    kernels (``ops_triton._mixed_split``), and still give the torch backend's tokens."""
+    from slora_backend import ops_triton
+
+    splits = []
+    mixed_split = ops_triton._mixed_split
+
+    def counted(lora):
+        split = mixed_split(lora)
+        splits.append(split is not None)
+        return split
+
+    monkeypatch.setattr(ops_triton, "_mixed_split", counted)
+    root = _adapters(tiny_models["gqa"], tmp_path)
+    torch_tokens = _tokens(tiny_models["gqa"], root, "torch", 4, max_batched_tokens=6)
+    assert _tokens(tiny_models["gqa"], root, "triton", 4, max_batched_tokens=6) == torch_tokens
+    assert any(splits)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from slora_backend.batch import LORA_MODULES, AttentionBatch, LoraBatch
+from slora_backend.batch import LORA_MODULES, AttentionBatch, LoraBatch, slot_segments
 from slora_backend.layout import PoolLayout
 
 # (hidden, heads, kv_heads, head_dim, intermediate): real models scaled down.
@@ -126,21 +126,12 @@ def build_adapter_pool(
 
 
 def lora_batch(
-    token_slots: list[int], adapters: AdapterPool, is_decode: bool, device: torch.device
+    token_slots: list[int], adapters: AdapterPool, is_decode: bool, device: torch.device,
+    decode_tokens: int = 0,
 ) -> LoraBatch:
-    """The LoraBatch the model runner would build: segments = maximal runs of one slot >= 0."""
-    starts: list[int] = []
-    lens: list[int] = []
-    slots: list[int] = []
-    for i, slot in enumerate(token_slots):
-        if slot < 0:
-            continue
-        if slots and slots[-1] == slot and starts[-1] + lens[-1] == i:
-            lens[-1] += 1
-        else:
-            starts.append(i)
-            lens.append(1)
-            slots.append(slot)
+    """The LoraBatch the model runner would build: segments = maximal runs of one slot >= 0
+    (split at ``decode_tokens``, the end of a mixed step's one-token sequences)."""
+    starts, lens, slots = slot_segments(token_slots, decode_tokens)
 
     def i32(v: list[int]) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.int32, device=device)
@@ -151,6 +142,7 @@ def lora_batch(
         max_rank=int(adapters.a_offsets.shape[2]),
         seg_starts=i32(starts), seg_lens=i32(lens), seg_slots=i32(slots),
         max_seg_len=max(lens, default=0), is_decode=is_decode,
+        decode_tokens=decode_tokens, decode_segments=sum(1 for st in starts if st < decode_tokens),
     )
 
 

@@ -215,6 +215,39 @@ def test_ops_lora_path_matches_torch(popularity: str, kind: str, num_seqs: int, 
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("shared_decode", [False, True])
+def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(shared_decode: bool, device) -> None:
+    """A mixed step (decode rows first, then prompts; one prompt shares its adapter with a
+    decode row, so only the split keeps their segments apart): TritonOps runs the decode rows
+    with the per-token kernels and the prompts with the segment kernels - unless the decode
+    rows share adapters as much as a segment-kernel decode batch - and computes what TorchOps
+    computes."""
+    gen = torch.Generator().manual_seed(11)
+    adapters = build_adapter_pool(SHAPES["smollm2"], torch.float32,
+                                  [adapter_ranks("mixed", a) for a in range(6)], device, gen)
+    if shared_decode:
+        decode = [2] * 50
+    else:
+        decode = [0, 1, -1, 2, 3, 3, 4, 5]
+    prompts = [5] * 19 + [-1] * 7 + [1] * 33
+    lora = lora_batch(decode + prompts, adapters, False, device, decode_tokens=len(decode))
+    split = ops_triton._mixed_split(lora)
+    assert (split is None) == shared_decode
+    if split is not None:
+        assert split.tokens == len(decode) and split.seg_lens.tolist() == [19, 33]
+    x = torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device)
+    mods, starts, dims = (0, 1, 2), (0, 192, 256), (192, 64, 64)
+    y0 = torch.randn(x.shape[0], 320, generator=gen).to(device)
+    results = []
+    for ops in (TorchOps(), ops_triton.TritonOps()):
+        z = ops.lora_shrink(x, adapters.pool, lora, mods)
+        y = y0.clone()
+        ops.lora_expand(y, z, adapters.pool, lora, mods, starts, dims)
+        results.append((z, y))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
 def test_lora_launchers_reject_bad_arguments(device) -> None:
     adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "decode", device, 7)
     pool, slots = adapters.pool, lora.token_slots
@@ -232,6 +265,9 @@ def test_lora_launchers_reject_bad_arguments(device) -> None:
         lora_shrink_decode(x, pool, slots.long(), *args, (0,))
     with pytest.raises(ValueError, match="a_offsets has dtype"):
         lora_shrink_decode(x, pool, slots, lora.ranks, lora.a_offsets.int(), (0,))
+    with pytest.raises(ValueError, match="out has size"):
+        lora_shrink_decode(x, pool, slots, *args, (0, 1), out=torch.empty(
+            DECODE_SEQS, 1, 8, dtype=x.dtype, device=device))
     z = lora_shrink_decode(x, pool, slots, *args, (0, 1))
     y = torch.zeros(DECODE_SEQS, 256).half().to(device)
     expand = (pool, slots, lora.ranks, lora.b_offsets, lora.scalings, (0, 1))
