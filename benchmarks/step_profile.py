@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("schedule", "copy_wait", "execute", "prefetch", "sample")
-# parts of ``execute``: building the step's LoRA tables, copying a graph step's inputs in
-EXECUTE_PARTS = ("lora_tables", "graph_fill")
+# parts of ``execute``: the engine thread's CPU time in it, building the step's LoRA tables,
+# copying a graph step's inputs in, the host time of eager LoRA and attention calls (launches;
+# a graph replay makes none)
+EXECUTE_PARTS = ("execute_cpu", "lora_tables", "graph_fill", "lora_ops", "attention_ops")
 
 
 class StepProfile:
@@ -48,6 +50,10 @@ class StepProfile:
         self._wrap(engine.runner, "_lora_batch", "lora_tables")
         if engine.runner.graphs is not None:
             self._wrap(engine.runner.graphs, "_fill", "graph_fill")
+        # (on the ops instance: graphs captured before this keep calling nothing from Python)
+        for attr, phase in (("lora_shrink", "lora_ops"), ("lora_expand", "lora_ops"),
+                            ("attention", "attention_ops")):
+            self._wrap(engine.runner.ops, attr, phase)
         self._wrap(engine, "_prefetch_adapters", "prefetch")
         self._wrap(engine.sampler, "sample", "sample")
         self._wrap(engine, "step", "step")
@@ -73,6 +79,7 @@ class StepProfile:
                 if self.kernels is not None:
                     self.kernels.before_step(self.steps)
             events = _record_event() if phase == "execute" and self._cuda else None
+            cpu0 = time.thread_time() if phase == "execute" else 0.0
             t0 = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
@@ -80,6 +87,10 @@ class StepProfile:
                 dt = time.perf_counter() - t0
                 if events is not None and self._current is not None:
                     self._current["_gpu_events"] = (events, _record_event())
+                if phase == "execute" and self._current is not None:
+                    # the engine thread's CPU time: well below ``execute`` means it waited
+                    # (for the GIL, a driver lock, a full launch queue), not computed
+                    self._current["execute_cpu"] = time.thread_time() - cpu0
                 if self._current is not None:
                     self._current[phase] = self._current.get(phase, 0.0) + dt
                     if note is not None:

@@ -55,8 +55,13 @@ def _x_times_rows_t(
 
 
 # num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
-# variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay).
-@triton.jit(do_not_specialize=["num_segs"])
+# variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay). The same
+# holds for the segment tables' alignment: a mixed step passes them from an offset (the
+# prompts' segments follow the decode rows'), 16-byte aligned or not from step to step.
+_SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]
+
+
+@triton.jit(do_not_specialize=["num_segs"], do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     a_offsets_ptr,
@@ -120,7 +125,7 @@ def _z_times_rows_tile(
     return acc
 
 
-@triton.jit(do_not_specialize=["num_segs"])
+@triton.jit(do_not_specialize=["num_segs"], do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     b_offsets_ptr, scalings_ptr,

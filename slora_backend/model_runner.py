@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import bisect
 from contextlib import nullcontext as _nullcontext
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .adapter_cache import ResidentAdapter
-from .adapter_store import AdapterEntry, AdapterStore
-from .batch import LORA_MODULES, AttentionBatch, LoraBatch, slot_segments
+from .adapter_store import AdapterStore
+from .batch import AttentionBatch, LoraBatch, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
+from .lora_tables import LoraTables
 from .models.llama import ForwardContext, LlamaModel
 from .scheduler import ScheduledRequest
 
@@ -37,8 +36,8 @@ class ModelRunner:
         spec = layout.spec
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
-        # adapter -> its rows of the batch tables: rebuilt only when its pages change
-        self._tables: dict[str, _AdapterTables] = {}
+        # every resident adapter's rows of the LoRA tables: a step gathers its adapters' rows
+        self.lora_tables = LoraTables(layout.page_size)
         self._plan_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _scatter_index
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies of the adapters it reads (AdapterCopier.wait).
@@ -92,17 +91,6 @@ class ModelRunner:
         page_slot, offset = cached
         pages = torch.tensor(resident.pages, dtype=torch.int64).to(self.device, non_blocking=True)
         return pages[page_slot] * self.layout.page_size + offset
-
-    def _adapter_tables(self, resident: ResidentAdapter, width: int) -> _AdapterRows:
-        """A resident adapter's rows of the batch tables, padded to ``width`` rank columns
-        (the batch's largest rank); memoised while its pages stay the same, so a step only
-        stacks them."""
-        cached = self._tables.get(resident.name)
-        if cached is None or cached.pages != tuple(resident.pages):
-            entry = self.store.get(resident.name)
-            cached = self._tables[resident.name] = _AdapterTables(
-                tuple(resident.pages), entry, self.layout.page_size)
-        return cached.padded(width)
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -182,20 +170,15 @@ class ModelRunner:
         self, slot_of: dict[str, int], token_slots: list[int], decode_tokens: int,
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
-        entries = [self.store.get(name) for name in slot_of]
-        max_rank = max(e.rank for e in entries)
-        rows = [self._adapter_tables(residents[name], max_rank) for name in slot_of]
-        a_off = torch.stack([r.a for r in rows])  # [n, 7, max_rank]: one call for the batch
-        b_off = torch.stack([r.b for r in rows])
-        ranks = torch.stack([r.ranks for r in rows])
+        rows = self.lora_tables.gather([(residents[name], self.store.get(name)) for name in slot_of])
         seg_starts, seg_lens, seg_slots = slot_segments(token_slots, decode_tokens)
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
-            ranks=ranks.to(dev),
-            scalings=torch.tensor([r.scaling for r in rows], dtype=torch.float32, device=dev),
-            a_offsets=a_off.to(dev),
-            b_offsets=b_off.to(dev),
-            max_rank=max_rank,
+            ranks=rows.ranks.to(dev),
+            scalings=rows.scalings.to(dev),
+            a_offsets=rows.a_offsets.to(dev),
+            b_offsets=rows.b_offsets.to(dev),
+            max_rank=rows.max_rank,
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
             seg_lens=torch.tensor(seg_lens, dtype=torch.int32, device=dev),
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
@@ -203,40 +186,6 @@ class ModelRunner:
             is_decode=is_decode,
             decode_tokens=decode_tokens,
             decode_segments=bisect.bisect_left(seg_starts, decode_tokens),
-            targets=frozenset().union(*(r.targets for r in rows)),
+            targets=rows.targets,
         )
 
-
-@dataclass(frozen=True)
-class _AdapterRows:
-    """One adapter's rows of a step's ``LoraBatch`` tables (see ``batch.py``)."""
-
-    a: torch.Tensor  # int64 [7, width]: where row j of module m's A starts in a layer's pool
-    b: torch.Tensor  # int64 [7, width]: the same for B^T
-    ranks: torch.Tensor  # int32 [7]
-    scaling: float
-    targets: frozenset[int]  # module indices with rank > 0
-
-
-class _AdapterTables:
-    """A resident adapter's offsets, built once per placement, padded once per batch width."""
-
-    def __init__(self, pages: tuple[int, ...], entry: AdapterEntry, page_size: int) -> None:
-        self.pages = pages
-        a = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
-        b = torch.zeros(len(LORA_MODULES), entry.rank, dtype=torch.int64)
-        for r in entry.plan.rows:
-            table = a if r.kind == "a" else b
-            table[LORA_MODULES.index(r.module), r.index] = pages[r.page] * page_size + r.offset
-        ranks = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES], dtype=torch.int32)
-        self._rows = {entry.rank: _AdapterRows(a, b, ranks, entry.scaling, entry.targets)}
-
-    def padded(self, width: int) -> _AdapterRows:
-        rows = self._rows.get(width)
-        if rows is None:  # columns past the adapter's rank are 0 and never read
-            exact = next(iter(self._rows.values()))
-            pad = width - exact.a.shape[1]
-            rows = self._rows[width] = _AdapterRows(
-                F.pad(exact.a, (0, pad)), F.pad(exact.b, (0, pad)), exact.ranks, exact.scaling,
-                exact.targets)
-        return rows

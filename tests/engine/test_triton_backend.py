@@ -20,6 +20,7 @@ def _tokens(model_dir, root, backend, max_tokens, device=DEVICE, **config):
     engine = Engine(EngineConfig(base_model=str(model_dir), adapter_root=str(root), device=device,
                                  kernel_backend=backend, pool_pages=256, **config))
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, ignore_eos=True), LORAS)
+    assert [o.finish_reason for o in outs] == ["length"] * len(outs)  # (an error has no tokens)
     assert engine.pool.used_by["kv"] == 0
     return [o.token_ids for o in outs]
 

@@ -1,0 +1,60 @@
+"""LoraTables: each resident adapter's rows written once per placement, gathered per step."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from slora_backend.adapter_cache import ResidentAdapter
+from slora_backend.batch import MODULE_INDEX
+from slora_backend.lora_tables import LoraTables
+
+PAGE = 1000
+
+
+def _entry(ranks: dict[str, int], scaling: float) -> SimpleNamespace:
+    """An adapter entry whose plan puts row j of module m's A at page 0, offset 10 * j (+ 100 *
+    module index), B^T rows 500 further on."""
+    rows = [SimpleNamespace(kind=kind, module=m, index=j, page=0,
+                            offset=100 * MODULE_INDEX[m] + 10 * j + (500 if kind == "b" else 0))
+            for m, r in ranks.items() for kind in "ab" for j in range(r)]
+    return SimpleNamespace(rank=max(ranks.values()), ranks=ranks, scaling=scaling,
+                           targets=frozenset(MODULE_INDEX[m] for m in ranks),
+                           plan=SimpleNamespace(rows=rows))
+
+
+def test_rows_follow_placements_and_ranks():
+    tables = LoraTables(PAGE)
+    small, big = _entry({"q_proj": 2, "v_proj": 2}, 0.5), _entry({"o_proj": 8, "up_proj": 4}, 2.0)
+    a, b = ResidentAdapter("a", [3]), ResidentAdapter("b", [7])
+    rows = tables.gather([(a, small)])
+    assert rows.max_rank == 2 and rows.targets == {0, 2}
+    assert rows.a_offsets[0, 0].tolist() == [3000, 3010] and rows.b_offsets[0, 2].tolist() == [3700, 3710]
+    assert rows.ranks[0].tolist() == [2, 0, 2, 0, 0, 0, 0] and rows.scalings.tolist() == [0.5]
+
+    rows = tables.gather([(b, big), (a, small)])  # a wider adapter widens the tables
+    assert rows.max_rank == 8 and rows.targets == {0, 2, 3, 5}
+    assert rows.a_offsets.shape == (2, 7, 8) and rows.a_offsets.is_contiguous()
+    assert rows.a_offsets[0, 3].tolist() == [7300 + 10 * j for j in range(8)]
+    assert rows.a_offsets[1, 0].tolist() == [3000, 3010] + [0] * 6  # past its rank: 0
+    assert rows.scalings.tolist() == [2.0, 0.5]
+
+    moved = ResidentAdapter("a", [9])  # evicted and made resident again, elsewhere
+    rows = tables.gather([(moved, small)])
+    assert rows.max_rank == 2 and rows.a_offsets[0, 0].tolist() == [9000, 9010]
+
+
+def test_rows_are_reused_after_forget_and_tables_grow():
+    tables = LoraTables(PAGE)
+    entry = _entry({"k_proj": 4}, 1.0)
+    residents = [ResidentAdapter(f"x{i}", [i]) for i in range(40)]  # past the first 16 rows
+    rows = tables.gather([(r, entry) for r in residents])
+    assert [int(v) for v in rows.a_offsets[:, 1, 0]] == [PAGE * i + 100 for i in range(40)]
+    capacity = tables.a.shape[0]
+    tables.forget("x5")
+    again = ResidentAdapter("new", [77])
+    rows = tables.gather([(again, entry), (residents[6], entry)])
+    assert tables.a.shape[0] == capacity  # the freed row was taken
+    assert rows.a_offsets[:, 1, 0].tolist() == [77100, 6100]
+    assert torch.equal(rows.ranks[0], rows.ranks[1])
