@@ -1,8 +1,9 @@
 """The decode-graph path's padded static inputs give the eager path's tokens.
 
-CUDA graphs cannot be captured on CPU, so ``DecodeGraphs(capture=False)`` replays eagerly from
-the same padded static buffers a captured graph would read (batch, rank and context buckets,
-padding rows with slot -1): this checks the padding and metadata copying, not the capture.
+CUDA graphs cannot be captured on CPU, so ``DecodeGraphs(capture=False)`` replays eagerly (on
+whichever device the tests run) from the same padded static buffers a captured graph would read
+(batch, rank and context buckets, padding rows with slot -1): this checks the padding and
+metadata copying, not the capture.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from slora_backend import Engine, EngineConfig, SamplingParams
 from slora_backend.cuda_graphs import ATTENTION_MODULES, DecodeGraphs
 from tests.conftest import make_adapter
-from tests.engine.test_triton_backend import LORAS, PROMPTS, _adapters
+from tests.engine.test_triton_backend import DEVICE, LORAS, PROMPTS, _adapters
 
 
 @pytest.mark.parametrize("adapters", ["mlp_too", "attention_only"])
@@ -28,7 +29,8 @@ def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
     results = []
     for emulate in (False, True):
         engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
-                                     kernel_backend="triton", pool_pages=256, block_tokens=4))
+                                     device=DEVICE, kernel_backend="triton", pool_pages=256,
+                                     block_tokens=4, cuda_graphs=False))
         if emulate:
             r = engine.runner
             r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
