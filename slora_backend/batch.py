@@ -10,7 +10,7 @@ prefill chunk) several; both kinds mix freely in one batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,22 +78,23 @@ class LoraBatch:
 
 
 def slot_segments(
-    token_slots: Sequence[int], decode_tokens: int = 0
+    runs: Iterable[tuple[int, int, int]], decode_tokens: int = 0
 ) -> tuple[list[int], list[int], list[int]]:
-    """(starts, lengths, slots) of the maximal runs of one slot >= 0 in ``token_slots``; no run
-    crosses ``decode_tokens`` (the end of a mixed step's decode rows). Base tokens (-1) are in
-    no segment."""
+    """(starts, lengths, slots) of the maximal runs of one slot >= 0, from ``runs`` of
+    (first token, token count, slot) in token order (one per sequence: O(batch), not
+    O(tokens)). No segment crosses ``decode_tokens`` (the end of a mixed step's decode rows);
+    base tokens (slot -1) are in no segment."""
     starts: list[int] = []
     lens: list[int] = []
     slots: list[int] = []
-    for i, slot in enumerate(token_slots):
-        if slot < 0:
+    for first, count, slot in runs:
+        if slot < 0 or count == 0:
             continue
-        if slots and slots[-1] == slot and starts[-1] + lens[-1] == i and i != decode_tokens:
-            lens[-1] += 1
+        if slots and slots[-1] == slot and starts[-1] + lens[-1] == first and first != decode_tokens:
+            lens[-1] += count
         else:
-            starts.append(i)
-            lens.append(1)
+            starts.append(first)
+            lens.append(count)
             slots.append(slot)
     return starts, lens, slots
 

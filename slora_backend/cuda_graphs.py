@@ -94,7 +94,8 @@ class DecodeGraphs:
         """Capture every batch bucket for the adapter kinds of ``adapters``, each given as
         (rank, target modules); rank 0 = no adapter."""
         kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
-        for rank, targets in sorted(k for k in kinds if k[0] is not None):
+        kinds = {k for k in kinds if k[0] is not None}
+        for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
             for batch in BATCH_BUCKETS:
                 if batch > self.max_batch:
                     break

@@ -118,6 +118,7 @@ class ModelRunner:
         query_starts = [0]
         context_lens: list[int] = []
         token_slots: list[int] = []
+        runs: list[tuple[int, int, int]] = []  # (first token, tokens, slot) per sequence
         slot_of: dict[str, int] = {}
         sample_rows_by_index: dict[int, int] = {}
         for i in order:
@@ -132,6 +133,7 @@ class ModelRunner:
             context_lens.append(end)
             slot = -1 if r.adapter is None else slot_of.setdefault(r.adapter, len(slot_of))
             token_slots += [slot] * s.num_new_tokens
+            runs.append((query_starts[-2], s.num_new_tokens, slot))
             if s.samples:
                 sample_rows_by_index[i] = query_starts[-1] - 1
         sample_rows = [sample_rows_by_index[i] for i in range(len(scheduled)) if i in sample_rows_by_index]
@@ -153,8 +155,8 @@ class ModelRunner:
             query_starts_host=query_starts,
             context_lens_host=context_lens,
         )
-        lora = (self._lora_batch(slot_of, token_slots, decode_tokens, residents, attn.is_decode,
-                                 dev) if slot_of else None)
+        lora = (self._lora_batch(slot_of, token_slots, runs, decode_tokens, residents,
+                                 attn.is_decode, dev) if slot_of else None)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         if use_graph:
@@ -167,11 +169,12 @@ class ModelRunner:
                     if s.request.adapter is not None), default=0)
 
     def _lora_batch(
-        self, slot_of: dict[str, int], token_slots: list[int], decode_tokens: int,
+        self, slot_of: dict[str, int], token_slots: list[int], runs: list[tuple[int, int, int]],
+        decode_tokens: int,
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         rows = self.lora_tables.gather([(residents[name], self.store.get(name)) for name in slot_of])
-        seg_starts, seg_lens, seg_slots = slot_segments(token_slots, decode_tokens)
+        seg_starts, seg_lens, seg_slots = slot_segments(runs, decode_tokens)
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
             ranks=rows.ranks.to(dev),

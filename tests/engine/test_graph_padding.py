@@ -42,3 +42,17 @@ def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
             want = ATTENTION_MODULES if adapters == "attention_only" else None
             assert keys and {targets for _, rank, targets in keys if rank} == {want}
     assert results[0] == results[1]
+
+
+def test_capture_all_covers_every_adapter_kind(tiny_models, tmp_path):
+    """One graph per batch bucket for each (rank bucket, target set) among the adapters given:
+    rank 8 on attention only and rank 8 with an MLP target are two kinds, rank 12 joins 16."""
+    engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), device=DEVICE,
+                                 kernel_backend="triton", pool_pages=64, cuda_graphs=False))
+    r = engine.runner
+    graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 2, 32, capture=False)
+    graphs.capture_all([(0, None), (8, frozenset({0, 1})), (8, frozenset({0, 4})),
+                        (12, frozenset({3})), (8, ATTENTION_MODULES)])
+    assert set(graphs._graphs) == {(b, rank, targets) for b in (1, 2) for rank, targets in
+                                   ((0, None), (8, ATTENTION_MODULES), (8, None),
+                                    (16, ATTENTION_MODULES))}

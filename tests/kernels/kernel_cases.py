@@ -131,7 +131,7 @@ def lora_batch(
 ) -> LoraBatch:
     """The LoraBatch the model runner would build: segments = maximal runs of one slot >= 0
     (split at ``decode_tokens``, the end of a mixed step's one-token sequences)."""
-    starts, lens, slots = slot_segments(token_slots, decode_tokens)
+    starts, lens, slots = slot_segments(((i, 1, s) for i, s in enumerate(token_slots)), decode_tokens)
 
     def i32(v: list[int]) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.int32, device=device)

@@ -201,15 +201,20 @@ def test_ops_lora_path_matches_torch(popularity: str, kind: str, num_seqs: int, 
     """TritonOps picks the kernel kind from the batch and computes what TorchOps computes."""
     adapters, lora, gen = _make_case("smollm2", torch.float32, "mixed", popularity, kind, device,
                                      seed=9, decode_seqs=num_seqs)
+    assert ops_triton._use_segments(lora, lora.token_slots.shape[0]) == segments
+    _check_ops_agree(adapters.pool, lora, gen, device)
+
+
+def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
+    """TorchOps and TritonOps give the same z and y for q/k/v of a smollm2-shaped layer."""
     x = torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device)
-    assert ops_triton._use_segments(lora, x.shape[0]) == segments
     mods, starts, dims = (0, 1, 2), (0, 192, 256), (192, 64, 64)
     y0 = torch.randn(x.shape[0], 320, generator=gen).to(device)
     results = []
     for ops in (TorchOps(), ops_triton.TritonOps()):
-        z = ops.lora_shrink(x, adapters.pool, lora, mods)
+        z = ops.lora_shrink(x, pool, lora, mods)
         y = y0.clone()
-        ops.lora_expand(y, z, adapters.pool, lora, mods, starts, dims)
+        ops.lora_expand(y, z, pool, lora, mods, starts, dims)
         results.append((z, y))
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
@@ -235,17 +240,7 @@ def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(shared_decode: bool,
     assert (split is None) == shared_decode
     if split is not None:
         assert split.tokens == len(decode) and split.seg_lens.tolist() == [19, 33]
-    x = torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device)
-    mods, starts, dims = (0, 1, 2), (0, 192, 256), (192, 64, 64)
-    y0 = torch.randn(x.shape[0], 320, generator=gen).to(device)
-    results = []
-    for ops in (TorchOps(), ops_triton.TritonOps()):
-        z = ops.lora_shrink(x, adapters.pool, lora, mods)
-        y = y0.clone()
-        ops.lora_expand(y, z, adapters.pool, lora, mods, starts, dims)
-        results.append((z, y))
-    for want, got in zip(*results):
-        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    _check_ops_agree(adapters.pool, lora, gen, device)
 
 
 def test_lora_launchers_reject_bad_arguments(device) -> None:
