@@ -10,10 +10,15 @@ Three measurements, no syncs inside the timed loops (host time, not GPU time):
   and without adapters (``bench_decode_step.measure`` drives the engine);
 - ``--step-metadata B`` (any device, CPU included): host milliseconds ``ModelRunner.execute``
   spends turning a decode batch of B requests over B adapters into tensors (the forward itself
-  stubbed out), with and without adapters, and of that the LoRA tables (``_lora_batch``).
+  stubbed out), with and without adapters, and of that the LoRA tables (``_lora_batch``);
+- ``--mixed-replica B P`` (CPU): the host side of a mixed step - B decode rows over B adapters
+  plus four prompts of P / 4 tokens - on a tiny model with every Triton kernel replaced by a
+  no-op launch, with and without adapters: ``execute`` split into the LoRA calls, the LoRA
+  tables, ``F.linear`` (real work on CPU), attention and the rest (the engine's own Python).
 
     python -m benchmarks.bench_host_overhead --launches --mixed-step 256 256 --out DIR
     python -m benchmarks.bench_host_overhead --step-metadata 256 --device cpu --out DIR
+    python -m benchmarks.bench_host_overhead --mixed-replica 200 2000 --out DIR
 """
 
 from __future__ import annotations
@@ -193,11 +198,107 @@ def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
     return result
 
 
+def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
+    import tempfile
+
+    import torch.nn.functional as F
+    from slora_kernels import lora_decode, lora_prefill, norm_rope, paged_attention
+
+    from slora_backend import Engine, EngineConfig, SamplingParams
+
+    from .adapter_sets import ensure_adapter_set, write_registry
+    from .workload import adapter_specs
+
+    class _NoLaunch:  # kernel[grid](...) does nothing: only the host side is left
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    stubbed = {}
+    for module in (lora_decode, lora_prefill, norm_rope, paged_attention):
+        for name in dir(module):
+            if name.startswith("_") and name.endswith("_kernel"):
+                stubbed[(module, name)] = getattr(module, name)
+                setattr(module, name, _NoLaunch())
+    prompts = 4
+    base = "random:tiny-mha"
+    cache = Path(tempfile.gettempdir()) / "slora-bench-host-overhead"
+    root = ensure_adapter_set(cache, "S1", batch + prompts, base=base, log=lambda *_: None)
+    names = [a.name for a in adapter_specs("S1", batch + prompts)]
+    write_registry(root, names)
+    engine = Engine(EngineConfig(base_model=base, adapter_root=str(root), device="cpu",
+                                 kernel_backend="triton", max_num_seqs=batch + prompts,
+                                 pool_pages=32 * batch, max_batched_tokens=batch + prompt,
+                                 cuda_graphs=False))
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def wrap(owner: Any, attr: str, part: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+    for attr, part in (("lora_shrink", "lora_calls"), ("lora_expand", "lora_calls"),
+                       ("attention", "attention")):
+        wrap(engine.runner.ops, attr, part)
+    wrap(engine.runner, "_lora_batch", "lora_tables")
+    linear = F.linear
+    wrap(F, "linear", "linear")
+    result: dict[str, Any] = {"batch": batch, "prompt_tokens": prompt, "device": "cpu"}
+    try:
+        for name in names:
+            engine.store.weights(name)  # in host memory: admission does not wait for reads
+        for tag in ("lora", "base"):
+            def adapter(i: int, tag: str = tag) -> str | None:
+                return names[i] if tag == "lora" else None
+
+            for i in range(batch):
+                engine.add_request([3 + (i + j) % 100 for j in range(32)],
+                                   SamplingParams(max_tokens=iters + 8, ignore_eos=True), adapter(i))
+            while len(engine.scheduler.running) < batch:
+                engine.step()
+            engine.step()  # every request decodes from here on
+            for k in range(prompts):
+                engine.add_request([5 + (j + k) % 90 for j in range(prompt // prompts)],
+                                   SamplingParams(max_tokens=1), adapter(batch + k))
+            engine._drain_inbox()
+            scheduled = engine.scheduler.schedule().scheduled
+            engine.copier.submit(engine.adapters.take_pending())
+            engine.copier.wait(None)
+            tokens = sum(s.num_new_tokens for s in scheduled)
+            residents = {s.request.adapter: engine.adapters.get(s.request.adapter)
+                         for s in scheduled if s.request.adapter is not None}
+            spent.clear()
+            t = time.perf_counter()
+            for _ in range(iters):
+                engine.runner.execute(scheduled, residents)
+            total = (time.perf_counter() - t) / iters
+            parts = {k: round(v / iters * 1e3, 3) for k, v in spent.items()}
+            parts["rest"] = round(total * 1e3 - sum(parts.values()), 3)
+            result[tag] = {"tokens": tokens, "execute_ms": round(total * 1e3, 3), **parts}
+            for s in scheduled:
+                engine.abort(s.request.request_id)
+            while engine.scheduler.running or engine.scheduler.waiting:
+                engine.step()
+    finally:
+        F.linear = linear
+        for (module, name), kernel in stubbed.items():
+            setattr(module, name, kernel)
+        engine.stop()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--launches", action="store_true")
     ap.add_argument("--mixed-step", type=int, nargs=2, metavar=("BATCH", "PROMPT"))
     ap.add_argument("--step-metadata", type=int, metavar="BATCH")
+    ap.add_argument("--mixed-replica", type=int, nargs=2, metavar=("BATCH", "PROMPT"))
     ap.add_argument("--device", default="cuda", help="for --step-metadata")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -210,6 +311,8 @@ def main() -> None:
         result["mixed_step"] = mixed_step(*args.mixed_step)
     if args.step_metadata:
         result["step_metadata"] = step_metadata(args.step_metadata, args.device)
+    if args.mixed_replica:
+        result["mixed_replica"] = mixed_replica(*args.mixed_replica)
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_overhead.json").write_text(json.dumps(result, indent=1))
