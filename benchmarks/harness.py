@@ -341,17 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cprofile", action="store_true",
                    help="with --profile-dir: also cProfile the engine thread (slows it ~2x)")
     o.add_argument("--kernel-trace", type=_step_window, default=None, metavar="FIRST:COUNT",
-                   help="with --profile-dir: GPU time per kernel over steps FIRST.. (torch.profiler)")
+                   help="with --profile-dir: GPU time per kernel over COUNT steps from step FIRST, "
+                        "or over COUNT steps of one kind (FIRST = mixed or decode)")
     return ap
 
 
-def _step_window(text: str) -> tuple[int, int]:
+def _step_window(text: str) -> tuple[int | str, int]:
     first, _, count = text.partition(":")
     try:
-        window = int(first), int(count)
+        window = (first if first in ("mixed", "decode") else int(first)), int(count)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FIRST:COUNT (two integers), got {text!r}") from None
-    if window[0] < 0 or window[1] < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST:COUNT (FIRST an integer, 'mixed' or 'decode'), got {text!r}") from None
+    if (isinstance(window[0], int) and window[0] < 0) or window[1] < 1:
         raise argparse.ArgumentTypeError(f"FIRST must be >= 0 and COUNT >= 1, got {text!r}")
     return window
 

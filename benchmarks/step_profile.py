@@ -13,8 +13,9 @@ starts on the compute stream to the point its last kernel ends (CUDA events; no 
 phase that only launches GPU work looks cheap on the host, and its GPU time shows up in
 ``sample`` (the first call that waits for the GPU); ``gpu_execute`` near ``execute`` means the
 host was the bottleneck, well above it means the GPU was. ``kernel_window=(first, count)`` also
-runs torch.profiler over that many steps and reports GPU time per kernel name (the profiler
-slows launches, so that window's host timings are not representative). Used by
+runs torch.profiler over that many steps - or, with first = "mixed" / "decode", over that many
+steps of the kind - and reports GPU time per kernel name (the profiler slows launches, so the
+profiled steps' host timings are not representative). Used by
 ``harness --profile-dir``.
 """
 
@@ -37,7 +38,7 @@ EXECUTE_PARTS = ("execute_cpu", "lora_tables", "graph_fill", "lora_ops", "attent
 
 class StepProfile:
     def __init__(self, engine: Any, cprofile: bool = False,
-                 kernel_window: tuple[int, int] | None = None) -> None:
+                 kernel_window: tuple[int | str, int] | None = None) -> None:
         self.engine = engine
         self.kernels = _KernelWindow(*kernel_window) if kernel_window else None
         self._cuda = engine.device.type == "cuda"
@@ -78,6 +79,8 @@ class StepProfile:
                 self._current = {"t": time.perf_counter()}
                 if self.kernels is not None:
                     self.kernels.before_step(self.steps)
+            if phase == "execute" and self.kernels is not None:
+                self.kernels.before_execute(args[0])
             events = _record_event() if phase == "execute" and self._cuda else None
             cpu0 = time.thread_time() if phase == "execute" else 0.0
             t0 = time.perf_counter()
@@ -88,8 +91,9 @@ class StepProfile:
                 if events is not None and self._current is not None:
                     self._current["_gpu_events"] = (events, _record_event())
                 if phase == "execute" and self._current is not None:
-                    # the engine thread's CPU time: well below ``execute`` means it waited
-                    # (for the GIL, a driver lock, a full launch queue), not computed
+                    # the engine thread's CPU time: well below ``execute`` means it slept (on
+                    # the GIL, a lock); near it does not rule out the driver spinning (a launch
+                    # finding the GPU's launch queue full)
                     self._current["execute_cpu"] = time.thread_time() - cpu0
                 if self._current is not None:
                     self._current[phase] = self._current.get(phase, 0.0) + dt
@@ -174,21 +178,59 @@ class StepProfile:
 
 class _KernelWindow:
     """torch.profiler over ``count`` working steps after the first ``first`` (idle steps between
-    them are inside the window but not counted): GPU time per kernel name, and the window's
-    kernel time against its wall time (how busy the GPU was)."""
+    them are inside the window but not counted); or, with ``first`` = "mixed" / "decode", over
+    the forward and sampling of the next ``count`` steps of that kind, each profiled alone (the
+    steps between run unprofiled). Reports GPU time per kernel name, and the kernels' time
+    against the window's wall time and, on CUDA, against the steps' GPU spans (how busy the GPU
+    was while those forwards ran)."""
 
-    def __init__(self, first: int, count: int) -> None:
-        self.first, self.count = first, count
+    def __init__(self, first: int | str, count: int) -> None:
+        self.kind = first if isinstance(first, str) else None
+        self.first, self.count = (0 if self.kind else first), count
         self.profiler = None
         self.summary: dict[str, Any] | None = None
         self._t0 = 0.0
         self._start = 0  # index in the step list where the window opened
+        self._times: dict[str, list[float]] = {}  # kernel -> [us, calls], over the window
+        self._wall = 0.0
+        self._window: list[dict[str, Any]] = []
 
     def before_step(self, steps: list[dict[str, Any]]) -> None:
-        if self.profiler is not None or self.summary is not None:
+        if self.kind is not None or self.profiler is not None or self.summary is not None:
             return
         if sum(1 for s in steps if "batch" in s) < self.first:
             return
+        self._open()
+        self._start = len(steps)
+
+    def before_execute(self, scheduled: list[Any]) -> None:
+        if self.kind is None or self.profiler is not None or self.summary is not None:
+            return
+        mixed = any(s.num_new_tokens > 1 for s in scheduled)
+        if mixed == (self.kind == "mixed"):
+            self._open()
+
+    def after_step(self, steps: list[dict[str, Any]]) -> None:
+        if self.profiler is None:
+            return
+        if self.kind is None:
+            window = [s for s in steps[self._start:] if "batch" in s]  # idle steps do not count
+            if len(window) < self.count:
+                return
+        else:
+            window = [steps[-1]]
+        self.profiler.stop()
+        self._wall += time.perf_counter() - self._t0
+        for name, (us, calls) in _kernel_times(self.profiler).items():
+            total = self._times.setdefault(name, [0.0, 0])
+            total[0] += us
+            total[1] += calls
+        self._window += window
+        self.profiler = None
+        if len(self._window) >= self.count:
+            self.summary = _kernel_summary(self._times, self._wall, self._window)
+
+    def _open(self) -> None:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -197,29 +239,26 @@ class _KernelWindow:
         self.profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
         self.profiler.start()
         self._t0 = time.perf_counter()
-        self._start = len(steps)
-
-    def after_step(self, steps: list[dict[str, Any]]) -> None:
-        if self.profiler is None:
-            return
-        window = [s for s in steps[self._start:] if "batch" in s]  # idle steps do not count
-        if len(window) < self.count:
-            return
-        self.profiler.stop()
-        self.summary = _kernel_summary(self.profiler, time.perf_counter() - self._t0, window)
-        self.profiler = None
 
 
-def _kernel_summary(profiler: Any, wall_s: float, window: list[dict[str, Any]]) -> dict[str, Any]:
+def _kernel_times(profiler: Any) -> dict[str, tuple[float, int]]:
+    """Kernel name -> (GPU microseconds, launches); CPU op time where there is no CUDA."""
     import torch
 
     if torch.cuda.is_available():
         kind, self_us = torch.autograd.DeviceType.CUDA, lambda e: e.self_device_time_total
     else:
         kind, self_us = torch.autograd.DeviceType.CPU, lambda e: e.self_cpu_time_total
-    kernels = [e for e in profiler.key_averages() if e.device_type == kind and self_us(e) > 0]
-    kernels.sort(key=lambda e: -self_us(e))
-    busy_us = sum(self_us(e) for e in kernels)
+    return {e.key: (self_us(e), e.count) for e in profiler.key_averages()
+            if e.device_type == kind and self_us(e) > 0}
+
+
+def _kernel_summary(times: dict[str, list[float]], wall_s: float,
+                    window: list[dict[str, Any]]) -> dict[str, Any]:
+    busy_us = sum(us for us, _ in times.values())
+    spans = [s["_gpu_events"][0].elapsed_time(s["_gpu_events"][1]) for s in window
+             if "_gpu_events" in s]  # (their sample synchronised: the events are done)
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:40]
     return {
         "steps": len(window),
         "mixed_steps": sum(1 for s in window if s["tokens"] > s["batch"]),
@@ -227,8 +266,10 @@ def _kernel_summary(profiler: Any, wall_s: float, window: list[dict[str, Any]]) 
         "wall_ms": round(1e3 * wall_s, 2),
         "kernel_ms": round(busy_us / 1e3, 2),
         "gpu_busy": round(busy_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
-        "by_kernel": [{"name": e.key[:120], "ms": round(self_us(e) / 1e3, 3),
-                       "calls": e.count} for e in kernels[:40]],
+        "gpu_span_ms": round(sum(spans), 2) if spans else None,
+        "kernel_share_of_span": round(busy_us / 1e3 / sum(spans), 3) if spans else None,
+        "by_kernel": [{"name": name[:120], "ms": round(us / 1e3, 3), "calls": int(calls)}
+                      for name, (us, calls) in top],
     }
 
 

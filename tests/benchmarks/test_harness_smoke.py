@@ -144,6 +144,20 @@ def test_kernel_trace_covers_the_requested_steps(cache, tmp_path):
     assert 0 < kernels["kernel_ms"] and kernels["wall_ms"] > 0
     with pytest.raises(SystemExit):
         harness.build_parser().parse_args([*TINY, "--kernel-trace", "3"])
+    with pytest.raises(SystemExit):
+        harness.build_parser().parse_args([*TINY, "--kernel-trace", "prefill:3"])
+
+
+@pytest.mark.parametrize("kind", ["mixed", "decode"])
+def test_kernel_trace_of_one_kind_of_step(kind, cache, tmp_path):
+    """--kernel-trace mixed:N / decode:N profiles the next N steps of that kind only."""
+    harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--kernel-trace",
+         f"{kind}:2"])), log=lambda *_: None)
+    kernels = json.loads((tmp_path / "slora_steps.json").read_text())["kernels"]
+    assert kernels["steps"] == 2
+    assert kernels["mixed_steps"] == (2 if kind == "mixed" else 0)
+    assert kernels["kernel_ms"] > 0 and kernels["gpu_span_ms"] is None  # (no GPU here)
 
 
 def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
