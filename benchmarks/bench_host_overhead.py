@@ -45,6 +45,24 @@ def host_us(fn, n: int = 2000) -> float:
     return round(host, 2)
 
 
+def _add_host_time(owner: Any, attr: str, spent: dict[str, float], part: str,
+                   calls: collections.Counter | None = None) -> None:
+    """Wrap ``owner.attr`` so that its host time adds to ``spent[part]`` (its calls to
+    ``calls[part]``)."""
+    inner = getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[part] += time.perf_counter() - t
+            if calls is not None:
+                calls[part] += 1
+
+    setattr(owner, attr, timed)
+
+
 def launches() -> dict[str, float]:
     import torch
     import torch.nn.functional as F
@@ -98,17 +116,7 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
     calls: collections.Counter = collections.Counter()
 
     def wrap(owner: Any, attr: str) -> None:
-        inner = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[attr] += time.perf_counter() - t
-                calls[attr] += 1
-
-        setattr(owner, attr, timed)
+        _add_host_time(owner, attr, spent, attr, calls)
 
     root = ensure_adapter_set(DEFAULT_CACHE, "S1", batch, base="random:llama-7b")
     names = [a.name for a in adapter_specs("S1", batch)]
@@ -230,25 +238,12 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
                                  pool_pages=32 * batch, max_batched_tokens=batch + prompt,
                                  cuda_graphs=False))
     spent: dict[str, float] = collections.defaultdict(float)
-
-    def wrap(owner: Any, attr: str, part: str) -> None:
-        inner = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[part] += time.perf_counter() - t
-
-        setattr(owner, attr, timed)
-
     for attr, part in (("lora_shrink", "lora_calls"), ("lora_expand", "lora_calls"),
                        ("attention", "attention")):
-        wrap(engine.runner.ops, attr, part)
-    wrap(engine.runner, "_lora_batch", "lora_tables")
+        _add_host_time(engine.runner.ops, attr, spent, part)
+    _add_host_time(engine.runner, "_lora_batch", spent, "lora_tables")
     linear = F.linear
-    wrap(F, "linear", "linear")
+    _add_host_time(F, "linear", spent, "linear")
     result: dict[str, Any] = {"batch": batch, "prompt_tokens": prompt, "device": "cpu"}
     try:
         for name in names:
