@@ -54,7 +54,7 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
     sgmv_expand took ~200 us a call (12.5 ms of a 92 ms step). Its decode rows go to the
     per-token kernels unless they share adapters as much as a decode batch that takes the
     segment kernels would."""
-    if lora.is_decode or lora.decode_tokens == 0:
+    if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
         return None

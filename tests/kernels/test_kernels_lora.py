@@ -220,26 +220,23 @@ def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("shared_decode", [False, True])
-def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(shared_decode: bool, device) -> None:
+@pytest.mark.parametrize("decode", ["distinct", "shared", "base"])
+def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(decode: str, device) -> None:
     """A mixed step (decode rows first, then prompts; one prompt shares its adapter with a
     decode row, so only the split keeps their segments apart): TritonOps runs the decode rows
     with the per-token kernels and the prompts with the segment kernels - unless the decode
-    rows share adapters as much as a segment-kernel decode batch - and computes what TorchOps
-    computes."""
+    rows share adapters as much as a segment-kernel decode batch, or use none - and computes
+    what TorchOps computes."""
     gen = torch.Generator().manual_seed(11)
     adapters = build_adapter_pool(SHAPES["smollm2"], torch.float32,
                                   [adapter_ranks("mixed", a) for a in range(6)], device, gen)
-    if shared_decode:
-        decode = [2] * 50
-    else:
-        decode = [0, 1, -1, 2, 3, 3, 4, 5]
+    rows = {"distinct": [0, 1, -1, 2, 3, 3, 4, 5], "shared": [2] * 50, "base": [-1] * 5}[decode]
     prompts = [5] * 19 + [-1] * 7 + [1] * 33
-    lora = lora_batch(decode + prompts, adapters, False, device, decode_tokens=len(decode))
+    lora = lora_batch(rows + prompts, adapters, False, device, decode_tokens=len(rows))
     split = ops_triton._mixed_split(lora)
-    assert (split is None) == shared_decode
+    assert (split is None) == (decode != "distinct")
     if split is not None:
-        assert split.tokens == len(decode) and split.seg_lens.tolist() == [19, 33]
+        assert split.tokens == len(rows) and split.seg_lens.tolist() == [19, 33]
     _check_ops_agree(adapters.pool, lora, gen, device)
 
 
