@@ -117,9 +117,9 @@ class StepProfile:
 
     def report(self) -> dict[str, Any]:
         for s in self.steps:  # every step's events have completed: its sample synchronised
-            start_end = s.pop("_gpu_events", None)
-            if start_end is not None:
-                s["gpu_execute"] = start_end[0].elapsed_time(start_end[1]) / 1e3
+            if "_gpu_events" in s:
+                s["gpu_execute"] = _gpu_span_ms(s) / 1e3
+                del s["_gpu_events"]
         worked = [s for s in self.steps if "batch" in s]
         total = sum(s["step"] for s in worked) or 1e-9
         phases = {}
@@ -256,8 +256,7 @@ def _kernel_times(profiler: Any) -> dict[str, tuple[float, int]]:
 def _kernel_summary(times: dict[str, list[float]], wall_s: float,
                     window: list[dict[str, Any]]) -> dict[str, Any]:
     busy_us = sum(us for us, _ in times.values())
-    spans = [s["_gpu_events"][0].elapsed_time(s["_gpu_events"][1]) for s in window
-             if "_gpu_events" in s]  # (their sample synchronised: the events are done)
+    spans = [_gpu_span_ms(s) for s in window if "_gpu_events" in s]
     top = sorted(times.items(), key=lambda kv: -kv[1][0])[:40]
     return {
         "steps": len(window),
@@ -271,6 +270,13 @@ def _kernel_summary(times: dict[str, list[float]], wall_s: float,
         "by_kernel": [{"name": name[:120], "ms": round(us / 1e3, 3), "calls": int(calls)}
                       for name, (us, calls) in top],
     }
+
+
+def _gpu_span_ms(step: dict[str, Any]) -> float:
+    """A finished step's forward on the GPU, from its CUDA events (the step's sample
+    synchronised, so both have completed)."""
+    start, end = step["_gpu_events"]
+    return start.elapsed_time(end)
 
 
 def _record_event() -> Any:

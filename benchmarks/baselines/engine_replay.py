@@ -193,7 +193,7 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
 def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workload,
                 adapter_root: Path | None, *, slo_s: float, time_limit_s: float | None,
                 prompt_seed: int = 0, profile_dir: Path | None = None, cprofile: bool = False,
-                kernel_window: tuple[int, int] | None = None, log=print) -> dict[str, Any]:
+                kernel_window: tuple[int | str, int] | None = None, log=print) -> dict[str, Any]:
     """Build an engine for ``v``, warm it up, replay ``workload``, release it. With
     ``profile_dir``, the replay's step profile is written there (``benchmarks.step_profile``;
     ``cprofile`` adds the engine thread's cProfile, ``kernel_window`` a kernel trace of those steps)."""

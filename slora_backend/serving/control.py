@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter_registry import REGISTRY_FILE
-from ..adapter_store import resolve_under_root
+from ..adapter_store import CONFIG_FILE, resolve_under_root
 from ..errors import AdapterLoadError
 from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
@@ -85,7 +85,7 @@ class AdapterNames:
         except AdapterLoadError:
             path = None
         if (path is not None and "/" not in name and path != self.root
-                and (path / "adapter_config.json").is_file()):
+                and (path / CONFIG_FILE).is_file()):
             return {"name": name, "registered": False}
         raise ServingError(NOT_FOUND, f"adapter {name!r} is not registered and {self.root} has "
                                       "no adapter directory of that name")
