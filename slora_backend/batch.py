@@ -79,14 +79,16 @@ class LoraBatch:
 
 def slot_segments(
     runs: Iterable[tuple[int, int, int]], decode_tokens: int = 0
-) -> tuple[list[int], list[int], list[int]]:
-    """(starts, lengths, slots) of the maximal runs of one slot >= 0, from ``runs`` of
-    (first token, token count, slot) in token order (one per sequence: O(batch), not
+) -> tuple[list[int], list[int], list[int], int]:
+    """(starts, lengths, slots, decode segments) of the maximal runs of one slot >= 0, from
+    ``runs`` of (first token, token count, slot) in token order (one per sequence: O(batch), not
     O(tokens)). No segment crosses ``decode_tokens`` (the end of a mixed step's decode rows);
-    base tokens (slot -1) are in no segment."""
+    the first ``decode segments`` segments lie before it. Base tokens (slot -1) are in no
+    segment."""
     starts: list[int] = []
     lens: list[int] = []
     slots: list[int] = []
+    decode_segments = 0
     for first, count, slot in runs:
         if slot < 0 or count == 0:
             continue
@@ -96,7 +98,8 @@ def slot_segments(
             starts.append(first)
             lens.append(count)
             slots.append(slot)
-    return starts, lens, slots
+            decode_segments += first < decode_tokens
+    return starts, lens, slots, decode_segments
 
 
 @dataclass

@@ -6,7 +6,6 @@ weights of newly resident adapters into their pages.
 
 from __future__ import annotations
 
-import bisect
 from contextlib import nullcontext as _nullcontext
 
 import torch
@@ -174,7 +173,7 @@ class ModelRunner:
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
         rows = self.lora_tables.gather([(residents[name], self.store.get(name)) for name in slot_of])
-        seg_starts, seg_lens, seg_slots = slot_segments(runs, decode_tokens)
+        seg_starts, seg_lens, seg_slots, decode_segments = slot_segments(runs, decode_tokens)
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
             ranks=rows.ranks.to(dev),
@@ -188,7 +187,7 @@ class ModelRunner:
             max_seg_len=max(seg_lens),
             is_decode=is_decode,
             decode_tokens=decode_tokens,
-            decode_segments=bisect.bisect_left(seg_starts, decode_tokens),
+            decode_segments=decode_segments,
             targets=rows.targets,
         )
 

@@ -65,5 +65,5 @@ def test_segments_merge_runs_of_one_adapter_but_not_across_the_decode_rows():
 
     # decode rows 0-3 (slots 2, 2, -1, 1), then prompts of 5 (slot 1), 3 (slot 1), 4 (base), 2 (slot 0)
     runs = [(0, 1, 2), (1, 1, 2), (2, 1, -1), (3, 1, 1), (4, 5, 1), (9, 3, 1), (12, 4, -1), (16, 2, 0)]
-    assert slot_segments(runs, decode_tokens=4) == ([0, 3, 4, 16], [2, 1, 8, 2], [2, 1, 1, 0])
-    assert slot_segments(runs) == ([0, 3, 16], [2, 9, 2], [2, 1, 0])  # no split: 3-11 merge
+    assert slot_segments(runs, decode_tokens=4) == ([0, 3, 4, 16], [2, 1, 8, 2], [2, 1, 1, 0], 2)
+    assert slot_segments(runs) == ([0, 3, 16], [2, 9, 2], [2, 1, 0], 0)  # no split: 3-11 merge

@@ -131,7 +131,8 @@ def lora_batch(
 ) -> LoraBatch:
     """The LoraBatch the model runner would build: segments = maximal runs of one slot >= 0
     (split at ``decode_tokens``, the end of a mixed step's one-token sequences)."""
-    starts, lens, slots = slot_segments(((i, 1, s) for i, s in enumerate(token_slots)), decode_tokens)
+    starts, lens, slots, decode_segments = slot_segments(
+        ((i, 1, s) for i, s in enumerate(token_slots)), decode_tokens)
 
     def i32(v: list[int]) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.int32, device=device)
@@ -142,7 +143,7 @@ def lora_batch(
         max_rank=int(adapters.a_offsets.shape[2]),
         seg_starts=i32(starts), seg_lens=i32(lens), seg_slots=i32(slots),
         max_seg_len=max(lens, default=0), is_decode=is_decode,
-        decode_tokens=decode_tokens, decode_segments=sum(1 for st in starts if st < decode_tokens),
+        decode_tokens=decode_tokens, decode_segments=decode_segments,
     )
 
 
