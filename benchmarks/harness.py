@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--triton-serve", action="store_true",
                    help="start a tritonserver (slora_backend.serve) and replay through it too")
     s.add_argument("--triton-streams", type=int, default=2, help="gRPC streams to spread over")
+    s.add_argument("--triton-stream-interval", type=int, default=1, metavar="N",
+                   help="--triton-serve: the server's stream_interval (new tokens per response)")
     s.add_argument("--triton-log", default=None)
     s.add_argument("--triton-ready-timeout", type=float, default=300.0)
     s.add_argument("--tokenizer", default="word",
@@ -372,7 +374,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     workload = generate(workload_config(args))
     setting = get_setting(args.setting)
     base_model = args.base_model or f"random:{setting.base_shape}"
-    needs_adapters = not args.no_slora or any(b in args.baselines for b in "acd")
+    needs_adapters = (not args.no_slora or any(b in args.baselines for b in "acd")
+                      or args.triton_serve)
     root = None
     if needs_adapters:
         t0 = time.perf_counter()

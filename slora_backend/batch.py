@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 
 # Fixed order of the LoRA target modules. A module's index in this tuple is its index in the
@@ -100,6 +102,19 @@ def slot_segments(
             slots.append(slot)
             decode_segments += first < decode_tokens
     return starts, lens, slots, decode_segments
+
+
+def padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """int32 ``[len(tables), longest]``: each table's pages, then zeros.
+
+    One flat conversion and a masked write; padding each Python list and converting the nested
+    list cost ~1 ms per step at batch 250 on the CI machine (1.5-2 ms on the H200's host, where
+    it was the engine thread's hottest line in a serving profile)."""
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(chain.from_iterable(tables), np.int32, int(lens.sum()))
+    out = np.zeros((len(tables), int(lens.max(initial=0))), np.int32)
+    out[np.arange(out.shape[1]) < lens[:, None]] = flat
+    return torch.from_numpy(out)
 
 
 @dataclass

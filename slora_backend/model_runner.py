@@ -12,7 +12,7 @@ import torch
 
 from .adapter_cache import ResidentAdapter
 from .adapter_store import AdapterStore
-from .batch import AttentionBatch, LoraBatch, slot_segments
+from .batch import AttentionBatch, LoraBatch, padded_block_tables, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .lora_tables import LoraTables
@@ -137,10 +137,7 @@ class ModelRunner:
                 sample_rows_by_index[i] = query_starts[-1] - 1
         sample_rows = [sample_rows_by_index[i] for i in range(len(scheduled)) if i in sample_rows_by_index]
 
-        max_blocks = max(len(scheduled[i].request.block_table) for i in order)
-        tables = torch.tensor([bt + [0] * (max_blocks - len(bt))
-                               for bt in (scheduled[i].request.block_table for i in order)],
-                              dtype=torch.int32)
+        tables = padded_block_tables([scheduled[i].request.block_table for i in order])
         q_lens = [scheduled[i].num_new_tokens for i in order]
         attn = AttentionBatch(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),

@@ -207,6 +207,7 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
             write_registry(adapter_root, [a.name for a in workload.adapters])
         params = {k: str(v) for k, v in kwargs.items()
                   if k not in ("base_model", "device", "dtype") and v is not None}
+        params["stream_interval"] = str(args.triton_stream_interval)
         log_file = Path(args.triton_log or (Path(args.cache) / "tritonserver.log"))
         t0 = time.perf_counter()
         server = start_server(
@@ -222,6 +223,7 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
         result = replay(workload, url, prompts, slo_s=args.slo, time_limit_s=args.time_limit,
                         num_streams=args.triton_streams)
         result["triton_url"] = url
+        result["stream_interval"] = None if args.triton_url else args.triton_stream_interval
         result["tokenizer"] = str(tok_dir)
         return result
     finally:

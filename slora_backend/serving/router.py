@@ -47,6 +47,8 @@ class _Stream:
     lora_name: str | None
     arrival: float
     first_token: float | None = None
+    held_text: str = ""  # streamed text not sent yet (stream_interval)
+    held_tokens: int = 0
     cancelled: bool = False
     sent_final: bool = False
     responses: int = 0
@@ -65,16 +67,31 @@ class StreamRouter:
     Invariant: every request submitted successfully gets exactly one final response (data,
     error or cancellation), and every cancelled request is aborted in the engine, so its pages
     return to the pool.
+
+    ``stream_interval``: a streaming request's text goes out once it has that many new tokens
+    (the first token at once, the rest with the final response). Each response is a round trip
+    to the server process that holds the GIL for part of it (~75 of ~230 us on the H200's
+    host); at one response per token and ~7000 tokens/s this thread's share of the GIL slowed
+    the engine thread's steps by about a third. Like vLLM's ``--stream-interval``.
     """
 
     CANCEL_POLL_S = 0.1
+    # ``is_cancelled`` is a round trip to the server process: asking all ~250 streams of the S1
+    # workload 10 times a second took a third of this thread's time on the H200 (py-spy), so a
+    # poll asks at most this many, round-robin (each stream about every 0.8 s at that load; a
+    # streaming request whose client left is also caught by its next failing send).
+    CANCEL_POLL_BATCH = 32
 
     def __init__(
         self,
         engine: Any,
         on_first_token: Callable[[float, str | None], None] | None = None,
         on_finished: Callable[[str, str | None], None] | None = None,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        self.stream_interval = stream_interval
         self.engine = engine
         self.on_first_token = on_first_token
         self.on_finished = on_finished
@@ -84,6 +101,7 @@ class StreamRouter:
         self._outputs: queue.Queue[tuple[float, RequestOutput] | None] = queue.Queue()
         self._intake: queue.Queue[_Stream | None] = queue.Queue()
         self._running = True
+        self._poll_cursor = 0
         self._thread = threading.Thread(target=self._run, name="slora-responses", daemon=True)
         self._intake_thread = threading.Thread(target=self._intake_loop, name="slora-intake",
                                                daemon=True)
@@ -202,6 +220,10 @@ class StreamRouter:
     def _poll_cancelled(self) -> None:
         with self._lock:
             streams = [s for s in self._streams.values() if not s.cancelled]
+        if len(streams) > self.CANCEL_POLL_BATCH:
+            first = self._poll_cursor % len(streams)
+            self._poll_cursor = first + self.CANCEL_POLL_BATCH
+            streams = (streams[first:] + streams[:first])[:self.CANCEL_POLL_BATCH]
         for s in streams:
             try:
                 cancelled = s.sink.is_cancelled()
@@ -211,10 +233,11 @@ class StreamRouter:
                 self._cancel(s)
 
     def _cancel(self, s: _Stream) -> None:
-        if s.cancelled:
-            return
-        s.cancelled = True
-        self.counters.cancelled += 1
+        with self._lock:  # the poll, abort_client_id (control thread) and stop() may race
+            if s.cancelled:
+                return
+            s.cancelled = True
+            self.counters.cancelled += 1
         self.engine.abort(s.request_id)  # unknown to the engine yet: the intake drops it
 
     def _deliver(self, at: float, out: RequestOutput) -> None:
@@ -227,8 +250,12 @@ class StreamRouter:
             if self.on_first_token is not None:
                 self.on_first_token(at - s.arrival, s.lora_name)
         if not out.finished:
-            if s.request.stream and out.delta_text and not s.cancelled:
-                self._send(s, self._payload(s, out, out.delta_text), None, final=False)
+            if s.request.stream and not s.cancelled:
+                s.held_text += out.delta_text
+                s.held_tokens += len(out.delta_token_ids)
+                if s.held_text and (s.responses == 0 or s.held_tokens >= self.stream_interval):
+                    self._send(s, self._payload(s, out, s.held_text), None, final=False)
+                    s.held_text, s.held_tokens = "", 0
             return
         with self._lock:
             self._streams.pop(out.request_id, None)
@@ -241,7 +268,7 @@ class StreamRouter:
             self.counters.errors += 1
             self._send(s, None, ServingError(INTERNAL, out.error or "generation failed"), final=True)
         elif s.request.stream:
-            self._send(s, self._payload(s, out, out.delta_text), None, final=True)
+            self._send(s, self._payload(s, out, s.held_text + out.delta_text), None, final=True)
         else:
             text = out.text if s.request.exclude_input_in_output else s.request.prompt + out.text
             self._send(s, self._payload(s, out, text), None, final=True)

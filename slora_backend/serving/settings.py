@@ -22,6 +22,7 @@ SERVING_KEYS = {
     "max_tokens_limit": "largest max_tokens a request may ask for (default: the context length)",
     "metrics_interval_s": "seconds between metric updates (default 0.5)",
     "python_path": "extra import roots for the stub (os.pathsep-separated)",
+    "stream_interval": "new tokens per streamed response (default 1; see serving.StreamRouter)",
 }
 
 
@@ -30,6 +31,7 @@ class ServingSettings:
     engine: EngineConfig
     max_tokens_limit: int | None
     metrics_interval_s: float
+    stream_interval: int = 1
 
 
 def _field_types() -> dict[str, str]:
@@ -103,13 +105,17 @@ def settings_from_parameters(params: Mapping[str, str], base_dir: Path) -> Servi
     kwargs["device"], kwargs["dtype"] = device, dtype
     limit = params.get("max_tokens_limit", "").strip()
     interval = params.get("metrics_interval_s", "").strip()
+    stream_interval = params.get("stream_interval", "").strip()
     settings = ServingSettings(
         engine=EngineConfig(**kwargs),
-        max_tokens_limit=int(limit) if limit else None,
-        metrics_interval_s=float(interval) if interval else 0.5,
+        max_tokens_limit=_convert("max_tokens_limit", limit, "int") if limit else None,
+        metrics_interval_s=_convert("metrics_interval_s", interval, "float") if interval else 0.5,
+        stream_interval=_convert("stream_interval", stream_interval, "int") if stream_interval else 1,
     )
     if settings.max_tokens_limit is not None and settings.max_tokens_limit < 1:
         raise ValueError(f"parameter 'max_tokens_limit' must be >= 1, got {settings.max_tokens_limit}")
+    if settings.stream_interval < 1:
+        raise ValueError(f"parameter 'stream_interval' must be >= 1, got {settings.stream_interval}")
     if settings.metrics_interval_s <= 0:
         raise ValueError(f"parameter 'metrics_interval_s' must be > 0, got {settings.metrics_interval_s}")
     return settings

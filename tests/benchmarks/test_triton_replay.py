@@ -19,7 +19,7 @@ def test_replay_through_tritonserver(tmp_path):
         "--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",
         "--setting", "S2", "--n", "8", "--rate", "6", "--duration", "2",
         "--input-range", "8", "40", "--output-range", "2", "10", "--triton-serve",
-        "--triton-ready-timeout", "240", "--cache", str(tmp_path / "cache"),
+        "--triton-stream-interval", "3", "--triton-ready-timeout", "240", "--cache", str(tmp_path / "cache"),
         "--triton-log", str(tmp_path / "server.log"), "--json", str(out)])
     data = json.loads(out.read_text())
     rows = {r["system"]: r for r in data["results"]}
@@ -27,6 +27,7 @@ def test_replay_through_tritonserver(tmp_path):
     t = rows["slora_triton"]
     assert t["stream_errors"] == 0 and t["prompt_len_mismatches"] == 0
     assert t["finish_reasons"] == {"length": 12}
-    assert t["output_tokens"] == rows["slora"]["output_tokens"]
+    assert t["output_tokens"] == rows["slora"]["output_tokens"]  # every token, 3 per response
+    assert t["stream_interval"] == 3
     assert t["ttft_p50_s"] is not None and t["throughput_req_s"] > 0
     assert "triton_over_in_process" in next(iter(data["comparisons"].values()))

@@ -67,3 +67,12 @@ def test_segments_merge_runs_of_one_adapter_but_not_across_the_decode_rows():
     runs = [(0, 1, 2), (1, 1, 2), (2, 1, -1), (3, 1, 1), (4, 5, 1), (9, 3, 1), (12, 4, -1), (16, 2, 0)]
     assert slot_segments(runs, decode_tokens=4) == ([0, 3, 4, 16], [2, 1, 8, 2], [2, 1, 1, 0], 2)
     assert slot_segments(runs) == ([0, 3, 16], [2, 9, 2], [2, 1, 0], 0)  # no split: 3-11 merge
+
+
+def test_block_tables_are_padded_with_zeros():
+    from slora_backend.batch import padded_block_tables
+
+    tables = padded_block_tables([[4, 9, 2], [], [7], [1, 2, 3, 5]])
+    assert tables.dtype == torch.int32
+    assert tables.tolist() == [[4, 9, 2, 0], [0, 0, 0, 0], [7, 0, 0, 0], [1, 2, 3, 5]]
+    assert padded_block_tables([[]]).shape == (1, 0)

@@ -214,6 +214,35 @@ def test_router_streams_deltas_then_one_final():
     assert len(ttft) == 1 and router.num_in_flight() == 0
 
 
+def test_router_stream_interval_sends_every_n_tokens_first_at_once():
+    engine, sink = FakeEngine(), FakeSink()
+    router = StreamRouter(engine, stream_interval=3)
+    try:
+        router.submit(_request(), "c", sink, time.monotonic())
+        rid = _wait_added(engine)
+        texts = ["a", "b", "", "c", "d", "e", "f", "g"]  # "" : a token whose text is held back
+        for i, text in enumerate(texts):
+            engine.emit(rid, list(range(i + 1)), text)
+            deadline = time.monotonic() + 5
+            while i == 0 and not sink.sent:  # the first token goes out on its own
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            time.sleep(0.02)  # one engine step at a time (the queue may still merge some)
+        engine.emit(rid, list(range(9)), "h", finished=True, reason="length")
+        assert sink.done.wait(5)
+    finally:
+        router.stop()
+    assert "".join(p.text for p, e, final in sink.sent) == "abcdefgh"
+    finals = [f for _, _, f in sink.sent]
+    assert sink.sent[0][0].text == "a" and finals == [False] * (len(finals) - 1) + [True]
+    counts = [p.num_output_tokens for p, e, final in sink.sent[:-1]]
+    assert all(b - a >= 3 for a, b in zip(counts, counts[1:])), counts  # >= 3 new tokens each
+    if len(sink.sent) == 4:  # nothing merged: exactly every third token
+        assert [p.text for p, e, final in sink.sent] == ["a", "bc", "def", "gh"]
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        StreamRouter(engine, stream_interval=0)
+
+
 def test_queued_outputs_of_a_request_merge_into_one_response():
     def out(rid, tokens, delta, finished=False):
         return RequestOutput(rid, tokens, "", tokens[-1:], delta, finished,
@@ -257,6 +286,34 @@ def test_router_cancellation_aborts_in_engine_and_answers_once():
     finals = [(e.code if e else None) for p, e, final in sink.sent if final]
     assert finals == ["CANCELLED"]
     assert router.counters.cancelled == 1
+
+
+def test_router_polls_a_bounded_share_of_streams_and_finds_every_cancellation():
+    class CountingSink(FakeSink):
+        asked = 0
+
+        def is_cancelled(self):
+            CountingSink.asked += 1
+            return self.cancelled
+
+    engine, sinks = FakeEngine(), [CountingSink() for _ in range(10)]
+    router = StreamRouter(engine)
+    router.CANCEL_POLL_BATCH = 3
+    try:
+        for i, sink in enumerate(sinks):
+            router.submit(_request(stream=False), f"c{i}", sink, time.monotonic())
+        _wait_added(engine, len(sinks))
+        CountingSink.asked = 0
+        router._poll_cancelled()  # (the router thread polls too: at most two polls' worth)
+        assert 3 <= CountingSink.asked <= 6
+        for sink in sinks[::3]:  # non-streaming: only the poll can notice
+            sink.cancelled = True
+        assert all(sink.done.wait(5) for sink in sinks[::3])
+    finally:
+        router.stop()
+    ids = list(engine.added)  # in submission order (one intake thread)
+    assert set(engine.aborted[:4]) == set(ids[::3])
+    assert router.counters.cancelled == 10  # 4 cancelled by their clients, 6 by stop()
 
 
 def test_router_abort_by_client_id():
@@ -382,7 +439,14 @@ def test_settings_from_parameters(tmp_path):
     assert s.engine.base_model == "random:tiny-gqa" and s.engine.pool_pages == 64
     assert s.engine.adapter_root == str(tmp_path / "ad") and s.engine.pin_host_memory is False
     assert s.engine.device == "cpu" and s.engine.dtype == "float32"
-    assert s.max_tokens_limit == 50 and s.metrics_interval_s == 0.5
+    assert s.max_tokens_limit == 50 and s.metrics_interval_s == 0.5 and s.stream_interval == 1
+    assert settings_from_parameters({"base_model": "random:tiny-gqa", "stream_interval": "4"},
+                                    tmp_path).stream_interval == 4
+    for bad, match in (("0", "'stream_interval' must be >= 1, got 0"),
+                       ("four", "'stream_interval': 'four' is not a valid int")):
+        with pytest.raises(ValueError, match=match):
+            settings_from_parameters({"base_model": "random:tiny-gqa", "stream_interval": bad},
+                                     tmp_path)
     with pytest.raises(ValueError, match="unknown parameters \\['pool_page'\\]"):
         settings_from_parameters({"base_model": "random:tiny-gqa", "pool_page": "1"}, tmp_path)
     with pytest.raises(ValueError, match="'pool_pages': 'many' is not a valid int"):

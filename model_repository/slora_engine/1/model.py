@@ -100,7 +100,8 @@ class TritonPythonModel:
         self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
         self._init_metrics(args, settings.metrics_interval_s)
         self.engine.start()
-        self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft)
+        self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft,
+                                           stream_interval=settings.stream_interval)
         self.control = serving.ControlHandler(
             self.engine, self.router, extra_stats=lambda: {
                 "requests_cancelled": self.router.counters.cancelled,
