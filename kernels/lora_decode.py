@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_tensor, next_pow2, pad3, vector_elems
+from ._common import cdiv, next_pow2, pad3, vector_elems
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
 
@@ -51,6 +51,17 @@ def _rows_times_x(
 
 
 @triton.jit
+def _shrink_row(x_row, pool_ptr, offs, live, in_dim,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    """``_rows_times_x`` with 16-byte loads when every row offset allows them."""
+    if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
+        out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, True)
+    else:
+        out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, False)
+    return out
+
+
+@triton.jit
 def _bgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr,
     in_dim, max_rank,
@@ -73,10 +84,7 @@ def _bgmv_shrink_kernel(
         offs_ptr = a_offsets_ptr + slot * stride_off_s + module * stride_off_m
         offs = tl.load(offs_ptr + rows, mask=live, other=0)
         x_row = x_ptr + token.to(tl.int64) * stride_x
-        if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
-            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, True)
-        else:
-            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, False)
+        out = _shrink_row(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC)
     z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
     tl.store(z_row + rows, out.to(z_ptr.dtype.element_ty), mask=rows < max_rank)
 
@@ -102,6 +110,24 @@ def _z_times_rows(
 
 
 @triton.jit
+def _expand_row(
+    y_ptr, token, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live, mi,
+    start0, start1, start2, scalings_ptr, slot,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+):
+    """y[token, start_mi + cols] += scalings[slot] * z_row[:rank] @ B^T[:rank, cols] (B^T's
+    rows at ``offs_ptr``), with 16-byte loads when every row offset allows them."""
+    if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
+        delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
+                              BLOCK_R, BLOCK_N, VEC, True)
+    else:
+        delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
+                              BLOCK_R, BLOCK_N, VEC, False)
+    add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
+                   scalings_ptr, slot)
+
+
+@triton.jit
 def _bgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, b_offsets_ptr, scalings_ptr,
     stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
@@ -115,14 +141,8 @@ def _bgmv_expand_kernel(
         col_live = cols < out_dim
         z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
         offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
-        if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
-            delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                                  BLOCK_R, BLOCK_N, VEC, True)
-        else:
-            delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                                  BLOCK_R, BLOCK_N, VEC, False)
-        add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
-                       scalings_ptr, slot)
+        _expand_row(y_ptr, token, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live, mi,
+                    start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +158,6 @@ def lora_shrink_decode(
     a_offsets: torch.Tensor,
     modules: Sequence[int],
     *,
-    out: torch.Tensor | None = None,
     tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank(s_i, m), else 0.
@@ -146,19 +165,13 @@ def lora_shrink_decode(
     x: [T, in_dim] (rows may be strided); pool: one layer's flat buffer, x's dtype;
     token_slots: int32 [T] (-1 = base model); ranks: int32 [S, 7]; a_offsets: int64 [S, 7, R].
     Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
-    three modules that share x (q/k/v, gate/up). ``out``: write z there instead (every element
-    is written; rows may be strided, e.g. the first rows of a larger z). ``tiles`` overrides
-    BLOCK_R / BLOCK_K / num_warps (for benchmark sweeps).
+    three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
+    num_warps (for benchmark sweeps).
     """
     args = check_shrink(x, pool, ranks, a_offsets, modules)
     check_token_slots(token_slots, args.num_tokens, x.device)
-    z_shape = (args.num_tokens, len(args.modules), args.max_rank)
-    if out is None:
-        z = torch.empty(z_shape, dtype=x.dtype, device=x.device)
-    else:
-        check_tensor("out", out, dtypes=(x.dtype,), ndim=3, shape=z_shape, device=x.device,
-                     inner_contiguous=True)
-        z = out
+    z = torch.empty(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
+                    device=x.device)
     if args.num_tokens == 0 or args.max_rank == 0:
         return z.zero_()
     if ranks.shape[0] == 0:  # no adapter in this batch: no token uses LoRA

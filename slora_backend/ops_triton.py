@@ -36,11 +36,11 @@ def _use_segments(lora: LoraBatch, num_tokens: int) -> bool:
 
 @dataclass(frozen=True)
 class _MixedSplit:
-    """A mixed step cut in two: its decode rows (0 .. tokens - 1) for the per-token kernels, its
-    prompts' segments for the segment kernels. Built once per step, used by every layer."""
+    """A mixed step cut in two: its decode rows (tokens 0 .. D - 1), one per-token program
+    each, and its prompts' segments, in tiles - one launch for both. Built once per step, used
+    by every layer."""
 
-    tokens: int
-    token_slots: torch.Tensor  # the decode rows' slots
+    token_slots: torch.Tensor  # the decode rows' slots [D]
     seg_starts: torch.Tensor  # the prompts' segments (absolute token indices)
     seg_lens: torch.Tensor
     seg_slots: torch.Tensor
@@ -51,9 +51,11 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
 
     The segment kernels give a one-token segment a whole tile of BLOCK_M rows, and a mixed
     step of the S1 workload has ~200 of them beside a few prompts: measured on the H200, its
-    sgmv_expand took ~200 us a call (12.5 ms of a 92 ms step). Its decode rows go to the
-    per-token kernels unless they share adapters as much as a decode batch that takes the
-    segment kernels would."""
+    sgmv_expand took ~200 us a call (12.5 ms of a 92 ms step). Its decode rows get per-token
+    programs instead - in the same launch as the prompts' tiles (``decode_slots``): a mixed
+    step is bound by the host's launches (~130 LoRA calls), so one launch per call, not one per
+    kind - unless they share adapters as much as a decode batch that takes the segment kernels
+    would."""
     if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
@@ -62,7 +64,7 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
     if split is None:
         d, k = lora.decode_tokens, lora.decode_segments
         split = lora.scratch["mixed_split"] = _MixedSplit(
-            d, lora.token_slots[:d], lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
+            lora.token_slots[:d], lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
     return split
 
 
@@ -78,14 +80,10 @@ class TritonOps(TorchOps):
         """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero."""
         split = _mixed_split(lora)
         if split is not None:
-            z = lora_shrink_prefill(
+            return lora_shrink_prefill(
                 x, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
-                lora.a_offsets, modules, lora.max_seg_len,
+                lora.a_offsets, modules, lora.max_seg_len, decode_slots=split.token_slots,
             )
-            d = split.tokens
-            lora_shrink_decode(x[:d], pool, split.token_slots, lora.ranks, lora.a_offsets,
-                               modules, out=z[:d])
-            return z
         if _use_segments(lora, x.shape[0]):
             return lora_shrink_prefill(
                 x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
@@ -109,11 +107,7 @@ class TritonOps(TorchOps):
             lora_expand_prefill(
                 y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
                 lora.b_offsets, lora.scalings, modules, out_starts, out_dims, lora.max_seg_len,
-            )
-            d = split.tokens
-            lora_expand_decode(
-                y[:d], z[:d], pool, split.token_slots, lora.ranks, lora.b_offsets, lora.scalings,
-                modules, out_starts, out_dims,
+                decode_slots=split.token_slots,
             )
             return
         if _use_segments(lora, y.shape[0]):

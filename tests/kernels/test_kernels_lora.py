@@ -147,6 +147,45 @@ def test_prefill_kernels_on_a_mixed_step(device) -> None:
                  device)
 
 
+@pytest.mark.parametrize("rank", [64, "mixed"], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_segment_kernels_with_decode_rows(dtype_name: str, rank: int | str, device) -> None:
+    """``decode_slots``: the decode rows of a mixed step (distinct adapters, one shared with a
+    prompt, base rows between) get per-token programs in the same launch as the prompts'
+    segment tiles; z and y equal the reference over the whole batch."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(21)
+    adapters = build_adapter_pool(SHAPES["llama2"], dtype,
+                                  [adapter_ranks(rank, a) for a in range(8)], device, gen)
+    rows = [3, -1, 0, 5, 5, -1, 7, 2, 6]
+    token_slots = rows + [2] * 23 + [-1] * 4 + [4] * 17 + [1] * 3
+    lora = lora_batch(token_slots, adapters, False, device, decode_tokens=len(rows))
+    k = lora.decode_segments
+    segs = (lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
+    decode_slots = lora.token_slots[:len(rows)]
+    mods, starts, dims = (0, 1, 2), (0, 128, 256), (128, 128, 128)
+    x = torch.randn(len(token_slots), 128, generator=gen).to(dtype).to(device)
+    z = lora_shrink_prefill(x, adapters.pool, *segs, lora.ranks, lora.a_offsets, mods,
+                            lora.max_seg_len, decode_slots=decode_slots)
+    z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
+    y = torch.randn(x.shape[0], 384, generator=gen).to(dtype).to(device)
+    y_ref = y.clone()
+    lora_expand_prefill(y, z_ref, adapters.pool, *segs, lora.ranks, lora.b_offsets,
+                        lora.scalings, mods, starts, dims, lora.max_seg_len,
+                        decode_slots=decode_slots)
+    lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                    lora.scalings, mods, starts, dims)
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
+    with pytest.raises(ValueError, match="decode_slots has 300 entries for 56 tokens"):
+        lora_shrink_prefill(x, adapters.pool, *segs, lora.ranks, lora.a_offsets, mods,
+                            lora.max_seg_len, decode_slots=decode_slots.repeat(34)[:300])
+    with pytest.raises(ValueError, match="decode_slots has dtype"):
+        lora_expand_prefill(y, z_ref, adapters.pool, *segs, lora.ranks, lora.b_offsets,
+                            lora.scalings, mods, starts, dims, lora.max_seg_len,
+                            decode_slots=decode_slots.long())
+
+
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_lora_without_adapters(kind: str, device) -> None:
     """Every token on the base model: z is zero and y is left exactly as it was."""
@@ -224,7 +263,7 @@ def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
 def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(decode: str, device) -> None:
     """A mixed step (decode rows first, then prompts; one prompt shares its adapter with a
     decode row, so only the split keeps their segments apart): TritonOps runs the decode rows
-    with the per-token kernels and the prompts with the segment kernels - unless the decode
+    with per-token programs and the prompts in segment tiles, in one launch - unless the decode
     rows share adapters as much as a segment-kernel decode batch, or use none - and computes
     what TorchOps computes."""
     gen = torch.Generator().manual_seed(11)
@@ -236,7 +275,7 @@ def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(decode: str, device)
     split = ops_triton._mixed_split(lora)
     assert (split is None) == (decode != "distinct")
     if split is not None:
-        assert split.tokens == len(rows) and split.seg_lens.tolist() == [19, 33]
+        assert split.token_slots.shape[0] == len(rows) and split.seg_lens.tolist() == [19, 33]
     _check_ops_agree(adapters.pool, lora, gen, device)
 
 
@@ -257,9 +296,6 @@ def test_lora_launchers_reject_bad_arguments(device) -> None:
         lora_shrink_decode(x, pool, slots.long(), *args, (0,))
     with pytest.raises(ValueError, match="a_offsets has dtype"):
         lora_shrink_decode(x, pool, slots, lora.ranks, lora.a_offsets.int(), (0,))
-    with pytest.raises(ValueError, match="out has size"):
-        lora_shrink_decode(x, pool, slots, *args, (0, 1), out=torch.empty(
-            DECODE_SEQS, 1, 8, dtype=x.dtype, device=device))
     z = lora_shrink_decode(x, pool, slots, *args, (0, 1))
     y = torch.zeros(DECODE_SEQS, 256).half().to(device)
     expand = (pool, slots, lora.ranks, lora.b_offsets, lora.scalings, (0, 1))
