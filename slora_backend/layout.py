@@ -37,15 +37,23 @@ class PlannedRow:
 
 @dataclass(frozen=True)
 class AdapterPlan:
-    """Page plan of one adapter: its page count and every row's place, in packing order.
+    """Page plan of one adapter: its page count and every row's place, ordered by (page,
+    offset).
 
-    Host memory keeps an adapter's rows concatenated in ``rows`` order, so making it resident
-    is one scatter per layer.
+    Rows fill each page from offset 0 without gaps, and host memory keeps an adapter's rows
+    concatenated in ``rows`` order: page p's content is one slice of the host rows
+    (``page_fill[p]`` elements after those of pages 0 .. p - 1), so making an adapter resident
+    is one plain copy per page.
     """
 
     num_pages: int
     rows: tuple[PlannedRow, ...]
-    used_elements: int  # elements holding weights (per layer)
+    page_fill: tuple[int, ...]  # elements used in each page (per layer)
+
+    @property
+    def used_elements(self) -> int:
+        """Elements holding weights (per layer)."""
+        return sum(self.page_fill)
 
 
 class PoolLayout:
@@ -102,4 +110,5 @@ class PoolLayout:
                 fill.append(0)
             placed.append(PlannedRow(module, kind, j, length, page, fill[page]))
             fill[page] += length
-        return AdapterPlan(len(fill), tuple(placed), sum(fill))
+        placed.sort(key=lambda r: (r.page, r.offset))
+        return AdapterPlan(len(fill), tuple(placed), tuple(fill))

@@ -37,7 +37,6 @@ class ModelRunner:
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
         # every resident adapter's rows of the LoRA tables: a step gathers its adapters' rows
         self.lora_tables = LoraTables(layout.page_size)
-        self._plan_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _scatter_index
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies of the adapters it reads (AdapterCopier.wait).
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -48,15 +47,19 @@ class ModelRunner:
     # ---- adapters -----------------------------------------------------------------------------
 
     def copy_adapter(self, resident: ResidentAdapter) -> torch.cuda.Event | None:
-        """Copy the host weights of a newly resident adapter into its pool pages (one scatter).
+        """Copy the host weights of a newly resident adapter into its pool pages.
+
+        The host rows are in page order (``AdapterPlan``), so each page is one plain copy of a
+        slice (an element-wise scatter built and read an int64 index per element: ~4x the
+        adapter's bytes of index traffic on the GPU for every load).
 
         On CUDA the copy goes on the side stream (it may run on a helper thread, see
         ``AdapterCopier``) and the returned event marks its end: the compute stream must wait
         for it before it reads those pages or reuses them.
         """
         weights = self.store.weights(resident.name)
+        page_fill = self.store.get(resident.name).plan.page_fill
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _nullcontext():
-            index = self._scatter_index(resident)
             if self.copy_stream is not None and not weights.is_pinned():
                 # Stage through pinned memory (torch's caching host allocator: a few blocks,
                 # each reused once its copy is done). A copy straight from pageable memory
@@ -64,32 +67,15 @@ class ModelRunner:
                 # thread's own small copies (a step's metadata) queue behind it.
                 weights = weights.pin_memory()
             src = weights.to(self.device, non_blocking=True)
-            self.pool.view(self.pool.shape[0], -1)[:, index] = src
+            start = 0
+            for page, used in zip(resident.pages, page_fill):
+                self.pool[:, page, :used].copy_(src[:, start:start + used])
+                start += used
             if self.copy_stream is None:
                 return None
             event = torch.cuda.Event()
             event.record(self.copy_stream)
             return event
-
-    def _scatter_index(self, resident: ResidentAdapter) -> torch.Tensor:
-        """Where each packed element of ``resident`` lands in a layer of the flat pool, on the
-        device. The part that depends only on the adapter's plan (which of its pages, offset in
-        the page) is built once per plan; per adapter only its page ids travel."""
-        entry = self.store.get(resident.name)
-        key = tuple(entry.ranks.items())  # the plan is a function of the ranks
-        cached = self._plan_index.get(key)
-        if cached is None:
-            rows = entry.plan.rows
-            lengths = torch.tensor([r.length for r in rows], dtype=torch.int64)
-            row_of = torch.repeat_interleave(torch.arange(len(rows)), lengths)
-            first = torch.cumsum(lengths, 0) - lengths  # packed position of each row's start
-            within = torch.arange(int(lengths.sum())) - first[row_of]
-            page_slot = torch.tensor([r.page for r in rows], dtype=torch.int64)[row_of]
-            offset = torch.tensor([r.offset for r in rows], dtype=torch.int64)[row_of] + within
-            cached = self._plan_index[key] = (page_slot.to(self.device), offset.to(self.device))
-        page_slot, offset = cached
-        pages = torch.tensor(resident.pages, dtype=torch.int64).to(self.device, non_blocking=True)
-        return pages[page_slot] * self.layout.page_size + offset
 
     # ---- one step -----------------------------------------------------------------------------
 

@@ -66,15 +66,16 @@ def test_pages_are_proportional_to_rank():
     qkvo = ("q_proj", "k_proj", "v_proj", "o_proj")
     pages = {r: layout.plan_adapter({m: r for m in qkvo}).num_pages for r in (8, 16, 32, 64)}
     assert pages == {8: 2, 16: 4, 32: 8, 64: 16}
-    plan = layout.plan_adapter({"q_proj": 8, "down_proj": 8})
-    # No row straddles a page, and rows of one page never overlap.
-    by_page: dict[int, list] = {}
+    plan = layout.plan_adapter({"q_proj": 8, "down_proj": 8, "gate_proj": 4})
+    # Rows are in (page, offset) order, none straddles a page, and each page's rows tile
+    # [0, page_fill[page]) without gaps: host rows in this order copy to pages slice by slice.
+    assert [(r.page, r.offset) for r in plan.rows] == sorted((r.page, r.offset) for r in plan.rows)
+    ends = [0] * plan.num_pages
     for row in plan.rows:
-        assert row.offset + row.length <= layout.page_size
-        by_page.setdefault(row.page, []).append((row.offset, row.offset + row.length))
-    for spans in by_page.values():
-        spans.sort()
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert row.offset == ends[row.page] and row.offset + row.length <= layout.page_size
+        ends[row.page] += row.length
+    assert tuple(ends) == plan.page_fill and plan.used_elements == sum(ends)
+    assert len({r.page for r in plan.rows}) == plan.num_pages > 1
 
 
 def test_continuous_batching_admits_between_steps_and_drains():
