@@ -35,7 +35,9 @@ def _stream_backend(tokenizer: Any) -> Any:
     except ImportError:
         return None
     cls = type(tokenizer)
-    if not isinstance(tokenizer, Fast) or cls.decode is not Fast.decode or cls._decode is not Fast._decode:
+    overridden = any(getattr(cls, name, None) is not getattr(Fast, name, None)
+                     for name in ("decode", "_decode"))
+    if not isinstance(tokenizer, Fast) or overridden:
         return None
     if getattr(tokenizer, "clean_up_tokenization_spaces", False):
         forced = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
