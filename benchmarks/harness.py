@@ -37,6 +37,7 @@ from typing import Any
 
 from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set
 from .metrics import DEFAULT_SLO_S, markdown_header, markdown_row
+from .step_profile import parse_step_kind
 from .workload import Workload, WorkloadConfig, generate, get_setting
 
 # The paper's S-LoRA and HF PEFT throughput on one A100-80GB (req/s, R = 10, alpha = 1, cv = 1).
@@ -344,17 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --profile-dir: also cProfile the engine thread (slows it ~2x)")
     o.add_argument("--kernel-trace", type=_step_window, default=None, metavar="FIRST:COUNT",
                    help="with --profile-dir: GPU time per kernel over COUNT steps from step FIRST, "
-                        "or over COUNT steps of one kind (FIRST = mixed or decode)")
+                        "or over COUNT steps of one kind (FIRST = mixed or decode, optionally "
+                        "@MIN_BATCH, e.g. decode@192:10)")
     return ap
 
 
 def _step_window(text: str) -> tuple[int | str, int]:
     first, _, count = text.partition(":")
     try:
-        window = (first if first in ("mixed", "decode") else int(first)), int(count)
+        if first[:1].isdigit():
+            window: tuple[int | str, int] = int(first), int(count)
+        else:
+            parse_step_kind(first)
+            window = first, int(count)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected FIRST:COUNT (FIRST an integer, 'mixed' or 'decode'), got {text!r}") from None
+            f"expected FIRST:COUNT (FIRST an integer, 'mixed' or 'decode', optionally "
+            f"@MIN_BATCH), got {text!r}") from None
     if (isinstance(window[0], int) and window[0] < 0) or window[1] < 1:
         raise argparse.ArgumentTypeError(f"FIRST must be >= 0 and COUNT >= 1, got {text!r}")
     return window

@@ -13,10 +13,10 @@ starts on the compute stream to the point its last kernel ends (CUDA events; no 
 phase that only launches GPU work looks cheap on the host, and its GPU time shows up in
 ``sample`` (the first call that waits for the GPU); ``gpu_execute`` near ``execute`` means the
 host was the bottleneck, well above it means the GPU was. ``kernel_window=(first, count)`` also
-runs torch.profiler over that many steps - or, with first = "mixed" / "decode", over that many
-steps of the kind - and reports GPU time per kernel name (the profiler slows launches, so the
-profiled steps' host timings are not representative). Used by
-``harness --profile-dir``.
+runs torch.profiler over that many steps - or, with first = "mixed" / "decode" (optionally
+"decode@B", batches of at least B), over that many steps of the kind - and reports GPU time per
+kernel name (the profiler slows launches, so the profiled steps' host timings are not
+representative). Used by ``harness --profile-dir``.
 """
 
 from __future__ import annotations
@@ -178,14 +178,14 @@ class StepProfile:
 
 class _KernelWindow:
     """torch.profiler over ``count`` working steps after the first ``first`` (idle steps between
-    them are inside the window but not counted); or, with ``first`` = "mixed" / "decode", over
-    the forward and sampling of the next ``count`` steps of that kind, each profiled alone (the
-    steps between run unprofiled). Reports GPU time per kernel name, and the kernels' time
-    against the window's wall time and, on CUDA, against the steps' GPU spans (how busy the GPU
-    was while those forwards ran)."""
+    them are inside the window but not counted); or, with ``first`` = "mixed" / "decode" (or
+    "decode@B": batches of at least B sequences), over the forward and sampling of the next
+    ``count`` steps of that kind, each profiled alone (the steps between run unprofiled).
+    Reports GPU time per kernel name, and the kernels' time against the window's wall time and,
+    on CUDA, against the steps' GPU spans (how busy the GPU was while those forwards ran)."""
 
     def __init__(self, first: int | str, count: int) -> None:
-        self.kind = first if isinstance(first, str) else None
+        self.kind, self.min_batch = parse_step_kind(first) if isinstance(first, str) else (None, 0)
         self.first, self.count = (0 if self.kind else first), count
         self.profiler = None
         self.summary: dict[str, Any] | None = None
@@ -207,7 +207,7 @@ class _KernelWindow:
         if self.kind is None or self.profiler is not None or self.summary is not None:
             return
         mixed = any(s.num_new_tokens > 1 for s in scheduled)
-        if mixed == (self.kind == "mixed"):
+        if mixed == (self.kind == "mixed") and len(scheduled) >= self.min_batch:
             self._open()
 
     def after_step(self, steps: list[dict[str, Any]]) -> None:
@@ -241,6 +241,14 @@ class _KernelWindow:
         self._t0 = time.perf_counter()
 
 
+def parse_step_kind(text: str) -> tuple[str, int]:
+    """"mixed" / "decode", optionally "@B" (a minimum batch): (kind, B). ValueError otherwise."""
+    kind, at, batch = text.partition("@")
+    if kind not in ("mixed", "decode") or (at and not batch.isdigit()):
+        raise ValueError(f"expected mixed or decode, optionally @MIN_BATCH, got {text!r}")
+    return kind, int(batch) if at else 0
+
+
 def _kernel_times(profiler: Any) -> dict[str, tuple[float, int]]:
     """Kernel name -> (GPU microseconds, launches); CPU op time where there is no CUDA."""
     import torch
@@ -260,6 +268,7 @@ def _kernel_summary(times: dict[str, list[float]], wall_s: float,
     top = sorted(times.items(), key=lambda kv: -kv[1][0])[:40]
     return {
         "steps": len(window),
+        "batches": [s["batch"] for s in window],
         "mixed_steps": sum(1 for s in window if s["tokens"] > s["batch"]),
         "tokens": sum(s["tokens"] for s in window),
         "wall_ms": round(1e3 * wall_s, 2),

@@ -144,20 +144,27 @@ def test_kernel_trace_covers_the_requested_steps(cache, tmp_path):
     assert 0 < kernels["kernel_ms"] and kernels["wall_ms"] > 0
     with pytest.raises(SystemExit):
         harness.build_parser().parse_args([*TINY, "--kernel-trace", "3"])
-    with pytest.raises(SystemExit):
-        harness.build_parser().parse_args([*TINY, "--kernel-trace", "prefill:3"])
+    for bad in ("prefill:3", "decode@x:3", "decode@:3"):
+        with pytest.raises(SystemExit):
+            harness.build_parser().parse_args([*TINY, "--kernel-trace", bad])
 
 
-@pytest.mark.parametrize("kind", ["mixed", "decode"])
+@pytest.mark.parametrize("kind", ["mixed", "decode", "decode@2"])
 def test_kernel_trace_of_one_kind_of_step(kind, cache, tmp_path):
-    """--kernel-trace mixed:N / decode:N profiles the next N steps of that kind only."""
+    """--kernel-trace mixed:N / decode:N profiles the next N steps of that kind only;
+    decode@B:N the next N decode steps of at least B sequences."""
     harness.run(harness.normalize(harness.build_parser().parse_args(
         [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--kernel-trace",
          f"{kind}:2"])), log=lambda *_: None)
-    kernels = json.loads((tmp_path / "slora_steps.json").read_text())["kernels"]
+    report = json.loads((tmp_path / "slora_steps.json").read_text())
+    kernels = report["kernels"]
     assert kernels["steps"] == 2
     assert kernels["mixed_steps"] == (2 if kind == "mixed" else 0)
     assert kernels["kernel_ms"] > 0 and kernels["gpu_span_ms"] is None  # (no GPU here)
+    if kind == "decode@2":
+        decode_batches = [s["batch"] for s in report["timeline"]
+                          if s.get("batch") and s["tokens"] == s["batch"]]
+        assert min(decode_batches) < 2 <= min(kernels["batches"])  # smaller ones were skipped
 
 
 def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
