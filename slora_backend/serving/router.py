@@ -71,8 +71,10 @@ class StreamRouter:
     ``stream_interval``: a streaming request's text goes out once it has that many new tokens
     (the first token at once, the rest with the final response). Each response is a round trip
     to the server process that holds the GIL for part of it (~75 of ~230 us on the H200's
-    host); at one response per token and ~7000 tokens/s this thread's share of the GIL slowed
-    the engine thread's steps by about a third. Like vLLM's ``--stream-interval``.
+    host), and the engine thread shares that GIL: in the S1 replay on the H200 this thread held
+    it ~30% of the time at one response per token, and a stream interval of 4 raised the
+    served throughput from 0.60x to 0.68-0.74x of the in-process engine's (docs/benchmarks.md).
+    Like vLLM's ``--stream-interval``.
     """
 
     CANCEL_POLL_S = 0.1
