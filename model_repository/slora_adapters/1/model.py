@@ -27,11 +27,8 @@ def _parameters(model_config: dict) -> dict[str, str]:
 
 
 def _getter(request):
-    # One pass over the inputs (pb_utils.get_input_tensor_by_name rebuilds the list per name).
-    tensors = {t.name(): t for t in request.inputs()}
-
     def get(name: str):
-        tensor = tensors.get(name)
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
     return get
