@@ -103,14 +103,15 @@ def settings_from_parameters(params: Mapping[str, str], base_dir: Path) -> Servi
         kwargs["base_model"] = _resolve_path("base_model", DEFAULT_MODEL, base_dir)
     device, dtype = resolve_auto(str(kwargs.get("device", "auto")), str(kwargs.get("dtype", "auto")))
     kwargs["device"], kwargs["dtype"] = device, dtype
-    limit = params.get("max_tokens_limit", "").strip()
-    interval = params.get("metrics_interval_s", "").strip()
-    stream_interval = params.get("stream_interval", "").strip()
+    def serving_value(key: str, type_name: str, default: object) -> object:
+        raw = params.get(key, "").strip()
+        return _convert(key, raw, type_name) if raw else default
+
     settings = ServingSettings(
         engine=EngineConfig(**kwargs),
-        max_tokens_limit=_convert("max_tokens_limit", limit, "int") if limit else None,
-        metrics_interval_s=_convert("metrics_interval_s", interval, "float") if interval else 0.5,
-        stream_interval=_convert("stream_interval", stream_interval, "int") if stream_interval else 1,
+        max_tokens_limit=serving_value("max_tokens_limit", "int", None),
+        metrics_interval_s=serving_value("metrics_interval_s", "float", 0.5),
+        stream_interval=serving_value("stream_interval", "int", 1),
     )
     if settings.max_tokens_limit is not None and settings.max_tokens_limit < 1:
         raise ValueError(f"parameter 'max_tokens_limit' must be >= 1, got {settings.max_tokens_limit}")
