@@ -4,6 +4,8 @@ The models in ``model_repository/`` hand this package numpy arrays and small sin
 get typed results back; ``triton_python_backend_utils`` stays in the models' ``model.py``.
 
 - ``inputs``: input tensors -> ``GenerateRequest`` (prompt, ``SamplingParams``, adapter, mode).
+- ``engine_process``: ``EngineProcess``, the engine in a child process of its own (the stub's
+  threads then never compete with the engine loop for a GIL).
 - ``router``: ``StreamRouter``, the in-flight requests of one engine model. ``execute()`` only
   queues; an intake thread adds requests to the engine, the engine thread only queues outputs,
   and a response thread sends them, polls cancellation and aborts cancelled requests.
@@ -23,6 +25,7 @@ from .control import (
     ControlRequest,
     parse_adapter_action,
 )
+from .engine_process import EngineProcess, EngineProcessError
 from .errors import ServingError, error_from_exception
 from .inputs import GenerateRequest, parse_generate
 from .metrics import HIT_RATIO, METRICS, TTFT_BUCKETS, TTFT_NAME, MetricsPublisher
@@ -30,7 +33,8 @@ from .router import ResponsePayload, StreamRouter
 from .settings import ServingSettings, settings_from_parameters
 
 __all__ = [
-    "ADAPTER_ACTIONS", "AdapterNames", "ControlHandler", "ControlRequest", "GenerateRequest",
+    "ADAPTER_ACTIONS", "AdapterNames", "ControlHandler", "ControlRequest", "EngineProcess",
+    "EngineProcessError", "GenerateRequest",
     "HIT_RATIO", "METRICS", "MetricsPublisher", "ResponsePayload", "ServingError",
     "ServingSettings", "StreamRouter", "TTFT_BUCKETS", "TTFT_NAME", "control_channel",
     "error_from_exception", "parse_adapter_action", "parse_generate", "settings_from_parameters",

@@ -19,6 +19,7 @@ from ..config import EngineConfig
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see default_model.py)
 PATH_KEYS = ("base_model", "tokenizer", "adapter_root")
 SERVING_KEYS = {
+    "engine_process": "run the engine in its own process (default true; see serving.EngineProcess)",
     "max_tokens_limit": "largest max_tokens a request may ask for (default: the context length)",
     "metrics_interval_s": "seconds between metric updates (default 0.5)",
     "python_path": "extra import roots for the stub (os.pathsep-separated)",
@@ -32,6 +33,7 @@ class ServingSettings:
     max_tokens_limit: int | None
     metrics_interval_s: float
     stream_interval: int = 1
+    engine_process: bool = True
 
 
 def _field_types() -> dict[str, str]:
@@ -112,6 +114,7 @@ def settings_from_parameters(params: Mapping[str, str], base_dir: Path) -> Servi
         max_tokens_limit=serving_value("max_tokens_limit", "int", None),
         metrics_interval_s=serving_value("metrics_interval_s", "float", 0.5),
         stream_interval=serving_value("stream_interval", "int", 1),
+        engine_process=serving_value("engine_process", "bool", True),
     )
     if settings.max_tokens_limit is not None and settings.max_tokens_limit < 1:
         raise ValueError(f"parameter 'max_tokens_limit' must be >= 1, got {settings.max_tokens_limit}")

@@ -1,9 +1,10 @@
 """slora_engine: the S-LoRA engine as a decoupled Triton Python-backend model.
 
 ``execute()`` only converts each request into a typed ``GenerateRequest`` and queues it; the
-engine runs on its own thread, and ``slora_backend.serving.StreamRouter`` sends every response
-through the request's response sender from its own thread, polls ``is_cancelled()`` and aborts
-cancelled requests in the engine (their pages go back to the pool). Adapter management from
+engine runs in a child process of its own (``serving.EngineProcess``; or on a thread of this
+process with ``engine_process: "false"``), and ``slora_backend.serving.StreamRouter`` sends every
+response through the request's response sender from its own thread, polls ``is_cancelled()``
+and aborts cancelled requests in the engine (their pages go back to the pool). Adapter management from
 ``slora_adapters`` arrives on a UNIX socket (``serving.control_channel``), answered on its own
 threads, so adapter loads never stall the intake. ``finalize()`` answers what is in flight and
 stops the engine.
@@ -87,7 +88,7 @@ class TritonPythonModel:
         params = _parameters(self.model_config)
         _add_import_roots(params)
 
-        from slora_backend import Engine, serving
+        from slora_backend import serving
 
         self.serving = serving
         repository_root = Path(args["model_repository"]).resolve().parent
@@ -96,10 +97,9 @@ class TritonPythonModel:
         except ValueError as e:
             raise pb_utils.TritonModelException(f"slora_engine config.pbtxt: {e}") from None
         self.logger = pb_utils.Logger
-        self.engine = Engine(settings.engine)
+        self.engine = self._start_engine(settings)
         self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
         self._init_metrics(args, settings.metrics_interval_s)
-        self.engine.start()
         self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft,
                                            stream_interval=settings.stream_interval)
         self.control = serving.ControlHandler(
@@ -115,9 +115,21 @@ class TritonPythonModel:
         self.logger.log_info(
             f"slora_engine ready: base_model={cfg.base_model} device={cfg.device} "
             f"dtype={cfg.dtype} kernels={cfg.resolved_kernel_backend} "
-            f"pool_pages={self.engine.pool.num_pages} adapter_root={cfg.adapter_root} "
-            f"max_model_len={self.engine.max_model_len}"
+            f"pool_pages={self.engine.stats().pool_pages_total} adapter_root={cfg.adapter_root} "
+            f"max_model_len={self.engine.max_model_len} engine_process={settings.engine_process}"
         )
+
+    def _start_engine(self, settings):
+        if settings.engine_process:
+            try:
+                return self.serving.EngineProcess(settings.engine)
+            except self.serving.EngineProcessError as e:
+                raise pb_utils.TritonModelException(f"slora_engine: {e}") from None
+        from slora_backend import Engine
+
+        engine = Engine(settings.engine)
+        engine.start()
+        return engine
 
     # ---- metrics --------------------------------------------------------------------------------
 
