@@ -178,10 +178,11 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
     for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
         seg = (slots, torch.ones_like(slots), slots)  # starts, lens, slots
 
-        def triton_fn(tiles_s=None, tiles_e=None) -> torch.Tensor:
-            z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s)
+        def triton_fn(tiles_s=None, tiles_e=None, pdl=None) -> torch.Tensor:
+            z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s,
+                                   pdl=pdl)
             lora_expand_decode(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                               starts, dims, tiles=tiles_e)
+                               starts, dims, tiles=tiles_e, pdl=pdl)
             return z
 
         def fused_fn(tiles=None) -> None:
@@ -206,7 +207,11 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
         nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
         config = f"B={b} {rank_name} qkv, {b} distinct adapters"
         fused_us = time_us(fused_fn)
+        y[:] = y0
+        triton_fn(pdl=False)
+        check(f"decode lora b{b} {rank_name} without PDL", y - y0, y_t - y0)
         record("lora_decode", config, time_us(triton_fn), time_us(torch_fn), nbytes,
+               no_pdl_us=round(time_us(lambda: triton_fn(pdl=False)), 2),
                sgmv_us=round(time_us(sgmv_fn), 2),
                triton_eager_us=round(eager_us(triton_fn), 2),
                fused_us=round(fused_us, 2),
@@ -224,6 +229,9 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
             # Defaults: shrink 2 rank rows x 1024, expand 4 rank rows x 1024 columns, 4 warps
             # (from --only decode_tiles); the first row is the first session's 8 x 512 pair.
             for ts, te in (({"BLOCK_R": 8, "BLOCK_K": 512}, {"BLOCK_R": 8, "BLOCK_N": 512}),
+                           (None, {"BLOCK_R": 8, "BLOCK_N": 512}),
+                           (None, {"BLOCK_R": 8, "BLOCK_N": 256}),
+                           (None, {"BLOCK_R": 4, "BLOCK_N": 512}),
                            ({"BLOCK_R": 1, "BLOCK_K": 2048}, None),
                            ({"BLOCK_R": 1, "BLOCK_K": 512}, None),
                            (None, {"BLOCK_R": 8}),

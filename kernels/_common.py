@@ -8,6 +8,7 @@ it reads the wrong memory.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -107,6 +108,14 @@ def check_device(name: str, t: torch.Tensor) -> None:
         f"{name} is on {t.device}: Triton kernels need CUDA tensors, or CPU tensors with "
         "TRITON_INTERPRET=1 set before triton is first imported"
     )
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use programmatic dependent launch: CUDA devices of
+    compute capability 9.0 (Hopper) and newer, and not under the interpreter."""
+    return (device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def interpreting() -> bool:

@@ -5,8 +5,13 @@ a different adapter of a different rank (or none), reading A rows and B^T rows s
 the unified page pool through per-row element offsets (``slora_backend.layout``).
 
 Work per program is one token x one module x one block of rank rows (shrink) or output columns
-(expand). A program loops only to its own adapter's rank, so a rank-8 row costs a rank-8 read
-however large the batch's largest rank is; a base-model row (slot -1) loads its slot and stops.
+(expand). On Hopper the expand is a programmatic dependent launch (PDL) of the shrink: its
+programs start while the shrink still runs, read their slot, rank, row offsets and first block
+of B^T rows, and only then wait for z. At rank 8 the two launches' fixed latency, not the bytes,
+was most of the pair's time (docs/benchmarks.md).
+
+A program loops only to its own adapter's rank, so a rank-8 row costs a rank-8 read however
+large the batch's largest rank is; a base-model row (slot -1) loads its slot and stops.
 Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
 """
 
@@ -18,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, pad3, vector_elems
+from ._common import cdiv, next_pow2, pad3, pdl_supported, vector_elems
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
 
@@ -67,8 +72,10 @@ def _bgmv_shrink_kernel(
     in_dim, max_rank,
     stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the expand's programs may launch now; they wait for this grid before reading z
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     mi = tl.program_id(1)
     first_row = tl.program_id(2) * BLOCK_R
@@ -93,10 +100,25 @@ def _bgmv_shrink_kernel(
 def _z_times_rows(
     z_row, offs_ptr, pool_ptr, rank, cols, col_live,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+    WAIT_FOR_Z: tl.constexpr,
 ):
-    """[BLOCK_N] fp32: sum_{j < rank} z[j] * pool[offs[j] + n] over the columns ``cols``."""
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_R):
+    """[BLOCK_N] fp32: sum_{j < rank} z[j] * pool[offs[j] + n] over the columns ``cols``.
+
+    The first block of rows is loaded before z: with WAIT_FOR_Z (a dependent launch after the
+    kernel that writes z) the wait for that kernel comes in between, so those loads overlap it.
+    """
+    rows = tl.arange(0, BLOCK_R)
+    live = rows < rank
+    offs = tl.load(offs_ptr + rows, mask=live, other=0)
+    if ALIGNED:
+        offs = (offs // VEC) * VEC
+    bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
+                 mask=live[:, None] & col_live[None, :], other=0.0)
+    if WAIT_FOR_Z:
+        tl.extra.cuda.gdc_wait()
+    zv = tl.load(z_row + rows, mask=live, other=0.0).to(tl.float32)
+    acc = bt.to(tl.float32) * zv[:, None]
+    for j0 in range(BLOCK_R, rank, BLOCK_R):
         rows = j0 + tl.arange(0, BLOCK_R)
         live = rows < rank
         zv = tl.load(z_row + rows, mask=live, other=0.0).to(tl.float32)
@@ -113,16 +135,16 @@ def _z_times_rows(
 def _expand_row(
     y_ptr, token, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live, mi,
     start0, start1, start2, scalings_ptr, slot,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, WAIT_FOR_Z: tl.constexpr,
 ):
     """y[token, start_mi + cols] += scalings[slot] * z_row[:rank] @ B^T[:rank, cols] (B^T's
     rows at ``offs_ptr``), with 16-byte loads when every row offset allows them."""
     if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
         delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                              BLOCK_R, BLOCK_N, VEC, True)
+                              BLOCK_R, BLOCK_N, VEC, True, WAIT_FOR_Z)
     else:
         delta = _z_times_rows(z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                              BLOCK_R, BLOCK_N, VEC, False)
+                              BLOCK_R, BLOCK_N, VEC, False, WAIT_FOR_Z)
     add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
                    scalings_ptr, slot)
 
@@ -132,8 +154,10 @@ def _bgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, b_offsets_ptr, scalings_ptr,
     stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, PDL: tl.constexpr,
 ):
+    # With PDL, everything before _z_times_rows' wait reads only what the engine wrote before
+    # the shrink (tables, weights); z, and y (read after the wait), may not be read earlier.
     token, mi, first_col, slot, module, out_dim, rank = token_module_columns(
         token_slots_ptr, ranks_ptr, stride_rank, mod0, mod1, mod2, dim0, dim1, dim2, BLOCK_N)
     if (rank > 0) & (first_col < out_dim):
@@ -142,7 +166,7 @@ def _bgmv_expand_kernel(
         z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
         offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
         _expand_row(y_ptr, token, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live, mi,
-                    start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC)
+                    start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC, PDL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +183,7 @@ def lora_shrink_decode(
     modules: Sequence[int],
     *,
     tiles: dict[str, int] | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank(s_i, m), else 0.
 
@@ -166,7 +191,8 @@ def lora_shrink_decode(
     token_slots: int32 [T] (-1 = base model); ranks: int32 [S, 7]; a_offsets: int64 [S, 7, R].
     Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
     three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
-    num_warps (for benchmark sweeps).
+    num_warps (for benchmark sweeps). ``pdl`` (default: on Hopper and newer) lets the next
+    kernel, ``lora_expand_decode``, launch before this one ends.
     """
     args = check_shrink(x, pool, ranks, a_offsets, modules)
     check_token_slots(token_slots, args.num_tokens, x.device)
@@ -184,13 +210,14 @@ def lora_shrink_decode(
                num_warps=4)
     cfg.update(tiles or {})
     grid = (args.num_tokens, len(args.modules), cdiv(args.max_rank, cfg["BLOCK_R"]))
+    pdl = pdl_supported(x.device) if pdl is None else pdl
     _bgmv_shrink_kernel[grid](
         x, pool, z, token_slots, ranks, a_offsets,
         args.in_dim, args.max_rank,
         x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
         a_offsets.stride(0), a_offsets.stride(1),
         *pad3(args.modules),
-        VEC=vector_elems(x.dtype), **cfg,
+        VEC=vector_elems(x.dtype), PDL=pdl, **cfg,
     )
     return z
 
@@ -208,13 +235,16 @@ def lora_expand_decode(
     out_dims: Sequence[int],
     *,
     tiles: dict[str, int] | None = None,
+    pdl: bool | None = None,
 ) -> None:
     """y[i, out_starts[mi] + n] += scalings[s_i] * sum_{j < rank} z[i, mi, j] * B^T_{s_i, m}[j, n].
 
     y: [T, total_out] updated in place (rows may be strided); z: [T, len(modules), R] from
     ``lora_shrink_decode``; b_offsets: int64 [S, 7, R]; scalings: fp32 [S]. Rows with slot -1
     and modules of rank 0 leave y untouched. Accumulates in fp32, rounds once into y.
-    ``tiles`` overrides BLOCK_R / BLOCK_N / num_warps.
+    ``tiles`` overrides BLOCK_R / BLOCK_N / num_warps. ``pdl`` (default: on Hopper and newer)
+    launches this kernel as a programmatic dependent launch of the kernel before it in the
+    stream, which must be the shrink that wrote z or any kernel launched without PDL.
     """
     args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
     check_token_slots(token_slots, args.num_tokens, y.device)
@@ -225,10 +255,11 @@ def lora_expand_decode(
                BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
     cfg.update(tiles or {})
     grid = (args.num_tokens, len(args.modules), cdiv(max(args.out_dims), cfg["BLOCK_N"]))
+    pdl = pdl_supported(y.device) if pdl is None else pdl
     _bgmv_expand_kernel[grid](
         y, z, pool, token_slots, ranks, b_offsets, scalings,
         y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
         b_offsets.stride(0), b_offsets.stride(1),
         *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
-        VEC=vector_elems(y.dtype), **cfg,
+        VEC=vector_elems(y.dtype), PDL=pdl, launch_pdl=pdl, **cfg,
     )

@@ -52,7 +52,7 @@ def _fused_row(
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_live = cols < out_dim
         delta = _z_times_rows(z_row, b_offs_ptr, pool_ptr, rank, cols, col_live,
-                              BLOCK_R, BLOCK_N, VEC, ALIGNED)
+                              BLOCK_R, BLOCK_N, VEC, ALIGNED, False)
         add_scaled_row(y_ptr, token, stride_y, mi, start0, start1, start2, cols, col_live, delta,
                        scalings_ptr, slot)
 

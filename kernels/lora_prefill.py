@@ -186,7 +186,8 @@ def _sgmv_expand_kernel(
             z_row = z_ptr + tile.to(tl.int64) * stride_zt + mi * stride_zm
             offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
             _expand_row(y_ptr, tile, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                        mi, start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC)
+                        mi, start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC,
+                        False)
     else:
         seg, first_tok, seg_len, slot, rank = _segment_adapter(
             seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,

@@ -32,7 +32,7 @@ RESULTS: list[tuple[str, str, int, int]] = []  # (kernel, variant, registers, sp
 
 def _compile(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
     """Stands in for JITFunction.run: specialise like the runtime does, compile, run ptxas."""
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}
@@ -100,8 +100,9 @@ def _launch_all() -> None:
                                             num_splits=splits)
         if dtype != torch.float16:
             continue
-        z = lora_shrink_decode(x, pool, slots, ranks, off, qkv[0])
-        lora_expand_decode(y, z, pool, slots, ranks, off, torch.ones(s), *qkv)
+        for pdl in (False, True):
+            z = lora_shrink_decode(x, pool, slots, ranks, off, qkv[0], pdl=pdl)
+            lora_expand_decode(y, z, pool, slots, ranks, off, torch.ones(s), *qkv, pdl=pdl)
         lora_expand_decode(y, z[:, :2], pool, slots, ranks, off, torch.ones(s), (4, 5), (0, i),
                            (i, i))
         small = off[:, :, :8].contiguous()  # the fused kernel is for small ranks
