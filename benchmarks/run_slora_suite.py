@@ -61,6 +61,8 @@ PARTS: dict[str, list[Job]] = {
     "s1": [Job("S1", 2000, 1.0, baselines="b,a"), Job("S1", 64, 1.0, decode=True),
            *_matrix("S1", (2000, 1000, 100, 5), Job("S1", 2000, 1.0))[1:]],
     "s2": _matrix("S2", (1000, 100, 5), Job("S2", 1000, 1.0, baselines="c,d", triton=True)),
+    # S2's rows without the slow ablations (c, d and Triton already have rows of their own).
+    "s2_matrix": [Job("S2", n, a) for n in (1000, 100, 5) for a in (1.0, 0.3)],
     "triton": [Job("S1", 2000, 1.0, triton=True)],
     "smoke": [Job("S1", 20, 1.0, baselines="a,b,c,d"), Job("S1", 4, 1.0, decode=True),
               Job("S2", 12, 0.3)],

@@ -82,14 +82,19 @@ def _bgmv_shrink_kernel(
     rows = first_row + tl.arange(0, BLOCK_R)
     slot = tl.load(token_slots_ptr + token)
     module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
-    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
+    adapter = slot >= 0
+    rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=adapter, other=0)
+    # The row offsets depend on the slot only: loaded beside the rank, not after it, so the
+    # chain of dependent reads before the first A row is slot -> offsets, not slot -> rank ->
+    # offsets (each a DRAM round trip when the tables are cold).
+    offs_ptr = a_offsets_ptr + slot * stride_off_s + module * stride_off_m
+    offs = tl.load(offs_ptr + rows, mask=rows < tl.where(adapter, max_rank, 0), other=0)
     out = tl.zeros([BLOCK_R], dtype=tl.float32)
-    # Base rows, untargeted modules and row blocks past this adapter's rank read nothing and
+    # Base rows, untargeted modules and row blocks past this adapter's rank read no weights and
     # only write their zeros (z is fully defined, as in the reference).
     if first_row < rank:
         live = rows < rank
-        offs_ptr = a_offsets_ptr + slot * stride_off_s + module * stride_off_m
-        offs = tl.load(offs_ptr + rows, mask=live, other=0)
+        offs = tl.where(live, offs, 0)
         x_row = x_ptr + token.to(tl.int64) * stride_x
         out = _shrink_row(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC)
     z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm

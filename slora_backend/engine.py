@@ -74,7 +74,7 @@ class Engine:
                                            min_vocab=len(self.tokenizer) if self.tokenizer else 0)
         self.spec = self.model.spec
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(model_dir)
+            self.tokenizer = load_tokenizer(model_dir, optional=True)
         if self.tokenizer is not None and len(self.tokenizer) > self.spec.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens, the model's vocabulary {self.spec.vocab_size}"

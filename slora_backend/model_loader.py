@@ -114,8 +114,16 @@ def _load_safetensors(model: LlamaModel, model_dir: Path) -> None:
         )
 
 
-def load_tokenizer(path: str | Path | None) -> Any:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | Path | None, *, optional: bool = False) -> Any:
+    """The tokenizer at ``path``. ``optional``: None when ``path`` is a directory without
+    tokenizer files (a model saved without one; prompts must then be token ids)."""
     if path is None:
+        return None
+    if optional and Path(path).is_dir() and not any((Path(path) / f).exists()
+                                                    for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 

@@ -19,7 +19,7 @@ from slora_backend import (
     InvalidRequestError,
     SamplingParams,
 )
-from tests.conftest import make_adapter
+from tests.conftest import make_adapter, make_tiny_model
 
 GOOD = SamplingParams(max_tokens=4, ignore_eos=True)
 
@@ -191,3 +191,15 @@ def test_adapter_damaged_after_registration_fails_only_its_requests(setup, tiny_
     make_adapter(tiny_models["gqa"], root / "damaged", 4, ["v_proj"], 4, seed=11)
     assert engine.generate(["a"], GOOD, ["damaged"])[0].finish_reason == "length"
     engine.unload_adapter("damaged")
+
+
+def test_a_model_saved_without_a_tokenizer_serves_token_ids(tmp_path):
+    model = make_tiny_model(tmp_path / "bare", "mha", tokenizer_dir=tmp_path / "none")
+    engine = Engine(EngineConfig(base_model=str(model), max_model_len=64))
+    assert engine.tokenizer is None
+    out = engine.generate([[5, 6, 7]], GOOD)[0]
+    assert len(out.token_ids) == 4 and out.text == ""
+    with pytest.raises(InvalidRequestError, match="no tokenizer: give prompts as token ids"):
+        engine.add_request("text needs a tokenizer", GOOD)
+    with pytest.raises(OSError):  # an explicit tokenizer path must exist
+        Engine(EngineConfig(base_model=str(model), tokenizer=str(tmp_path / "none")))

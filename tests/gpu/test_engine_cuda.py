@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.conftest import make_tiny_model
 from tests.engine.test_triton_backend import _adapters, _tokens
 
 
@@ -21,12 +22,14 @@ def test_triton_backend_matches_torch_on_smollm2_cuda(smollm2, tmp_path):
 _GRAPH_CHECK = """
 import json, sys
 from slora_backend import Engine, EngineConfig, SamplingParams
-from tests.engine.test_triton_backend import LORAS, PROMPTS
+from tests.engine.test_triton_backend import LORAS
 model, root, copies = sys.argv[1], sys.argv[2], int(sys.argv[3])
-# Prompts of growing length, so that contexts cross the 256-token graph bucket, and answers of
-# different lengths, so that the decode batch shrinks through several batch buckets.
-prompts = [p + " and so on" * (7 * i) for i, p in enumerate(PROMPTS * copies)]
-params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+# Token-id prompts (a model without a tokenizer works too) of growing length, so that contexts
+# cross the 256-token graph bucket, and answers of different lengths, so that the decode batch
+# shrinks through several batch buckets.
+n = len(LORAS) * copies
+prompts = [[100 + (31 * i + 7 * j) % 900 for j in range(4 + 25 * i)] for i in range(n)]
+params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
 out = {}
 for graphs in (True, False):
     engine = Engine(EngineConfig(base_model=model, adapter_root=root, device="cuda",
@@ -38,10 +41,18 @@ print(json.dumps(out))
 
 
 # In a subprocess: a device-side assert would poison the CUDA context of every later test.
-@pytest.mark.parametrize("model", ["smollm2", "tiny_gqa"])
-def test_graph_replay_equals_eager(model, smollm2, tiny_models, tmp_path):
-    model_dir = smollm2 if model == "smollm2" else tiny_models["gqa"]
-    root = _adapters(model_dir, tmp_path, scale=0.5)
+# "tiny_bare" has no tokenizer, so it needs no SmolLM2 files (the H200 machine has none).
+# On Hopper the decode LoRA expand is a programmatic dependent launch of the shrink: these
+# replays check that the captured graphs keep its wait on z.
+@pytest.mark.parametrize("model", ["smollm2", "tiny_gqa", "tiny_bare"])
+def test_graph_replay_equals_eager(model, request, tmp_path):
+    if model == "tiny_bare":
+        model_dir = make_tiny_model(tmp_path / "bare", "gqa", tokenizer_dir=tmp_path / "none")
+    elif model == "tiny_gqa":
+        model_dir = request.getfixturevalue("tiny_models")["gqa"]
+    else:
+        model_dir = request.getfixturevalue("smollm2")
+    root = _adapters(model_dir, tmp_path / "adapters", scale=0.5)
     copies = 3 if model == "smollm2" else 5  # 12 and 20 sequences: padded to buckets 16 and 24
     run = subprocess.run([sys.executable, "-c", _GRAPH_CHECK, str(model_dir), str(root),
                           str(copies)], capture_output=True, text=True, timeout=600)
