@@ -113,8 +113,10 @@ def check_device(name: str, t: torch.Tensor) -> None:
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch: CUDA devices of
-    compute capability 9.0 (Hopper) and newer, and not under the interpreter."""
+    compute capability 9.0 (Hopper) and newer, not under the interpreter, unless the
+    environment sets ``SLORA_PDL=0``."""
     return (device.type == "cuda" and not interpreting()
+            and os.environ.get("SLORA_PDL", "1") != "0"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 

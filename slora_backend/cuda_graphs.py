@@ -12,20 +12,14 @@ compiles kernels and runs the model three times, far too slow to happen inside a
 Graphs are keyed by (batch bucket, rank bucket, ``graph_targets``). Padding rows (up to the
 batch bucket) are harmless by construction: they use no adapter (slot -1), write no KV (slot -1)
 and attend to one token of page 0; their logits are dropped.
-
-A graph's static inputs are views of one device buffer with a pinned host twin (``_Staging``):
-a step writes its metadata, padding included, into the host twin and uploads it with one copy.
-Twenty small copies and fills from pageable memory cost 0.3-0.5 ms of host time per step on the
-H200, and a pageable copy waits behind the side stream's adapter uploads on the copy engine.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,53 +53,13 @@ class _EagerReplay:
 
 
 @dataclass
-class _Staging:
-    """Named tensors carved out of one device buffer, each with a view of the same bytes in a
-    host buffer (pinned on CUDA): fill the host views, then ``upload()`` copies all at once."""
-
-    device_buffer: torch.Tensor
-    host_buffer: torch.Tensor
-    host: dict[str, torch.Tensor] = field(default_factory=dict)
-    device: dict[str, torch.Tensor] = field(default_factory=dict)
-    uploaded: torch.cuda.Event | None = None
-
-    @classmethod
-    def carve(cls, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-              device: torch.device) -> _Staging:
-        spans, total = [], 0
-        for name, dtype, shape in specs:
-            nbytes = math.prod(shape) * dtype.itemsize
-            spans.append((name, dtype, shape, total, nbytes))
-            total += -(-nbytes // 8) * 8  # every view 8-byte aligned
-        staging = cls(torch.zeros(total, dtype=torch.uint8, device=device),
-                      torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda"))
-        for name, dtype, shape, start, nbytes in spans:
-            for buffer, views in ((staging.device_buffer, staging.device),
-                                  (staging.host_buffer, staging.host)):
-                views[name] = buffer[start:start + nbytes].view(dtype).view(shape)
-        return staging
-
-    def writable(self) -> dict[str, torch.Tensor]:
-        """The host views, once the last upload has read them."""
-        if self.uploaded is not None:
-            self.uploaded.synchronize()
-        return self.host
-
-    def upload(self) -> None:
-        self.device_buffer.copy_(self.host_buffer, non_blocking=True)
-        if self.device_buffer.is_cuda:
-            self.uploaded = torch.cuda.Event()
-            self.uploaded.record()
-
-
-@dataclass
 class _Graph:
     """A captured step and every tensor its kernels read or write. A captured kernel keeps raw
     device pointers, so each of these must live as long as the graph: a tensor freed after the
     capture hands its memory to the next allocation and the replay reads whatever lands there."""
 
     graph: torch.cuda.CUDAGraph | _EagerReplay
-    inputs: _Staging  # ids, the attention metadata and the LoRA tables the graph reads
+    ids: torch.Tensor
     attn: AttentionBatch
     lora: LoraBatch | None
     sample_rows: torch.Tensor
@@ -169,70 +123,55 @@ class DecodeGraphs:
 
     def _fill(self, g: _Graph, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> None:
         n = ids.shape[0]
-        h = g.inputs.writable()
-        h["ids"][:n] = ids
-        h["ids"][n:] = 0
-        h["positions"][:n] = attn.positions
-        h["positions"][n:] = 0
-        h["context_lens"][:n] = attn.context_lens
-        h["context_lens"][n:] = 1
-        h["kv_slots"][:n] = attn.kv_slots
-        h["kv_slots"][n:] = -1
+        g.ids[:n].copy_(ids, non_blocking=True)
+        a = g.attn
+        a.positions[:n].copy_(attn.positions, non_blocking=True)
+        a.positions[n:].zero_()
+        a.context_lens[:n].copy_(attn.context_lens, non_blocking=True)
+        a.context_lens[n:].fill_(1)
+        a.kv_slots[:n].copy_(attn.kv_slots, non_blocking=True)
+        a.kv_slots[n:].fill_(-1)
         width = attn.block_tables.shape[1]
-        h["block_tables"][:n, :width] = attn.block_tables
-        h["block_tables"][:n, width:] = 0
-        h["block_tables"][n:] = 0
-        if g.lora is not None:
-            h["token_slots"][:n] = lora.token_slots
-            h["token_slots"][n:] = -1
-            s, r = lora.a_offsets.shape[0], lora.a_offsets.shape[2]
-            for name in ("ranks", "scalings", "a_offsets", "b_offsets"):
-                h[name][s:] = 0
-            h["ranks"][:s] = lora.ranks
-            h["scalings"][:s] = lora.scalings
-            h["a_offsets"][:s, :, r:] = 0
-            h["b_offsets"][:s, :, r:] = 0
-            h["a_offsets"][:s, :, :r] = lora.a_offsets
-            h["b_offsets"][:s, :, :r] = lora.b_offsets
-        g.inputs.upload()
+        a.block_tables[:n, :width].copy_(attn.block_tables, non_blocking=True)
+        a.block_tables[:n, width:].zero_()
+        a.block_tables[n:].zero_()
+        if g.lora is None:
+            return
+        lo = g.lora
+        lo.token_slots[:n].copy_(lora.token_slots, non_blocking=True)
+        lo.token_slots[n:].fill_(-1)
+        s, r = lora.a_offsets.shape[0], lora.a_offsets.shape[2]
+        lo.ranks.zero_()
+        lo.ranks[:s].copy_(lora.ranks, non_blocking=True)
+        lo.scalings[:s].copy_(lora.scalings, non_blocking=True)
+        lo.a_offsets.zero_()
+        lo.b_offsets.zero_()
+        lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
+        lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
 
     def _capture(self, batch: int, rank: int, targets: frozenset[int] | None) -> _Graph:
         dev, i32, i64 = self.device, torch.int32, torch.int64
         context = -(-self.max_model_len // self.block_tokens) * self.block_tokens
-        modules = len(LORA_MODULES)
-        specs = [("ids", i64, (batch,)), ("positions", i64, (batch,)),
-                 ("kv_slots", i64, (batch,)), ("context_lens", i32, (batch,)),
-                 ("block_tables", i32, (batch, context // self.block_tokens))]
-        if rank > 0:
-            specs += [("token_slots", i32, (batch,)), ("ranks", i32, (batch, modules)),
-                      ("scalings", torch.float32, (batch,)),
-                      ("a_offsets", i64, (batch, modules, rank)),
-                      ("b_offsets", i64, (batch, modules, rank))]
-        inputs = _Staging.carve(specs, dev)
-        v = inputs.device
-        v["context_lens"].fill_(1)
-        v["kv_slots"].fill_(-1)
-        ids = v["ids"]
+        ids = torch.zeros(batch, dtype=i64, device=dev)
         attn = AttentionBatch(
-            positions=v["positions"],
+            positions=torch.zeros(batch, dtype=i64, device=dev),
             query_starts=torch.arange(batch + 1, dtype=i32, device=dev),
-            context_lens=v["context_lens"],
-            block_tables=v["block_tables"],
-            kv_slots=v["kv_slots"],
+            context_lens=torch.ones(batch, dtype=i32, device=dev),
+            block_tables=torch.zeros(batch, context // self.block_tokens, dtype=i32, device=dev),
+            kv_slots=torch.full((batch,), -1, dtype=i64, device=dev),
             max_query_len=1, max_context_len=context, is_decode=True,
             query_starts_host=list(range(batch + 1)), context_lens_host=[1] * batch,
         )
         lora = None
         if rank > 0:
-            v["token_slots"].fill_(-1)
             # One segment per token makes the ops pick the per-token (BGMV) decode kernels, whose
             # launch shape does not depend on how the batch's tokens share adapters.
             lora = LoraBatch(
-                token_slots=v["token_slots"],
-                ranks=v["ranks"],
-                scalings=v["scalings"],
-                a_offsets=v["a_offsets"],
-                b_offsets=v["b_offsets"],
+                token_slots=torch.full((batch,), -1, dtype=i32, device=dev),
+                ranks=torch.zeros(batch, len(LORA_MODULES), dtype=i32, device=dev),
+                scalings=torch.zeros(batch, dtype=torch.float32, device=dev),
+                a_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
+                b_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
                 max_rank=rank,
                 seg_starts=torch.arange(batch, dtype=i32, device=dev),
                 seg_lens=torch.ones(batch, dtype=i32, device=dev),
@@ -244,7 +183,7 @@ class DecodeGraphs:
         if not self.capture:
             logits = torch.empty(batch, self.model.spec.vocab_size, device=dev)
             replay = _EagerReplay(lambda: logits.copy_(self.model(ids, ctx, rows)))
-            return _Graph(replay, inputs, attn, lora, rows, logits)
+            return _Graph(replay, ids, attn, lora, rows, logits)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator
@@ -256,7 +195,7 @@ class DecodeGraphs:
         # which the default (global) mode counts as an illegal call and aborts the capture.
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             logits = self.model(ids, ctx, rows)
-        return _Graph(graph, inputs, attn, lora, rows, logits)
+        return _Graph(graph, ids, attn, lora, rows, logits)
 
     @property
     def num_graphs(self) -> int:

@@ -28,7 +28,7 @@ model, root, copies = sys.argv[1], sys.argv[2], int(sys.argv[3])
 # cross the 256-token graph bucket, and answers of different lengths, so that the decode batch
 # shrinks through several batch buckets.
 n = len(LORAS) * copies
-prompts = [[100 + (31 * i + 7 * j) % 900 for j in range(4 + 25 * i)] for i in range(n)]
+prompts = [[100 + (31 * i + 7 * j) % 900 for j in range(4 + 300 * i // n)] for i in range(n)]
 params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
 out = {}
 for graphs in (True, False):
