@@ -299,11 +299,15 @@ class StreamRouter:
 
 
 def _coalesce(items: list[tuple[float, RequestOutput]]) -> list[tuple[float, RequestOutput]]:
-    """Merge each request's queued outputs into one, in order of their first arrival.
+    """Merge each request's queued outputs into one: first tokens first, then final outputs,
+    then the rest, each group in order of first arrival.
 
     Every response is a round trip to the server process; when this thread falls behind the
     engine, one response per request carrying all its new text keeps up where one per token
-    would not. The first output's time is kept (it dates the first token).
+    would not. The first output's time is kept (it dates the first token). The order: at one
+    response per token and ~250 streams, a round of sends takes ~60 ms (230 us each on the
+    H200's host), and a request's first token (the SLO's clock) or its end should not wait
+    behind other streams' next tokens.
     """
     merged: dict[str, tuple[float, RequestOutput]] = {}
     for at, out in items:
@@ -315,4 +319,11 @@ def _coalesce(items: list[tuple[float, RequestOutput]]) -> list[tuple[float, Req
             merged[out.request_id] = (first_at, dataclasses.replace(
                 out, delta_token_ids=before.delta_token_ids + out.delta_token_ids,
                 delta_text=before.delta_text + out.delta_text))
-    return list(merged.values())
+    return sorted(merged.values(), key=_send_rank)
+
+
+def _send_rank(item: tuple[float, RequestOutput]) -> int:
+    out = item[1]
+    if out.delta_token_ids and len(out.delta_token_ids) == len(out.token_ids):
+        return 0  # carries the request's first tokens: nothing of it was delivered before
+    return 1 if out.finished else 2

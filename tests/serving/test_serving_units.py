@@ -256,6 +256,22 @@ def test_queued_outputs_of_a_request_merge_into_one_response():
     assert merged[0][1].token_ids == [5, 6, 8] and merged[0][1].finish_reason == "length"
 
 
+def test_coalesced_outputs_send_first_tokens_then_finals_then_the_rest():
+    def out(rid, tokens, new, finished=False):
+        return RequestOutput(rid, tokens, "", tokens[-new:] if new else [], "t" * new, finished,
+                             "length" if finished else None, 3)
+
+    items = [(1.0, out("running", [1, 2, 3], 1)),        # a later token of a running request
+             (2.0, out("ending", [4, 5], 1, finished=True)),
+             (3.0, out("new", [6], 1)),                   # a first token
+             (4.0, out("other", [7, 8], 1)),
+             (5.0, out("new2", [9, 10], 2)),              # first tokens, two steps merged
+             (6.0, out("running", [1, 2, 3, 11], 1))]
+    order = [(o.request_id, o.delta_token_ids) for _, o in _coalesce(items)]
+    assert order == [("new", [6]), ("new2", [9, 10]), ("ending", [5]),
+                     ("running", [3, 11]), ("other", [8])]
+
+
 def test_router_non_streaming_prepends_prompt_unless_excluded():
     for exclude, want in ((False, "Q: abc"), (True, "abc")):
         engine, sink = FakeEngine(), FakeSink()
