@@ -121,6 +121,24 @@ def test_async_client_many_streams_one_connection(server, reference):
         assert completion.finish_reason == expected[case].finish_reason
 
 
+def test_engine_on_a_thread_of_the_stub_serves_the_same(tmp_path, tiny_gqa, adapter_pool,
+                                                         reference):
+    """``engine_process: "false"`` (the engine in the stub's own process, no child) still
+    serves: concurrent streams equal the engine, and stats answer."""
+    root = make_adapter_root(adapter_pool, tmp_path / "adapters")
+    options = server_options(tiny_gqa, root, engine_params={"engine_process": "false"})
+    cases = _cases()[:8]
+    expected = _expected(reference, cases)
+    with running_server(options, tmp_path / "server.log") as s, \
+            SLoRAClient(s.grpc_url, timeout=120) as c:
+        gens = [c.generate(p, lora_name=lora, max_tokens=MAX_TOKENS) for p, lora in cases]
+        for case, gen in zip(cases, gens):
+            assert "".join(gen) == expected[case].text, case
+        stats = c.stats()
+    assert stats["finished_requests"] == len(cases) and stats["pool_pages_kv"] == 0
+    assert "engine_process=False" in (tmp_path / "server.log").read_text()
+
+
 def test_engine_model_directly(client, reference):
     """slora_engine takes the same inputs (lora_name instead of the adapter step)."""
     prompt, lora = PROMPTS[3], "r16-attn-rs"
