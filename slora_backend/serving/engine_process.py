@@ -63,6 +63,21 @@ class _WireOutput(NamedTuple):
     final_text: str | None  # the whole text, on the final output only
 
 
+class _Channel:
+    """One end of the pipe. Several threads send on it (one at a time); one thread reads."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+    def recv(self) -> tuple:
+        return self.conn.recv()
+
+
 @dataclass
 class _RemoteStream:
     callback: OutputCallback | None
@@ -80,13 +95,14 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig) -> None:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
-        self._conn, child_conn = ctx.Pipe()
+        conn, child_conn = ctx.Pipe()
+        self._channel = _Channel(conn)
         self._process = ctx.Process(target=run_engine_process, args=(config, child_conn),
                                     name="slora-engine", daemon=True)
         self._process.start()
         child_conn.close()
         try:
-            kind, info = self._conn.recv()
+            kind, info = self._channel.recv()
         except EOFError:
             self._process.join(5)
             raise EngineProcessError(f"the engine process exited while starting "
@@ -96,7 +112,6 @@ class EngineProcess:
             raise EngineProcessError(f"the engine failed to start: {info}")
         self.max_model_len: int = info["max_model_len"]
         self.tokenizer: Any = info["tokenizer"]  # for chat templates, applied on this side
-        self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # _calls, _streams, _gone
         self._calls: dict[int, Future] = {}
         self._streams: dict[str, _RemoteStream] = {}
@@ -130,7 +145,7 @@ class EngineProcess:
 
     def abort(self, request_id: str) -> None:
         try:
-            self._send(("abort", request_id))
+            self._channel.send(("abort", request_id))
         except OSError:
             pass  # the child is gone; the reader ends every stream
 
@@ -155,7 +170,7 @@ class EngineProcess:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the engine (requests in flight end as aborted) and wait for the process."""
         try:
-            self._send(("stop",))
+            self._channel.send(("stop",))
         except OSError:
             pass
         self._reader.join(timeout)
@@ -166,10 +181,6 @@ class EngineProcess:
 
     # ---- plumbing -------------------------------------------------------------------------------
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(message)
-
     def _call(self, method: str, *args: Any) -> Any:
         future: Future = Future()
         call_id = next(self._call_ids)
@@ -178,7 +189,7 @@ class EngineProcess:
                 raise EngineProcessError(self._gone)
             self._calls[call_id] = future
         try:
-            self._send(("call", call_id, method, args))
+            self._channel.send(("call", call_id, method, args))
         except OSError as e:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -189,7 +200,7 @@ class EngineProcess:
         reason = "the engine process has stopped"
         try:
             while True:
-                message = self._conn.recv()
+                message = self._channel.recv()
                 if message[0] == "outputs":
                     for wire in message[1]:
                         self._deliver(wire)
@@ -269,14 +280,9 @@ def run_engine_process(config: EngineConfig, conn: Any) -> None:
     engine.start()
     conn.send(("ready", {"max_model_len": engine.max_model_len,
                          "tokenizer": _picklable_or_none(engine.tokenizer)}))
-    send_lock = threading.Lock()
-
-    def send(message: tuple) -> None:
-        with send_lock:
-            conn.send(message)
-
+    channel = _Channel(conn)
     outbox: queue.SimpleQueue[RequestOutput | None] = queue.SimpleQueue()
-    writer = threading.Thread(target=_write_outputs, args=(outbox, send), name="slora-outputs",
+    writer = threading.Thread(target=_write_outputs, args=(outbox, channel), name="slora-outputs",
                               daemon=True)
     writer.start()
 
@@ -289,7 +295,7 @@ def run_engine_process(config: EngineConfig, conn: Any) -> None:
         except Exception as e:
             reply = ("reply", call_id, False, _picklable_error(e))
         try:
-            send(reply)
+            channel.send(reply)
         except OSError:
             pass  # the parent is gone; the main loop sees it too
 
@@ -297,7 +303,7 @@ def run_engine_process(config: EngineConfig, conn: Any) -> None:
     calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="slora-engine-call")
     try:
         while True:
-            message = conn.recv()
+            message = channel.recv()
             if message[0] == "call":
                 calls.submit(answer, *message[1:])
             elif message[0] == "abort":
@@ -311,13 +317,13 @@ def run_engine_process(config: EngineConfig, conn: Any) -> None:
     outbox.put(None)
     writer.join()
     try:
-        send(("stopped",))
+        channel.send(("stopped",))
     except OSError:
         pass
     conn.close()
 
 
-def _write_outputs(outbox: queue.SimpleQueue, send: Any) -> None:
+def _write_outputs(outbox: queue.SimpleQueue, channel: _Channel) -> None:
     """Send everything the engine emitted since the last send as one message (one per step)."""
     while True:
         batch = [outbox.get()]
@@ -329,7 +335,7 @@ def _write_outputs(outbox: queue.SimpleQueue, send: Any) -> None:
         wires = [_to_wire(out) for out in batch if out is not None]
         if wires:
             try:
-                send(("outputs", wires))
+                channel.send(("outputs", wires))
             except OSError:
                 return
         if None in batch:
