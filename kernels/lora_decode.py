@@ -56,32 +56,15 @@ def _rows_times_x(
 
 
 @triton.jit
-def _shrink_row(x_row, pool_ptr, offs, live, in_dim,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
-    """``_rows_times_x`` with 16-byte loads when every row offset allows them."""
-    if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
-        out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, True)
-    else:
-        out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, False)
-    return out
-
-
-@triton.jit
-def _bgmv_shrink_kernel(
-    x_ptr, pool_ptr, z_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr,
-    in_dim, max_rank,
-    stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
-    mod0, mod1, mod2,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, PDL: tl.constexpr,
+def _shrink_token(
+    x_ptr, pool_ptr, z_ptr, token, slot, mi, module, first_row, ranks_ptr, a_offsets_ptr,
+    in_dim, max_rank, stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
 ):
-    if PDL:  # the expand's programs may launch now; they wait for this grid before reading z
-        tl.extra.cuda.gdc_launch_dependents()
-    token = tl.program_id(0)
-    mi = tl.program_id(1)
-    first_row = tl.program_id(2) * BLOCK_R
+    """z[token, mi, rows] for one token whose adapter is in ``slot`` (-1: none), rows
+    ``first_row`` .. + BLOCK_R, with 16-byte loads when every row offset allows them. The decode
+    kernel's body, and the mixed-step decode rows' in the segment kernel."""
     rows = first_row + tl.arange(0, BLOCK_R)
-    slot = tl.load(token_slots_ptr + token)
-    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
     adapter = slot >= 0
     rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=adapter, other=0)
     # The row offsets depend on the slot only: loaded beside the rank, not after it, so the
@@ -96,9 +79,32 @@ def _bgmv_shrink_kernel(
         live = rows < rank
         offs = tl.where(live, offs, 0)
         x_row = x_ptr + token.to(tl.int64) * stride_x
-        out = _shrink_row(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC)
+        if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
+            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC, True)
+        else:
+            out = _rows_times_x(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, BLOCK_K, VEC,
+                                False)
     z_row = z_ptr + token.to(tl.int64) * stride_zt + mi * stride_zm
     tl.store(z_row + rows, out.to(z_ptr.dtype.element_ty), mask=rows < max_rank)
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr, pool_ptr, z_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr,
+    in_dim, max_rank,
+    stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
+    mod0, mod1, mod2,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, PDL: tl.constexpr,
+):
+    if PDL:  # the expand's programs may launch now; they wait for this grid before reading z
+        tl.extra.cuda.gdc_launch_dependents()
+    token = tl.program_id(0)
+    mi = tl.program_id(1)
+    slot = tl.load(token_slots_ptr + token)
+    module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
+    _shrink_token(x_ptr, pool_ptr, z_ptr, token, slot, mi, module, tl.program_id(2) * BLOCK_R,
+                  ranks_ptr, a_offsets_ptr, in_dim, max_rank, stride_x, stride_zt, stride_zm,
+                  stride_rank, stride_off_s, stride_off_m, BLOCK_R, BLOCK_K, VEC)
 
 
 @triton.jit

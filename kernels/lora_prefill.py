@@ -25,7 +25,7 @@ import triton.language as tl
 from ._common import cdiv, check_tensor, dot_precision, dot_upcast, next_pow2, pad3, vector_elems
 from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import check_expand, check_segments, check_shrink
-from .lora_decode import _expand_row, _shrink_row
+from .lora_decode import _expand_row, _shrink_token
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -98,17 +98,10 @@ def _sgmv_shrink_kernel(
     if tile < num_decode:
         # Decode row ``tile`` (its own adapter): a per-token matrix-vector product, as in the
         # decode kernels, instead of a BLOCK_M-row tile holding one live token.
-        slot = tl.load(decode_slots_ptr + tile)
-        rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
-        if first_row < rank:
-            rows = first_row + tl.arange(0, BLOCK_R)
-            live = rows < rank
-            offs = tl.load(a_offsets_ptr + slot * stride_off_s + module * stride_off_m + rows,
-                           mask=live, other=0)
-            x_row = x_ptr + tile.to(tl.int64) * stride_x
-            out = _shrink_row(x_row, pool_ptr, offs, live, in_dim, BLOCK_R, DECODE_BLOCK_K, VEC)
-            z_row = z_ptr + tile.to(tl.int64) * stride_zt + mi * stride_zm
-            tl.store(z_row + rows, out.to(z_ptr.dtype.element_ty), mask=live)
+        _shrink_token(x_ptr, pool_ptr, z_ptr, tile, tl.load(decode_slots_ptr + tile), mi, module,
+                      first_row, ranks_ptr, a_offsets_ptr, in_dim, max_rank, stride_x, stride_zt,
+                      stride_zm, stride_rank, stride_off_s, stride_off_m, BLOCK_R,
+                      DECODE_BLOCK_K, VEC)
     else:
         seg, first_tok, seg_len, slot, rank = _segment_adapter(
             seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,
