@@ -222,8 +222,9 @@ def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, ta
     log(f"{tag} {v.label} (limit {limit or 'none'} s)")
     return engine_replay.run_variant(kwargs, v, workload, adapter_root, slo_s=args.slo,
                                      time_limit_s=limit, prompt_seed=args.seed,
-                                     profile_dir=args.profile_dir, cprofile=args.cprofile,
-                                     kernel_window=args.kernel_trace,
+                                     profile_dir=args.profile_dir, profile_options=dict(
+                                         cprofile=args.cprofile, kernel_window=args.kernel_trace,
+                                         timeline=args.timeline, launch_lag=args.launch_lag),
                                      log=log)
 
 
@@ -347,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --profile-dir: GPU time per kernel over COUNT steps from step FIRST, "
                         "or over COUNT steps of one kind (FIRST = mixed or decode, optionally "
                         "@MIN_BATCH, e.g. decode@192:10)")
+    o.add_argument("--timeline", action="store_true",
+                   help="with --kernel-trace: also record host ops and write the first steps' "
+                        "Chrome traces")
+    o.add_argument("--launch-lag", action="store_true",
+                   help="with --profile-dir: mark each layer's start in eager steps (host time, "
+                        "CUDA event): host- or GPU-bound, step by step")
     return ap
 
 

@@ -16,7 +16,10 @@ host was the bottleneck, well above it means the GPU was. ``kernel_window=(first
 runs torch.profiler over that many steps - or, with first = "mixed" / "decode" (optionally
 "decode@B", batches of at least B), over that many steps of the kind - and reports GPU time per
 kernel name (the profiler slows launches, so the profiled steps' host timings are not
-representative). Used by ``harness --profile-dir``.
+representative); ``timeline=True`` adds the host's ops to that window and writes the first
+steps' timelines as Chrome traces. ``launch_lag=True`` marks every decoder layer's start in
+eager forwards (host time and a CUDA event): how far the GPU runs behind the host's launches
+through a step, without a profiler's overhead. Used by ``harness --profile-dir``.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ EXECUTE_PARTS = ("execute_cpu", "lora_tables", "graph_fill", "lora_ops", "attent
 
 class StepProfile:
     def __init__(self, engine: Any, cprofile: bool = False,
-                 kernel_window: tuple[int | str, int] | None = None) -> None:
+                 kernel_window: tuple[int | str, int] | None = None, timeline: bool = False,
+                 launch_lag: bool = False) -> None:
         self.engine = engine
-        self.kernels = _KernelWindow(*kernel_window) if kernel_window else None
+        self.kernels = _KernelWindow(*kernel_window, timeline=timeline) if kernel_window else None
         self._cuda = engine.device.type == "cuda"
+        self.lag = _LaunchLag(engine.runner.model) if launch_lag and self._cuda else None
         self.steps: list[dict[str, Any]] = []
         self.profile = cProfile.Profile() if cprofile else None
         self._current: dict[str, Any] | None = None
@@ -84,12 +89,16 @@ class StepProfile:
             events = _record_event() if phase == "execute" and self._cuda else None
             cpu0 = time.thread_time() if phase == "execute" else 0.0
             t0 = time.perf_counter()
+            if events is not None and self.lag is not None:
+                self.lag.open(t0, events)
             try:
                 return inner(*args, **kwargs)
             finally:
                 dt = time.perf_counter() - t0
                 if events is not None and self._current is not None:
                     self._current["_gpu_events"] = (events, _record_event())
+                    if self.lag is not None:
+                        self._current["_marks"] = self.lag.close(self._current["_gpu_events"][1])
                 if phase == "execute" and self._current is not None:
                     # the engine thread's CPU time: well below ``execute`` means it slept (on
                     # the GIL, a lock); near it does not rule out the driver spinning (a launch
@@ -117,6 +126,8 @@ class StepProfile:
 
     def report(self) -> dict[str, Any]:
         for s in self.steps:  # every step's events have completed: its sample synchronised
+            if "_marks" in s:
+                s.update(_lag_figures(s.pop("_marks")))
             if "_gpu_events" in s:
                 s["gpu_execute"] = _gpu_span_ms(s) / 1e3
                 del s["_gpu_events"]
@@ -152,6 +163,8 @@ class StepProfile:
             "mixed_step_ms_avg": None if not prefill else round(1e3 * mean(prefill, "step"), 3),
             "mixed_tokens_avg": mean(prefill, "tokens"),
             "kernels": None if self.kernels is None else self.kernels.summary,
+            "launch_lag": None if self.lag is None else {
+                "mixed": _lag_summary(prefill), "decode": _lag_summary(decode)},
             "triton_compiles": self.compiles,
             # cudaMalloc / cudaFree calls and allocation retries during the replay: each free
             # and retry synchronises the device, which a host timing would misread as host work
@@ -171,6 +184,8 @@ class StepProfile:
     def write(self, directory: Path, name: str) -> None:
         self.close()
         directory.mkdir(parents=True, exist_ok=True)
+        if self.kernels is not None:
+            self.kernels.write_timelines(directory, name)
         (directory / f"{name}_steps.json").write_text(json.dumps(self.report(), indent=1))
         if self.profile is not None:
             (directory / f"{name}_pstats.txt").write_text(self.hottest())
@@ -184,7 +199,9 @@ class _KernelWindow:
     Reports GPU time per kernel name, and the kernels' time against the window's wall time and,
     on CUDA, against the steps' GPU spans (how busy the GPU was while those forwards ran)."""
 
-    def __init__(self, first: int | str, count: int) -> None:
+    def __init__(self, first: int | str, count: int, timeline: bool = False) -> None:
+        self.timeline = timeline
+        self._timelines: list[Any] = []  # the first profiled steps' profilers, for their traces
         self.kind, self.min_batch = parse_step_kind(first) if isinstance(first, str) else (None, 0)
         self.first, self.count = (0 if self.kind else first), count
         self.profiler = None
@@ -221,6 +238,8 @@ class _KernelWindow:
             window = [steps[-1]]
         self.profiler.stop()
         self._wall += time.perf_counter() - self._t0
+        if self.timeline and len(self._timelines) < _TIMELINES_KEPT:
+            self._timelines.append(self.profiler)
         for name, (us, calls) in _kernel_times(self.profiler).items():
             total = self._times.setdefault(name, [0.0, 0])
             total[0] += us
@@ -236,9 +255,91 @@ class _KernelWindow:
 
         # on a machine without CUDA the CPU ops stand in for kernels (tests run the window)
         cuda = torch.cuda.is_available()
-        self.profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+        if self.timeline and cuda:
+            activities.append(ProfilerActivity.CPU)
+        self.profiler = profile(activities=activities)
         self.profiler.start()
         self._t0 = time.perf_counter()
+
+
+    def write_timelines(self, directory: Path, name: str) -> None:
+        """The kept steps' Chrome traces (host ops and kernels), gzipped."""
+        import gzip
+        import os
+        import tempfile
+
+        for i, prof in enumerate(self._timelines):
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+                path = tmp.name
+            try:
+                prof.export_chrome_trace(path)
+                with open(path, "rb") as raw, gzip.open(directory / f"{name}_timeline{i}.json.gz",
+                                                       "wb") as out:
+                    out.write(raw.read())
+            finally:
+                os.unlink(path)
+
+
+_TIMELINES_KEPT = 2
+
+
+class _LaunchLag:
+    """Marks each decoder layer's start in an eager forward: the host's time and a CUDA event
+    on the compute stream. When the GPU keeps up with the launches it reaches each mark soon
+    after the host (host-bound); when it has more to do than the host, it falls ever further
+    behind (GPU-bound). Graph replays pass no marks (their layers are not called)."""
+
+    def __init__(self, model: Any) -> None:
+        self._marks: list[tuple[float, Any]] | None = None
+        for layer in model.layers:
+            layer.register_forward_pre_hook(self._mark)
+
+    def open(self, t0: float, start_event: Any) -> None:
+        self._marks = [(t0, start_event)]
+
+    def close(self, end_event: Any) -> list[tuple[float, Any]]:
+        marks, self._marks = self._marks or [], None
+        return marks + [(time.perf_counter(), end_event)]
+
+    def _mark(self, module: Any, args: Any) -> None:
+        if self._marks is not None:
+            self._marks.append((time.perf_counter(), _record_event()))
+
+
+def _lag_figures(marks: list[tuple[float, Any]]) -> dict[str, Any]:
+    """Host and GPU times (ms from the execute's start) at each mark; the mark list is the
+    execute's start, each layer's start, the execute's end."""
+    if len(marks) < 3:
+        return {}
+    t0, e0 = marks[0]
+    host = [1e3 * (t - t0) for t, _ in marks]
+    gpu = [e0.elapsed_time(e) for _, e in marks]
+    layers = len(marks) - 2
+    return {
+        "lag_prep_host_ms": round(host[1], 3),  # metadata before the first layer
+        "lag_layer_host_ms": round((host[-1] - host[1]) / layers, 4),
+        "lag_layer_gpu_ms": round((gpu[-1] - gpu[1]) / layers, 4),
+        # GPU behind the host at the first layer, the middle one, the end of the forward
+        "lag_ms": [round(gpu[i] - host[i], 3) for i in (1, 1 + layers // 2, len(marks) - 1)],
+    }
+
+
+def _lag_summary(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    rows = [s for s in steps if "lag_ms" in s]
+    if not rows:
+        return None
+
+    def median(values: list[float]) -> float:
+        return round(sorted(values)[len(values) // 2], 3)
+
+    return {
+        "steps": len(rows),
+        "prep_host_ms": median([s["lag_prep_host_ms"] for s in rows]),
+        "layer_host_ms": median([s["lag_layer_host_ms"] for s in rows]),
+        "layer_gpu_ms": median([s["lag_layer_gpu_ms"] for s in rows]),
+        "lag_first_mid_end_ms": [median([s["lag_ms"][i] for s in rows]) for i in range(3)],
+    }
 
 
 def parse_step_kind(text: str) -> tuple[str, int]:

@@ -192,11 +192,11 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
 
 def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workload,
                 adapter_root: Path | None, *, slo_s: float, time_limit_s: float | None,
-                prompt_seed: int = 0, profile_dir: Path | None = None, cprofile: bool = False,
-                kernel_window: tuple[int | str, int] | None = None, log=print) -> dict[str, Any]:
+                prompt_seed: int = 0, profile_dir: Path | None = None,
+                profile_options: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
     """Build an engine for ``v``, warm it up, replay ``workload``, release it. With
     ``profile_dir``, the replay's step profile is written there (``benchmarks.step_profile``;
-    ``cprofile`` adds the engine thread's cProfile, ``kernel_window`` a kernel trace of those steps)."""
+    ``profile_options`` are ``StepProfile``'s keywords: cProfile, kernel trace, launch lag)."""
     t0 = time.perf_counter()
     engine = build_engine(engine_kwargs, v, adapter_root, [a.name for a in workload.adapters])
     device = engine.device
@@ -209,7 +209,7 @@ def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workl
         if profile_dir is not None:
             from ..step_profile import StepProfile
 
-            profile = StepProfile(engine, cprofile=cprofile, kernel_window=kernel_window)
+            profile = StepProfile(engine, **(profile_options or {}))
         result = replay(engine, workload, v, slo_s=slo_s, time_limit_s=time_limit_s,
                         prompt_seed=prompt_seed)
         if profile is not None:

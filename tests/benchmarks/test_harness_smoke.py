@@ -3,6 +3,7 @@ every report field is present and baselines (a)-(d) run on the same requests."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -131,10 +132,15 @@ def test_step_profile_of_a_replay(cache, tmp_path):
 
 def test_kernel_trace_covers_the_requested_steps(cache, tmp_path):
     """--kernel-trace FIRST:COUNT profiles exactly those steps (on CPU the torch ops stand in
-    for kernels) and reports time per name against the window's wall time."""
+    for kernels) and reports time per name against the window's wall time; --timeline writes
+    the window's timeline as a Chrome trace."""
     harness.run(harness.normalize(harness.build_parser().parse_args(
-        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--kernel-trace", "2:3"])),
+        [*TINY, "--cache", str(cache), "--profile-dir", str(tmp_path), "--kernel-trace", "2:3",
+         "--timeline"])),
         log=lambda *_: None)
+    trace = json.loads(gzip.decompress((tmp_path / "slora_timeline0.json.gz").read_bytes()))
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert not (tmp_path / "slora_timeline1.json.gz").exists()  # a window is one trace
     report = json.loads((tmp_path / "slora_steps.json").read_text())
     kernels = report["kernels"]
     assert kernels["steps"] == 3 and kernels["tokens"] == sum(
