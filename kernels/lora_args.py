@@ -73,8 +73,9 @@ def _check_tables(
         check_tensor("ranks", ranks, dtypes=(torch.int32,), ndim=2, device=device,
                      contiguous=True)
         num_slots, num_kinds = ranks.shape
+        # (may be cut to the batch's max rank from wider tables: rows keep their stride)
         check_tensor(offsets_name, offsets, dtypes=(torch.int64,), ndim=3,
-                     shape=(num_slots, num_kinds, None), device=device, contiguous=True)
+                     shape=(num_slots, num_kinds, None), device=device, inner_contiguous=True)
 
     _TABLES.check(offsets_name, (ranks, offsets), device, run)
 

@@ -30,22 +30,26 @@ MODULE_INDEX: dict[str, int] = {name: i for i, name in enumerate(LORA_MODULES)}
 class LoraBatch:
     """Which token uses which adapter, and where that adapter's rows lie in the page pool.
 
-    Adapters are addressed by *batch slot* (0 .. num_slots-1), a dense renumbering of the
-    adapters used in this step. Row j of module m's A (length ``in_dim``) starts at element
-    ``a_offsets[s, m, j]`` of one layer's flattened pool buffer; row j of B^T (length
-    ``out_dim``) at ``b_offsets[s, m, j]``. The offsets are the same in every layer because an
-    adapter owns the same page indices in every layer's buffer.
+    Adapters are addressed by *slot*, a row of the tables below: for the torch ops a dense
+    renumbering of the step's adapters (0 .. num_slots-1); for the Triton kernels the row of
+    the adapter's first pool page in the engine's device tables (``lora_tables.SlotTables``),
+    which also hold rows no token of this step uses. Row j of module m's A (length ``in_dim``)
+    starts at element ``a_offsets[s, m, j]`` of one layer's flattened pool buffer; row j of B^T
+    (length ``out_dim``) at ``b_offsets[s, m, j]``. The offsets are the same in every layer
+    because an adapter owns the same page indices in every layer's buffer.
 
-    Invariants: ``0 <= ranks[s, m] <= max_rank``; entries of the offset tables at
-    ``j >= ranks[s, m]`` are 0 and never read; ``ranks[s, m] == 0`` means module m is not a
-    target of slot s's adapter (the module gets no LoRA term for those tokens).
+    Invariants, for every slot s a token uses: ``0 <= ranks[s, m] <= max_rank``; entries of
+    the offset tables at ``j >= ranks[s, m]`` are 0 and never read; ``ranks[s, m] == 0`` means
+    module m is not a target of slot s's adapter (the module gets no LoRA term for those tokens).
     """
 
     token_slots: torch.Tensor  # int32 [T]; -1 = base model (no LoRA)
     ranks: torch.Tensor  # int32 [num_slots, len(LORA_MODULES)]
     scalings: torch.Tensor  # float32 [num_slots]; lora_alpha / r, or lora_alpha / sqrt(r) (rsLoRA)
-    a_offsets: torch.Tensor  # int64 [num_slots, len(LORA_MODULES), max_rank]
-    b_offsets: torch.Tensor  # int64 [num_slots, len(LORA_MODULES), max_rank]
+    # int64 [num_slots, len(LORA_MODULES), max_rank]; the last dimension is contiguous, the
+    # others may be strided (cut from wider tables)
+    a_offsets: torch.Tensor
+    b_offsets: torch.Tensor
     max_rank: int  # largest rank in this batch (>= 1 when any token uses LoRA)
     # Runs of consecutive tokens that share one adapter slot (slot >= 0 only), for prefill
     # kernels that tile over a segment (SGMV). Decode tokens form segments of length 1.

@@ -11,7 +11,10 @@ compiles kernels and runs the model three times, far too slow to happen inside a
 
 Graphs are keyed by (batch bucket, rank bucket, ``graph_targets``). Padding rows (up to the
 batch bucket) are harmless by construction: they use no adapter (slot -1), write no KV (slot -1)
-and attend to one token of page 0; their logits are dropped.
+and attend to one token of page 0; their logits are dropped. With ``SlotTables`` (the Triton
+kernels) the graphs read the engine's device LoRA tables themselves, so a step copies in only
+its token slots; when the tables are widened (an adapter of a larger rank than any before),
+the graphs with adapters are dropped and captured again on use.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
+from .lora_tables import SlotTables
 from .models.llama import ForwardContext, LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -70,10 +74,13 @@ class DecodeGraphs:
     def __init__(
         self, model: LlamaModel, ops: object, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_model_len: int,
-        capture: bool = True,
+        capture: bool = True, slot_tables: SlotTables | None = None,
     ) -> None:
-        """``capture=False`` replays eagerly from the same padded static inputs (for tests)."""
+        """``capture=False`` replays eagerly from the same padded static inputs (for tests).
+        ``slot_tables``: the runner's device LoRA tables when its ops take global slots."""
         self.model = model
+        self.slot_tables = slot_tables
+        self._tables_version = slot_tables.version if slot_tables is not None else 0
         self.ops = ops
         self.pool = pool
         self.kv_shape = kv_shape
@@ -95,6 +102,8 @@ class DecodeGraphs:
         (rank, target modules); rank 0 = no adapter."""
         kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
         kinds = {k for k in kinds if k[0] is not None}
+        if self.slot_tables is not None and kinds:  # widen first: no graph is dropped later
+            self.slot_tables.ensure_width(max(rank for rank, _ in kinds))
         for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
             for batch in BATCH_BUCKETS:
                 if batch > self.max_batch:
@@ -115,11 +124,19 @@ class DecodeGraphs:
         n = ids.shape[0]
         rank = lora.max_rank if lora is not None else 0
         targets = graph_targets(lora.targets) if lora is not None else None
+        self._drop_stale_graphs()
         g = self._get((_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS), targets))
         self._fill(g, ids, attn, lora)
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
+
+    def _drop_stale_graphs(self) -> None:
+        """Graphs with adapters read the device tables captured with them: once the tables are
+        widened into new tensors, those graphs go (and are captured again on use)."""
+        if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
+            self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
+            self._tables_version = self.slot_tables.version
 
     def _fill(self, g: _Graph, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> None:
         n = ids.shape[0]
@@ -140,6 +157,8 @@ class DecodeGraphs:
         lo = g.lora
         lo.token_slots[:n].copy_(lora.token_slots, non_blocking=True)
         lo.token_slots[n:].fill_(-1)
+        if self.slot_tables is not None:  # the graph reads the device tables themselves
+            return
         s, r = lora.a_offsets.shape[0], lora.a_offsets.shape[2]
         lo.ranks.zero_()
         lo.ranks[:s].copy_(lora.ranks, non_blocking=True)
@@ -166,12 +185,19 @@ class DecodeGraphs:
         if rank > 0:
             # One segment per token makes the ops pick the per-token (BGMV) decode kernels, whose
             # launch shape does not depend on how the batch's tokens share adapters.
+            if self.slot_tables is not None:
+                self.slot_tables.ensure_width(rank)
+                self._drop_stale_graphs()
+                ranks, scalings = self.slot_tables.ranks, self.slot_tables.scalings
+                a_offsets, b_offsets = self.slot_tables.offsets(rank)
+            else:
+                ranks = torch.zeros(batch, len(LORA_MODULES), dtype=i32, device=dev)
+                scalings = torch.zeros(batch, dtype=torch.float32, device=dev)
+                a_offsets = torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev)
+                b_offsets = torch.zeros_like(a_offsets)
             lora = LoraBatch(
                 token_slots=torch.full((batch,), -1, dtype=i32, device=dev),
-                ranks=torch.zeros(batch, len(LORA_MODULES), dtype=i32, device=dev),
-                scalings=torch.zeros(batch, dtype=torch.float32, device=dev),
-                a_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
-                b_offsets=torch.zeros(batch, len(LORA_MODULES), rank, dtype=i64, device=dev),
+                ranks=ranks, scalings=scalings, a_offsets=a_offsets, b_offsets=b_offsets,
                 max_rank=rank,
                 seg_starts=torch.arange(batch, dtype=i32, device=dev),
                 seg_lens=torch.ones(batch, dtype=i32, device=dev),

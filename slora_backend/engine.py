@@ -207,7 +207,8 @@ class Engine:
         with self._registry_lock, self._between_steps():
             self.copier.wait([name])  # its pages go back to the pool: no copy may still write them
             self.registry.unload(name, self._active_counts())
-            self.runner.lora_tables.forget(name)
+            if self.runner.lora_tables is not None:  # (device slot rows need no freeing)
+                self.runner.lora_tables.forget(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self._registry_lock:

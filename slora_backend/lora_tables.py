@@ -1,10 +1,16 @@
-"""Every resident adapter's rows of a step's LoRA tables (``LoraBatch``), kept in host tensors.
+"""Every resident adapter's rows of the LoRA tables (``LoraBatch``).
 
 An adapter's row - where each row of its A and B^T starts in a layer's pool, its rank per
 module, its scaling, the modules it targets - depends only on its pages, so it is written once
-when the adapter becomes resident, and a step gathers the rows of its adapters with one
-``index_select`` per table. Stacking one small tensor per adapter instead cost 1.2 ms per decode
-step of 256 adapters on the CI machine (1.6 ms on the H200's host, 6% of the step).
+per placement. Two keepers:
+
+- ``SlotTables`` (the Triton kernels): device tables with a row per pool page; an adapter's
+  row is its first page's, so a step's token slots index the tables directly and a step
+  uploads nothing else. Gathering the rows per step cost ~1 ms of host time per decode step of
+  ~240 adapters on the H200 (plus copying them into the decode graph's inputs), about half of
+  what an adapter batch's host work added over the base model's.
+- ``LoraTables`` (the torch references and the bmm baseline, which expect dense batch slots):
+  host tables, a step gathers the rows of its adapters with one ``index_select`` per table.
 """
 
 from __future__ import annotations
@@ -42,6 +48,111 @@ class _PlanRows:
     offset: torch.Tensor
 
 
+def _offset_rows(entry: AdapterEntry, pages: list[int], width: int, page_size: int,
+             plan_rows: tuple[_PlanRows, _PlanRows]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's A and B^T offset rows, int64 ``[7, width]`` each (0 past its ranks)."""
+    pages_t = torch.tensor(pages, dtype=torch.int64)
+    out = []
+    for rows in plan_rows:
+        row = torch.zeros(len(LORA_MODULES), width, dtype=torch.int64)
+        row[rows.module, rows.index] = pages_t[rows.page] * page_size + rows.offset
+        out.append(row)
+    return out[0], out[1]
+
+
+def _module_ranks(entry: AdapterEntry) -> list[int]:
+    return [entry.ranks.get(m, 0) for m in LORA_MODULES]
+
+
+class _PlanCache:
+    """A plan is a function of the adapter's ranks (PoolLayout.plan_adapter): its table entries
+    are worked out once per rank set. Writing them one element at a time cost ~0.5 ms per
+    adapter (Llama-2-7B, rank 8 on q/k/v/o), ~4 ms in an S1 step that admits new adapters."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple, tuple[_PlanRows, _PlanRows]] = {}
+
+    def rows(self, entry: AdapterEntry) -> tuple[_PlanRows, _PlanRows]:
+        key = tuple(entry.ranks.items())
+        cached = self._rows.get(key)
+        if cached is None:
+            def rows(kind: str) -> _PlanRows:
+                mine = [r for r in entry.plan.rows if r.kind == kind]
+                return _PlanRows(*(torch.tensor(v, dtype=torch.int64) for v in (
+                    [MODULE_INDEX[r.module] for r in mine], [r.index for r in mine],
+                    [r.page for r in mine], [r.offset for r in mine])))
+
+            cached = self._rows[key] = (rows("a"), rows("b"))
+        return cached
+
+
+class SlotTables:
+    """Device tables indexed by pool page: a resident adapter's row is its first page's (no two
+    resident adapters share a page, so the row is its own while it stays resident), written the
+    first time a step uses that placement. ``width`` rank columns, a power of two >= 8 (so every
+    CUDA-graph rank bucket fits); an adapter of a larger rank widens the tables into new tensors
+    and bumps ``version`` (graphs that captured the old tensors must be dropped)."""
+
+    def __init__(self, num_pages: int, page_size: int, device: torch.device) -> None:
+        self.page_size = page_size
+        self.device = device
+        m = len(LORA_MODULES)
+        self.ranks = torch.zeros(num_pages, m, dtype=torch.int32, device=device)
+        self.scalings = torch.zeros(num_pages, dtype=torch.float32, device=device)
+        self.a = torch.zeros(num_pages, m, 8, dtype=torch.int64, device=device)
+        self.b = torch.zeros_like(self.a)
+        self.version = 0
+        self._placed: dict[int, ResidentAdapter] = {}  # slot -> the placement its row holds
+        self._plans = _PlanCache()
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def width(self) -> int:
+        return int(self.a.shape[2])
+
+    @staticmethod
+    def slot(resident: ResidentAdapter) -> int:
+        return resident.pages[0]
+
+    def ensure_width(self, rank: int) -> None:
+        width = self.width
+        while width < rank:
+            width *= 2
+        if width == self.width:
+            return
+        grow = (0, width - self.width)
+        self.a, self.b = F.pad(self.a, grow), F.pad(self.b, grow)
+        self._views.clear()
+        self.version += 1
+
+    def write(self, adapters: list[tuple[ResidentAdapter, AdapterEntry]]) -> None:
+        """Write the rows of the placements among ``adapters`` not written yet (one indexed copy
+        per table for all of them: a step that admits tens of new adapters makes 4 uploads)."""
+        new = [(r, e) for r, e in adapters if self._placed.get(self.slot(r)) is not r]
+        if not new:
+            return
+        self.ensure_width(max(e.rank for _, e in new))
+        rows = [_offset_rows(e, r.pages, self.width, self.page_size, self._plans.rows(e))
+                for r, e in new]
+        index = torch.tensor([self.slot(r) for r, _ in new], dtype=torch.int64)
+        ranks = torch.tensor([_module_ranks(e) for _, e in new], dtype=torch.int32)
+        scalings = torch.tensor([e.scaling for _, e in new], dtype=torch.float32)
+        a, b = torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
+        index = index.to(self.device)
+        for table, values in ((self.a, a), (self.b, b), (self.ranks, ranks),
+                              (self.scalings, scalings)):
+            table.index_copy_(0, index, values.to(self.device))
+        for r, _ in new:
+            self._placed[self.slot(r)] = r
+
+    def offsets(self, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A and B^T offset tables cut to ``max_rank`` columns (views, cached per width)."""
+        views = self._views.get(max_rank)
+        if views is None:
+            views = self._views[max_rank] = (self.a[:, :, :max_rank], self.b[:, :, :max_rank])
+        return views
+
+
 class LoraTables:
     """Host tables with one row per adapter that has been resident (rows are reused when an
     adapter comes back, and freed by ``forget``); ``width`` rank columns, the largest rank seen
@@ -50,10 +161,7 @@ class LoraTables:
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
         self._row: dict[str, tuple[int, ResidentAdapter]] = {}  # name -> row, placement it holds
-        # A plan is a function of the adapter's ranks (PoolLayout.plan_adapter): its entries are
-        # worked out once per rank set. Writing them one element at a time cost ~0.5 ms per
-        # adapter (Llama-2-7B, rank 8 on q/k/v/o), ~4 ms in an S1 step that admits new adapters.
-        self._plan_rows: dict[tuple, tuple[_PlanRows, _PlanRows]] = {}
+        self._plans = _PlanCache()
         self._free: list[int] = []
         m = len(LORA_MODULES)
         self.a = torch.zeros(0, m, 1, dtype=torch.int64)
@@ -119,25 +227,9 @@ class LoraTables:
         if extra > 0:
             self.a = F.pad(self.a, (0, extra))
             self.b = F.pad(self.b, (0, extra))
-        pages = torch.tensor(resident.pages, dtype=torch.int64)
-        for table, rows in zip((self.a, self.b), self._rows_of_plan(entry)):
-            table[row] = 0
-            table[row, rows.module, rows.index] = pages[rows.page] * self.page_size + rows.offset
-        self.ranks[row] = torch.tensor([entry.ranks.get(m, 0) for m in LORA_MODULES],
-                                       dtype=torch.int32)
+        self.a[row], self.b[row] = _offset_rows(entry, resident.pages, self.width, self.page_size,
+                                            self._plans.rows(entry))
+        self.ranks[row] = torch.tensor(_module_ranks(entry), dtype=torch.int32)
         self.scalings[row] = entry.scaling
         self._max_rank[row] = entry.rank
         self._targets[row] = sum(1 << m for m in entry.targets)
-
-    def _rows_of_plan(self, entry: AdapterEntry) -> tuple[_PlanRows, _PlanRows]:
-        key = tuple(entry.ranks.items())
-        cached = self._plan_rows.get(key)
-        if cached is None:
-            def rows(kind: str) -> _PlanRows:
-                mine = [r for r in entry.plan.rows if r.kind == kind]
-                return _PlanRows(*(torch.tensor(v, dtype=torch.int64) for v in (
-                    [MODULE_INDEX[r.module] for r in mine], [r.index for r in mine],
-                    [r.page for r in mine], [r.offset for r in mine])))
-
-            cached = self._plan_rows[key] = (rows("a"), rows("b"))
-        return cached

@@ -15,7 +15,7 @@ from .adapter_store import AdapterStore
 from .batch import AttentionBatch, LoraBatch, padded_block_tables, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
-from .lora_tables import LoraTables
+from .lora_tables import LoraTables, SlotTables
 from .models.llama import ForwardContext, LlamaModel
 from .scheduler import ScheduledRequest
 
@@ -35,14 +35,19 @@ class ModelRunner:
         spec = layout.spec
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
-        # every resident adapter's rows of the LoRA tables: a step gathers its adapters' rows
-        self.lora_tables = LoraTables(layout.page_size)
+        # Every resident adapter's rows of the LoRA tables: on the device, indexed by the
+        # adapter's first page, for ops that take such slots (the Triton kernels); else on the
+        # host, a step gathering its adapters' rows into dense batch slots.
+        self.slot_tables = (SlotTables(num_pages, layout.page_size, device)
+                            if getattr(ops, "global_slots", False) else None)
+        self.lora_tables = LoraTables(layout.page_size) if self.slot_tables is None else None
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies of the adapters it reads (AdapterCopier.wait).
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.graphs = None
         if graphs_for is not None and device.type == "cuda":
-            self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for)
+            self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for,
+                                       slot_tables=self.slot_tables)
 
     # ---- adapters -----------------------------------------------------------------------------
 
@@ -116,7 +121,10 @@ class ModelRunner:
                          for p in range(start, end)]
             query_starts.append(query_starts[-1] + s.num_new_tokens)
             context_lens.append(end)
-            slot = -1 if r.adapter is None else slot_of.setdefault(r.adapter, len(slot_of))
+            slot = -1 if r.adapter is None else slot_of.get(r.adapter, -1)
+            if slot < 0 and r.adapter is not None:
+                slot = slot_of[r.adapter] = (len(slot_of) if self.slot_tables is None
+                                             else SlotTables.slot(residents[r.adapter]))
             token_slots += [slot] * s.num_new_tokens
             runs.append((query_starts[-2], s.num_new_tokens, slot))
             if s.samples:
@@ -155,15 +163,28 @@ class ModelRunner:
         decode_tokens: int,
         residents: dict[str, ResidentAdapter], is_decode: bool, dev: torch.device,
     ) -> LoraBatch:
-        rows = self.lora_tables.gather([(residents[name], self.store.get(name)) for name in slot_of])
+        adapters = [(residents[name], self.store.get(name)) for name in slot_of]
+        if self.slot_tables is not None:
+            tables = self.slot_tables
+            tables.write(adapters)  # (new placements only; on the compute stream)
+            max_rank = max(entry.rank for _, entry in adapters)
+            a_offsets, b_offsets = tables.offsets(max_rank)
+            # (device tensors even for a graph step, whose graph reads these very tensors)
+            ranks, scalings = tables.ranks, tables.scalings
+            targets = frozenset().union(*(entry.targets for _, entry in adapters))
+        else:
+            rows = self.lora_tables.gather(adapters)
+            ranks, scalings = rows.ranks.to(dev), rows.scalings.to(dev)
+            a_offsets, b_offsets = rows.a_offsets.to(dev), rows.b_offsets.to(dev)
+            max_rank, targets = rows.max_rank, rows.targets
         seg_starts, seg_lens, seg_slots, decode_segments = slot_segments(runs, decode_tokens)
         return LoraBatch(
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=dev),
-            ranks=rows.ranks.to(dev),
-            scalings=rows.scalings.to(dev),
-            a_offsets=rows.a_offsets.to(dev),
-            b_offsets=rows.b_offsets.to(dev),
-            max_rank=rows.max_rank,
+            ranks=ranks,
+            scalings=scalings,
+            a_offsets=a_offsets,
+            b_offsets=b_offsets,
+            max_rank=max_rank,
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
             seg_lens=torch.tensor(seg_lens, dtype=torch.int32, device=dev),
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
@@ -171,6 +192,6 @@ class ModelRunner:
             is_decode=is_decode,
             decode_tokens=decode_tokens,
             decode_segments=decode_segments,
-            targets=rows.targets,
+            targets=targets,
         )
 

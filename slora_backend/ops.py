@@ -98,6 +98,8 @@ class BmmLora:
     """LoRA as padded gather + ``torch.bmm`` (the S-LoRA paper's "bmm" ablation), wrapped
     around another ops object whose attention and norms it keeps."""
 
+    global_slots = False  # it gathers every slot of the tables: dense batch slots only
+
     def __init__(self, inner: TorchOps) -> None:
         self.inner = inner
         self.name = f"{inner.name}+bmm"

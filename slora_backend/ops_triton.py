@@ -73,6 +73,9 @@ class TritonOps(TorchOps):
     ``max_seg_len``, ``max_query_len``, ``max_context_len``) sizes the grids: no device syncs."""
 
     name = "triton"
+    # The kernels index the adapter tables by slot: the runner's device tables (one row per
+    # pool page) serve every step as they are.
+    global_slots = True
 
     def lora_shrink(
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]

@@ -34,7 +34,8 @@ def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
         if emulate:
             r = engine.runner
             r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
-                                    engine.max_model_len, capture=False)
+                                    engine.max_model_len, capture=False,
+                                    slot_tables=r.slot_tables)
         results.append([o.token_ids for o in engine.generate(PROMPTS + PROMPTS[:1], params,
                                                              loras + loras[:1])])
         if emulate:
@@ -50,9 +51,37 @@ def test_capture_all_covers_every_adapter_kind(tiny_models, tmp_path):
     engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), device=DEVICE,
                                  kernel_backend="triton", pool_pages=64, cuda_graphs=False))
     r = engine.runner
-    graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 2, 32, capture=False)
+    graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 2, 32, capture=False,
+                          slot_tables=r.slot_tables)
     graphs.capture_all([(0, None), (8, frozenset({0, 1})), (8, frozenset({0, 4})),
                         (12, frozenset({3})), (8, ATTENTION_MODULES)])
     assert set(graphs._graphs) == {(b, rank, targets) for b in (1, 2) for rank, targets in
                                    ((0, None), (8, ATTENTION_MODULES), (8, None),
                                     (16, ATTENTION_MODULES))}
+
+
+def test_graphs_follow_widened_slot_tables(tiny_models, tmp_path):
+    """A rank larger than any before widens the device LoRA tables into new tensors: the graphs
+    that read the old ones are dropped and captured again, and tokens stay the eager path's."""
+    root = _adapters(tiny_models["gqa"], tmp_path)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    results = []
+    for emulate in (False, True):
+        engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
+                                     device=DEVICE, kernel_backend="triton", pool_pages=256,
+                                     block_tokens=4, cuda_graphs=False))
+        r = engine.runner
+        if emulate:
+            r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
+                                    engine.max_model_len, capture=False,
+                                    slot_tables=r.slot_tables)
+        tokens = [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r8", "r8"])]
+        assert r.slot_tables.width == 8
+        tokens += [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r16", "r8"])]
+        assert r.slot_tables.width == 16 and r.slot_tables.version == 1
+        if emulate:
+            graphs = [g for g in r.graphs._graphs.values() if g.lora is not None]
+            assert graphs and all(g.lora.a_offsets.data_ptr() == r.slot_tables.a.data_ptr()
+                                  for g in graphs)
+        results.append(tokens)
+    assert results[0] == results[1]

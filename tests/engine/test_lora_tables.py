@@ -1,4 +1,5 @@
-"""LoraTables: each resident adapter's rows written once per placement, gathered per step."""
+"""LoraTables / SlotTables: each resident adapter's rows written once per placement; gathered
+per step (host tables) or indexed in place by the adapter's first page (device tables)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from slora_backend.adapter_cache import ResidentAdapter
 from slora_backend.batch import MODULE_INDEX
-from slora_backend.lora_tables import LoraTables
+from slora_backend.lora_tables import LoraTables, SlotTables
 
 PAGE = 1000
 
@@ -58,6 +59,35 @@ def test_rows_are_reused_after_forget_and_tables_grow():
     assert tables.a.shape[0] == capacity  # the freed row was taken
     assert rows.a_offsets[:, 1, 0].tolist() == [77100, 6100]
     assert torch.equal(rows.ranks[0], rows.ranks[1])
+
+
+def test_slot_rows_follow_placements_and_widen():
+    tables = SlotTables(num_pages=12, page_size=PAGE, device=torch.device("cpu"))
+    small, big = _entry({"q_proj": 2, "v_proj": 2}, 0.5), _entry({"o_proj": 16}, 2.0)
+    a = ResidentAdapter("a", [3, 4])
+    tables.write([(a, small)])
+    assert SlotTables.slot(a) == 3 and tables.width == 8 and tables.version == 0
+    a_off, b_off = tables.offsets(2)
+    assert a_off.shape == (12, 7, 2) and a_off.stride(0) == 7 * 8  # a view of the wide table
+    assert a_off[3, 0].tolist() == [3000, 3010] and b_off[3, 2].tolist() == [3700, 3710]
+    assert tables.ranks[3].tolist() == [2, 0, 2, 0, 0, 0, 0] and tables.scalings[3] == 0.5
+    assert tables.ranks[4].tolist() == [0] * 7  # only the first page's row is the adapter's
+
+    tables.a[3, 0, 0] = -1  # a written placement is not written again
+    tables.write([(a, small)])
+    assert tables.a[3, 0, 0] == -1
+
+    # "a" evicted; "b" (rank 16) placed on page 3 next to page 9: its row replaces a's,
+    # the tables widen to 16 columns (new tensors, a new version) and keep the other rows
+    c = ResidentAdapter("c", [7])
+    tables.write([(c, small)])
+    b = ResidentAdapter("b", [3, 9])
+    tables.write([(b, big)])
+    assert tables.width == 16 and tables.version == 1
+    assert tables.a[3, 3].tolist() == [3300 + 10 * j for j in range(16)]
+    assert tables.ranks[3].tolist() == [0, 0, 0, 16, 0, 0, 0] and tables.scalings[3] == 2.0
+    assert tables.a[7, 0].tolist() == [7000, 7010] + [0] * 14
+    assert tables.offsets(16)[0].data_ptr() == tables.a.data_ptr()
 
 
 def test_segments_merge_runs_of_one_adapter_but_not_across_the_decode_rows():
