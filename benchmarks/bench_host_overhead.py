@@ -180,6 +180,8 @@ def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
     engine.step()  # every request decodes from here on
     runner, scheduled = engine.runner, engine.scheduler.schedule().scheduled
     residents = {s.request.adapter: engine.adapters.get(s.request.adapter) for s in scheduled}
+    # the engine's last step is still in flight: its tokens are these rows' inputs
+    pending = engine._in_flight.pending()
     runner.model.forward = lambda ids, ctx, rows: torch.zeros(rows.shape[0], 1)
     lora_batch, spent = runner._lora_batch, [0.0]
 
@@ -200,7 +202,7 @@ def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
         spent[0] = 0.0
         t = time.perf_counter()
         for _ in range(iters):
-            runner.execute(scheduled, residents)
+            runner.execute(scheduled, residents, pending)
         result[f"{tag}_execute_ms"] = round((time.perf_counter() - t) / iters * 1e3, 3)
         result[f"{tag}_lora_tables_ms"] = round(spent[0] / iters * 1e3, 3)
     return result
@@ -263,6 +265,7 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
                                    SamplingParams(max_tokens=1), adapter(batch + k))
             engine._drain_inbox()
             scheduled = engine.scheduler.schedule().scheduled
+            pending = engine._in_flight.pending()  # (the last step's tokens: decode inputs)
             engine.copier.submit(engine.adapters.take_pending())
             engine.copier.wait(None)
             tokens = sum(s.num_new_tokens for s in scheduled)
@@ -271,7 +274,7 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
             spent.clear()
             t = time.perf_counter()
             for _ in range(iters):
-                engine.runner.execute(scheduled, residents)
+                engine.runner.execute(scheduled, residents, pending)
             total = (time.perf_counter() - t) / iters
             parts = {k: round(v / iters * 1e3, 3) for k, v in spent.items()}
             parts["rest"] = round(total * 1e3 - sum(parts.values()), 3)

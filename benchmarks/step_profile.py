@@ -11,8 +11,9 @@ functions as text.
 Host timings, plus on CUDA one GPU span per step: ``gpu_execute``, from the point the forward
 starts on the compute stream to the point its last kernel ends (CUDA events; no sync added). A
 phase that only launches GPU work looks cheap on the host, and its GPU time shows up in
-``sample`` (the first call that waits for the GPU); ``gpu_execute`` near ``execute`` means the
-host was the bottleneck, well above it means the GPU was. ``kernel_window=(first, count)`` also
+``read`` (reading the tokens of the step launched before: the only call that waits for the
+GPU, while this step's forward is queued behind that one); ``gpu_execute`` near ``execute``
+means the host was the bottleneck, well above it means the GPU was. ``kernel_window=(first, count)`` also
 runs torch.profiler over that many steps - or, with first = "mixed" / "decode" (optionally
 "decode@B", batches of at least B), over that many steps of the kind - and reports GPU time per
 kernel name (the profiler slows launches, so the profiled steps' host timings are not
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PHASES = ("schedule", "copy_wait", "execute", "prefetch", "sample")
+PHASES = ("schedule", "copy_wait", "execute", "sample", "prefetch", "read")
 # parts of ``execute``: the engine thread's CPU time in it, building the step's LoRA tables,
 # copying a graph step's inputs in, the host time of eager LoRA and attention calls (launches;
 # a graph replay makes none)
@@ -61,7 +62,8 @@ class StepProfile:
                             ("attention", "attention_ops")):
             self._wrap(engine.runner.ops, attr, phase)
         self._wrap(engine, "_prefetch_adapters", "prefetch")
-        self._wrap(engine.sampler, "sample", "sample")
+        self._wrap(engine.sampler, "sample_on_device", "sample")
+        self._wrap(engine, "_read_tokens", "read")
         self._wrap(engine, "step", "step")
         if self.profile is not None:
             loop, profile = engine._loop, self.profile
@@ -119,13 +121,17 @@ class StepProfile:
         setattr(obj, attr, timed)
 
     @staticmethod
-    def _note_batch(step: dict[str, Any], scheduled, residents) -> None:
+    def _note_batch(step: dict[str, Any], scheduled, residents, pending=None) -> None:
         step["batch"] = len(scheduled)
         step["tokens"] = sum(s.num_new_tokens for s in scheduled)
         step["adapters"] = len(residents)
 
     def report(self) -> dict[str, Any]:
-        for s in self.steps:  # every step's events have completed: its sample synchronised
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize(self.engine.device)
+        for s in self.steps:
             if "_marks" in s:
                 s.update(_lag_figures(s.pop("_marks")))
             if "_gpu_events" in s:
@@ -236,6 +242,10 @@ class _KernelWindow:
                 return
         else:
             window = [steps[-1]]
+        import torch
+
+        if torch.cuda.is_available():  # the step's kernels run on after it returns
+            torch.cuda.synchronize()
         self.profiler.stop()
         self._wall += time.perf_counter() - self._t0
         if self.timeline and len(self._timelines) < _TIMELINES_KEPT:
@@ -383,8 +393,8 @@ def _kernel_summary(times: dict[str, list[float]], wall_s: float,
 
 
 def _gpu_span_ms(step: dict[str, Any]) -> float:
-    """A finished step's forward on the GPU, from its CUDA events (the step's sample
-    synchronised, so both have completed)."""
+    """A finished step's forward on the GPU, from its CUDA events (``report`` and the kernel
+    window synchronise first: a step's tokens are read only during the next step)."""
     start, end = step["_gpu_events"]
     return start.elapsed_time(end)
 

@@ -23,13 +23,17 @@ import torch
 from .adapter_cache import ResidentAdapter
 from .errors import AdapterLoadError, AdapterNotFoundError
 
-CopyFn = Callable[[ResidentAdapter], "torch.cuda.Event | None"]
+CopyFn = Callable[[ResidentAdapter, "torch.cuda.Event | None"], "torch.cuda.Event | None"]
 
 
 class AdapterCopier:
-    """Runs ``copy(resident)`` for submitted adapters, on a helper thread when ``background``.
+    """Runs ``copy(resident, after)`` for submitted adapters, on a helper thread when
+    ``background``.
 
-    ``copy`` returns the event the compute stream must wait for (or None). A copy that fails
+    ``copy`` returns the event the compute stream must wait for (or None); ``after`` is the
+    event of the last step launched before the copy was submitted: pages freed while that step
+    ran may still be written by it (the engine builds a step while the one before runs), so a
+    copy into them waits for it on the GPU. A copy that fails
     because the adapter's file cannot be read reports ``on_failure(name, reason)``; one whose
     adapter was unloaded meanwhile is dropped (its pages went back to the pool).
     """
@@ -41,12 +45,13 @@ class AdapterCopier:
         self._in_flight: dict[str, Future] = {}  # adapter name -> its copy, submission order
         self._events: list[torch.cuda.Event] = []
 
-    def submit(self, residents: list[ResidentAdapter]) -> None:
+    def submit(self, residents: list[ResidentAdapter],
+               after: torch.cuda.Event | None = None) -> None:
         for resident in residents:
             if self._worker is None:
-                self._run(resident)
+                self._run(resident, after)
             else:
-                self._in_flight[resident.name] = self._worker.submit(self._run, resident)
+                self._in_flight[resident.name] = self._worker.submit(self._run, resident, after)
 
     def in_flight(self, name: str) -> bool:
         """Whether ``name``'s copy may still be writing its pages (they must not be reused)."""
@@ -65,9 +70,9 @@ class AdapterCopier:
         for event in events:
             torch.cuda.current_stream().wait_event(event)
 
-    def _run(self, resident: ResidentAdapter) -> None:
+    def _run(self, resident: ResidentAdapter, after: torch.cuda.Event | None) -> None:
         try:
-            event = self._copy(resident)
+            event = self._copy(resident, after)
         except AdapterNotFoundError:
             return
         except AdapterLoadError as e:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -119,14 +119,19 @@ class DecodeGraphs:
         return g
 
     @torch.inference_mode()
-    def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> torch.Tensor:
-        """Replay the step for host-side inputs; returns logits ``[batch, vocab]`` (row order of ``ids``)."""
+    def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None,
+            patch_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Replay the step for host-side inputs; returns logits ``[batch, vocab]`` (row order of
+        ``ids``). ``patch_ids`` finishes the graph's token ids on the device (tokens the host has
+        not read yet)."""
         n = ids.shape[0]
         rank = lora.max_rank if lora is not None else 0
         targets = graph_targets(lora.targets) if lora is not None else None
         self._drop_stale_graphs()
         g = self._get((_bucket(n, BATCH_BUCKETS), _bucket(rank, RANK_BUCKETS), targets))
         self._fill(g, ids, attn, lora)
+        if patch_ids is not None:
+            patch_ids(g.ids[:n])
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]

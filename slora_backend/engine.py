@@ -32,7 +32,8 @@ from .output_stream import OutputCallback, OutputStream
 from .page_pool import ADAPTER, KV, PagePool
 from .request import Request, RequestOutput
 from .sampler import Sampler
-from .scheduler import Scheduler
+from .scheduler import ScheduledRequest, Scheduler
+from .step_in_flight import StepInFlight
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Engine:
         self.generated_tokens = 0
         self.finished_requests = 0
         self.steps = 0
+        self._in_flight: StepInFlight | None = None  # launched, its tokens not read yet
         self.registry.restore()
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
             entries = [self.store.get(n) for n in self.store.names()]
@@ -384,7 +386,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._stopping or self._inbox or self._aborts or self.scheduler.has_work()):
+                while not (self._stopping or self._inbox or self._aborts
+                           or self.scheduler.has_work() or self._in_flight is not None):
                     self._wakeup.wait()
                 if self._stopping:
                     break
@@ -393,19 +396,27 @@ class Engine:
             while self._step_lock_waiters:
                 time.sleep(1e-4)
         with self._step_lock:  # a stopped engine leaves nothing behind
+            if self._in_flight is not None:
+                self._in_flight.read()  # (its requests end below, as aborted)
+                self._in_flight = None
             self._drain_inbox()
             for stream in list(self._streams.values()):
                 self._finish(stream.request, "abort")
 
     def step(self) -> list[RequestOutput]:
-        """Admit new work, run one forward over the scheduled batch, emit outputs."""
+        """Admit new work, launch one forward over the scheduled batch, emit the outputs of the
+        step launched before it (``step_in_flight``: the GPU runs one step while the host
+        prepares the next and finishes the last)."""
         with self._step_lock:
             outputs = self._drain_inbox()
+            # Pages freed while the step in flight runs may still be written by it: copies into
+            # free pages wait for it on the GPU.
+            fence = self._in_flight.done if self._in_flight is not None else None
             out = self.scheduler.schedule()  # (a request whose adapter failed to read waits)
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
-            self.copier.submit(self.adapters.take_pending())
+            self.copier.submit(self.adapters.take_pending(), after=fence)
             # The step waits for the copies of the adapters it reads (and is ordered after every
             # copy done so far, whose pages may have changed hands); prefetches run on.
             self.copier.wait({s.request.adapter for s in out.scheduled})
@@ -413,30 +424,42 @@ class Engine:
                 outputs += self._fail_unreadable([*(s.request for s in out.scheduled),
                                                   *self.scheduler.waiting])
                 out.scheduled = [s for s in out.scheduled if not s.request.finished]
-            if not out.scheduled:
-                return outputs
-            residents = {r.adapter: self.adapters.get(r.adapter)
-                         for r in (s.request for s in out.scheduled) if r.adapter is not None}
-            try:
-                logits = self.runner.execute(out.scheduled, residents)
-            except Exception as e:  # a failed step must not strand requests or pages
-                for s in out.scheduled:
-                    outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
-                return outputs
-            self.steps += 1
-            self._prefetch_adapters()  # overlaps the step just launched (on CUDA)
-            sampling = [s for s in out.scheduled if s.samples]
-            tokens = self.sampler.sample(
-                logits, [s.request.request_id for s in sampling], [s.request.params for s in sampling]
-            ) if sampling else []
-            for s in out.scheduled:
-                s.request.num_computed_tokens += s.num_new_tokens
-            now = time.monotonic()
-            for s, token in zip(sampling, tokens):
-                outputs.append(self._append_token(s.request, token, now))
+            launched = self._launch(out.scheduled, outputs) if out.scheduled else None
+            self._prefetch_adapters(fence)  # overlaps the step just launched (on CUDA)
+            if self._in_flight is not None:
+                outputs += self._read_tokens(self._in_flight)
+            self._in_flight = launched
             return [o for o in outputs if o is not None]
 
-    def _prefetch_adapters(self) -> None:
+    def _launch(self, scheduled: list[ScheduledRequest],
+                outputs: list[RequestOutput | None]) -> StepInFlight | None:
+        """Run the forward and sample on the device; the tokens are read by the next step."""
+        residents = {r.adapter: self.adapters.get(r.adapter)
+                     for r in (s.request for s in scheduled) if r.adapter is not None}
+        pending = self._in_flight.pending() if self._in_flight is not None else None
+        sampling = [s.request for s in scheduled if s.samples]
+        try:
+            logits = self.runner.execute(scheduled, residents, pending)
+            tokens = self.sampler.sample_on_device(
+                logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        except Exception as e:  # a failed step must not strand requests or pages
+            for s in scheduled:
+                outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
+            return None
+        self.steps += 1
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        return StepInFlight(sampling, tokens)
+
+    def _read_tokens(self, step: StepInFlight) -> list[RequestOutput | None]:
+        """Append a launched step's tokens (waiting for the GPU to finish it); a request that
+        ended meanwhile (stop, abort, error) drops its row: that row was speculative."""
+        tokens = step.read()
+        now = time.monotonic()
+        return [self._append_token(r, slot, token, now)
+                for r, slot, token in zip(step.requests, step.slots, tokens) if not r.finished]
+
+    def _prefetch_adapters(self, fence: torch.cuda.Event | None) -> None:
         """Copy adapters of the next queued requests into free pages on the side stream."""
         if not self.config.prefetch_adapters:
             return
@@ -447,7 +470,7 @@ class Engine:
                 continue
             if not self.adapters.prefetch(name, keep_free):
                 break
-        self.copier.submit(self.adapters.take_pending())  # a failure: next step's work
+        self.copier.submit(self.adapters.take_pending(), after=fence)  # a failure: next step's work
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
@@ -493,17 +516,20 @@ class Engine:
         """Admit a request for ``name`` only once its adapter is on the GPU or in host memory."""
         return name in self.adapters or self.host_reads.ready(name)
 
-    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput | None:
+    def _append_token(self, request: Request, slot: int, token: int,
+                      now: float) -> RequestOutput | None:
+        """``token`` read for the placeholder at ``output_token_ids[slot]``."""
         if request.first_token_time is None:
             request.first_token_time = now
         params = request.params
         if token in self.eos_ids and not params.ignore_eos:
-            return self._finish(request, "stop")
-        request.output_token_ids.append(token)
+            return self._finish(request, "stop")  # (drops the placeholder)
+        request.output_token_ids[slot] = token
+        request.num_pending_tokens -= 1
         self.generated_tokens += 1
         if self._streams[request.request_id].add_token(token):
             return self._finish(request, "stop", delta_tokens=[token])
-        if len(request.output_token_ids) >= params.max_tokens:
+        if slot + 1 >= params.max_tokens:
             return self._finish(request, "length", delta_tokens=[token])
         return self._emit(request, [token])
 
@@ -514,6 +540,9 @@ class Engine:
         self.scheduler.finish(request, reason)
         self.sampler.forget(request.request_id)
         self.finished_requests += 1
+        # tokens still being sampled for it will not be read: their placeholders go
+        del request.output_token_ids[len(request.output_token_ids) - request.num_pending_tokens:]
+        request.num_pending_tokens = 0
         out = self._emit(request, delta_tokens or [], error)
         with self._inbox_lock:
             del self._streams[request.request_id]

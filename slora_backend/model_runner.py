@@ -7,6 +7,7 @@ weights of newly resident adapters into their pages.
 from __future__ import annotations
 
 from contextlib import nullcontext as _nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,15 @@ from .layout import PoolLayout
 from .lora_tables import LoraTables, SlotTables
 from .models.llama import ForwardContext, LlamaModel
 from .scheduler import ScheduledRequest
+
+
+@dataclass(frozen=True)
+class PendingTokens:
+    """The tokens a launched step sampled, still on the device: a request whose last token is
+    one of them (``Request.num_pending_tokens``) reads it from ``tokens[rows[request_id]]``."""
+
+    tokens: torch.Tensor  # int64 [rows], on the engine's device
+    rows: dict[str, int]
 
 
 class ModelRunner:
@@ -51,7 +61,8 @@ class ModelRunner:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def copy_adapter(self, resident: ResidentAdapter) -> torch.cuda.Event | None:
+    def copy_adapter(self, resident: ResidentAdapter,
+                     after: torch.cuda.Event | None = None) -> torch.cuda.Event | None:
         """Copy the host weights of a newly resident adapter into its pool pages.
 
         The host rows are in page order (``AdapterPlan``), so each page is one plain copy of a
@@ -60,11 +71,14 @@ class ModelRunner:
 
         On CUDA the copy goes on the side stream (it may run on a helper thread, see
         ``AdapterCopier``) and the returned event marks its end: the compute stream must wait
-        for it before it reads those pages or reuses them.
+        for it before it reads those pages or reuses them. ``after``: a compute-stream event
+        the copy must wait for (a step that may still write those pages).
         """
         weights = self.store.weights(resident.name)
         page_fill = self.store.get(resident.name).plan.page_fill
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _nullcontext():
+            if after is not None:
+                self.copy_stream.wait_event(after)
             if self.copy_stream is not None and not weights.is_pinned():
                 # Stage through pinned memory (torch's caching host allocator: a few blocks,
                 # each reused once its copy is done). A copy straight from pageable memory
@@ -86,9 +100,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter]
+        self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter],
+        pending: PendingTokens | None = None,
     ) -> torch.Tensor:
-        """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order."""
+        """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order.
+        ``pending``: the tokens of the step launched before this one, which some of this step's
+        inputs are (copied on the device: the host has not read them yet)."""
         block_tokens = self.layout.block_tokens
         use_graph = (
             self.graphs is not None
@@ -111,11 +128,17 @@ class ModelRunner:
         runs: list[tuple[int, int, int]] = []  # (first token, tokens, slot) per sequence
         slot_of: dict[str, int] = {}
         sample_rows_by_index: dict[int, int] = {}
+        patch_at: list[int] = []  # positions of input_ids still being sampled, and their rows
+        patch_from: list[int] = []
         for i in order:
             s = scheduled[i]
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             input_ids += r.token_slice(start, end)
+            if r.num_pending_tokens and end > r.num_tokens - r.num_pending_tokens:
+                # (only the last token can be pending: one step is in flight at a time)
+                patch_at.append(len(input_ids) - 1)
+                patch_from.append(pending.rows[r.request_id])
             positions += range(start, end)
             kv_slots += [r.block_table[p // block_tokens] * block_tokens + p % block_tokens
                          for p in range(start, end)]
@@ -149,8 +172,18 @@ class ModelRunner:
                                  attn.is_decode, dev) if slot_of else None)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        patch = None
+        if patch_at:
+            at = torch.tensor(patch_at, dtype=torch.int64).to(self.device, non_blocking=True)
+            values = pending.tokens.index_select(
+                0, torch.tensor(patch_from, dtype=torch.int64).to(self.device, non_blocking=True))
+
+            def patch(device_ids: torch.Tensor) -> None:
+                device_ids.index_copy_(0, at, values)
         if use_graph:
-            return self.graphs.run(ids, attn, lora).index_select(0, rows)
+            return self.graphs.run(ids, attn, lora, patch).index_select(0, rows)
+        if patch is not None:
+            patch(ids)
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         return self.model(ids, ctx, rows)
 

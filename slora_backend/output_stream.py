@@ -36,7 +36,7 @@ class OutputStream:
         delta_text = self.detok.delta(final=final)
         out = RequestOutput(
             request_id=r.request_id,
-            token_ids=list(r.output_token_ids),
+            token_ids=r.known_output_ids,
             text=self.detok.text if final else self.detok.text[: self.detok.emitted],
             delta_token_ids=delta_tokens,
             delta_text=delta_text,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from .config import SamplingParams
 
+PENDING = -1  # an output token still being sampled on the device (see Request)
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -21,6 +23,10 @@ class Request:
 
     Invariants: ``num_computed_tokens <= num_tokens``; ``block_table`` holds exactly
     ``ceil(num_computed_tokens / block_tokens)`` pages or more (pages reserved for this step).
+    The last ``num_pending_tokens`` entries of ``output_token_ids`` are placeholders
+    (``PENDING``) for tokens a launched step is still sampling on the device: they count as
+    tokens for scheduling (the next step is built while that one runs), and are filled in - or
+    dropped, when the request ends - once the host reads them.
     """
 
     request_id: str
@@ -35,6 +41,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_pending_tokens: int = 0
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens ``start:end`` of prompt + output, without joining the two lists."""
@@ -44,6 +51,11 @@ class Request:
         if end <= p:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def known_output_ids(self) -> list[int]:
+        """The output tokens the host has read (pending placeholders left out)."""
+        return self.output_token_ids[:len(self.output_token_ids) - self.num_pending_tokens]
 
     @property
     def num_tokens(self) -> int:

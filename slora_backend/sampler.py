@@ -20,11 +20,17 @@ class Sampler:
         self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
     ) -> list[int]:
         """logits: fp32 [rows, vocab]; returns one token id per row."""
+        return self.sample_on_device(logits, request_ids, params).tolist()
+
+    def sample_on_device(
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+    ) -> torch.Tensor:
+        """As ``sample``, but the tokens stay on logits' device (int64 [rows]): no host sync."""
         tokens = torch.argmax(logits, dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         for i in sampled_rows:
             tokens[i] = self._sample_row(logits[i], params[i], self._generator(request_ids[i], params[i]))
-        return tokens.tolist()
+        return tokens
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

@@ -118,6 +118,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if len(request.output_token_ids) >= request.params.max_tokens:
+                i += 1  # its last token is still being sampled: nothing more to compute
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._grow(request, n):
                 victim = self.running.pop()

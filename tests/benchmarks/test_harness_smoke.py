@@ -123,7 +123,7 @@ def test_step_profile_of_a_replay(cache, tmp_path):
     assert report["steps"] == report["decode_steps"] + report["mixed_steps"] > 0
     assert report["mixed_steps"] > 0  # every prompt is prefilled in some step
     assert set(report["phases"]) == {"step", "schedule", "copy_wait", "execute", "prefetch",
-                                     "sample", "execute_cpu", "lora_tables", "lora_ops",
+                                     "sample", "read", "execute_cpu", "lora_tables", "lora_ops",
                                      "attention_ops"}
     # (no graph fill, no GPU span on CPU)
     assert report["triton_compiles"] == [] and len(report["timeline"]) == report["steps"]

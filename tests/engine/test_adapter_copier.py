@@ -1,5 +1,6 @@
 """AdapterCopier: copies run off the caller's thread, in submission order; wait() returns only
-when every submitted copy is done, wait(names) when those are; a copy still in flight keeps its
+when every submitted copy is done, wait(names) when those are; each copy gets the event it was
+submitted after (the step that may still write its pages); a copy still in flight keeps its
 adapter from being evicted; a copy of an unreadable adapter reports it, one of an adapter
 unloaded meanwhile is dropped quietly."""
 
@@ -21,21 +22,22 @@ def test_background_copies_keep_order_and_wait_for_all():
     caller = threading.get_ident()
     done: list[tuple[str, bool]] = []
 
-    def copy(resident: ResidentAdapter) -> None:
+    def copy(resident: ResidentAdapter, after) -> None:
         time.sleep(0.01)
-        done.append((resident.name, threading.get_ident() != caller))
+        done.append((resident.name, threading.get_ident() != caller, after))
 
     copier = AdapterCopier(copy, lambda name, why: None, background=True)
-    copier.submit([ResidentAdapter(f"a{i}", [i]) for i in range(5)])
+    copier.submit([ResidentAdapter(f"a{i}", [i]) for i in range(3)])
+    copier.submit([ResidentAdapter(f"a{i}", [i]) for i in range(3, 5)], after="step 7")
     assert len(done) < 5  # submit() did not wait for the copies
     copier.wait()
-    assert done == [(f"a{i}", True) for i in range(5)]
+    assert done == [(f"a{i}", True, None if i < 3 else "step 7") for i in range(5)]
 
 
 def test_failures_are_reported_and_unloaded_adapters_dropped():
     failures: list[tuple[str, str]] = []
 
-    def copy(resident: ResidentAdapter) -> None:
+    def copy(resident: ResidentAdapter, after) -> None:
         if resident.name == "broken":
             raise AdapterLoadError("adapter 'broken': cannot read weights: truncated")
         if resident.name == "gone":
@@ -53,7 +55,7 @@ def test_wait_for_some_names_leaves_later_copies_running_and_unevictable():
     release = threading.Event()
     done: list[str] = []
 
-    def copy(resident: ResidentAdapter) -> None:
+    def copy(resident: ResidentAdapter, after) -> None:
         if resident.name == "slow":
             release.wait(5)
         done.append(resident.name)

@@ -68,8 +68,8 @@ def engine_logits(engine: Engine, ids: list[int], lora: str | None) -> torch.Ten
     captured = {}
     real = engine.runner.execute
 
-    def spy(scheduled, residents):
-        logits = real(scheduled, residents)
+    def spy(scheduled, residents, pending=None):
+        logits = real(scheduled, residents, pending)
         captured["logits"] = logits[0].clone()
         return logits
 
