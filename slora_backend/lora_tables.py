@@ -138,10 +138,11 @@ class SlotTables:
         ranks = torch.tensor([_module_ranks(e) for _, e in new], dtype=torch.int32)
         scalings = torch.tensor([e.scaling for _, e in new], dtype=torch.float32)
         a, b = torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
-        index = index.to(self.device)
+        # (copies that do not wait for the step in flight: this one is built while it runs)
+        index = index.to(self.device, non_blocking=True)
         for table, values in ((self.a, a), (self.b, b), (self.ranks, ranks),
                               (self.scalings, scalings)):
-            table.index_copy_(0, index, values.to(self.device))
+            table.index_copy_(0, index, values.to(self.device, non_blocking=True))
         for r, _ in new:
             self._placed[self.slot(r)] = r
 
