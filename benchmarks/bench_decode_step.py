@@ -7,8 +7,9 @@ shared/docs/RUNTIME-NOTES.md) that takes ``bound_s = bytes / bandwidth``; the st
 ``step_s / bound_s`` (the issue asks for <= 1.5).
 
 The step is ``engine.step()`` as the engine loop runs it (scheduling, batch metadata, forward,
-sampling), timed with CUDA events after warm-up; a second run without adapters gives the base
-model's step at the same batch for comparison.
+sampling; the next step built while the GPU runs the last), timed back to back with CUDA events
+after warm-up (``timed_steps``); a second run without adapters gives the base model's step at
+the same batch for comparison.
 
 Usage: python -m benchmarks.bench_decode_step --device cuda [--batch 64] [--context 512]
          [--rank 8] [--cache DIR] [--json out.json]
@@ -76,25 +77,36 @@ def profile_steps(engine: Any, steps: int, before_step=lambda i: None) -> dict[s
 
 
 def timed_steps(engine: Any, iters: int, before_step=lambda i: None) -> tuple[list[float], list[float]]:
-    """(GPU-event seconds, wall seconds) of ``iters`` engine steps, each synchronised."""
+    """(GPU seconds, wall seconds) of each of ``iters`` engine steps run back to back, as the
+    engine loop runs them: the engine builds a step while the GPU runs the one before, so a
+    step's time is the time between consecutive steps' ends on the GPU (CUDA events recorded
+    after each ``step()``, no sync in between) - the GPU's time per step when it is the
+    bottleneck, the host's when that is. (Synchronising around each step would time host and
+    GPU one after the other, which the engine does not do.)"""
     import torch
 
     cuda = engine.device.type == "cuda"
-    events, wall = [], []
+    if cuda:
+        torch.cuda.synchronize()
+    marks, walls = [], [time.perf_counter()]
+    engine.step()  # the step whose end opens the first interval
+    if cuda:
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+    walls[0] = time.perf_counter()
     for i in range(iters):
         before_step(i)
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t = time.perf_counter()
         engine.step()
         if cuda:
-            end.record()
-            events.append((start, end))
-            torch.cuda.synchronize()
-        wall.append(time.perf_counter() - t)
-    return ([s.elapsed_time(e) / 1e3 for s, e in events] if events else wall), wall
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        walls.append(time.perf_counter())
+    if cuda:
+        torch.cuda.synchronize()
+    wall = [b - a for a, b in zip(walls, walls[1:])]
+    if not cuda:
+        return wall, wall
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], wall
 
 
 def measure(engine: Any, names: list[str | None], context: int, warmup: int, iters: int,

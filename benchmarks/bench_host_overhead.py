@@ -137,9 +137,13 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
             def timed(engine, iters, before_step=lambda i: None, tag=tag):
                 if before_step.__name__ != "replace_one":  # the decode-only steps
                     return timed_steps(engine, iters, before_step)
-                spent.clear()
-                calls.clear()
-                out = timed_steps(engine, iters, before_step)
+                def counted(i: int) -> None:  # (timed_steps runs one step before the window)
+                    if i == 0:
+                        spent.clear()
+                        calls.clear()
+                    before_step(i)
+
+                out = timed_steps(engine, iters, counted)
                 result[f"{tag}_host_ms_per_step"] = {
                     k: round(v / iters * 1e3, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
                 result[f"{tag}_calls_per_step"] = {k: v / iters for k, v in calls.items()}
