@@ -443,6 +443,10 @@ class Engine:
             tokens = self.sampler.sample_on_device(
                 logits, [r.request_id for r in sampling], [r.params for r in sampling])
         except Exception as e:  # a failed step must not strand requests or pages
+            if self.device.type == "cuda":
+                # (what it launched may still write the pages freed below, and no event of
+                # this step will fence the copies into them)
+                torch.cuda.synchronize(self.device)
             for s in scheduled:
                 outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
             return None
