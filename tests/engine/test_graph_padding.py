@@ -16,6 +16,19 @@ from tests.conftest import make_adapter
 from tests.engine.test_triton_backend import DEVICE, LORAS, PROMPTS, _adapters
 
 
+def _engine(model_dir, root, emulate_graphs: bool) -> Engine:
+    """The Triton path without CUDA graphs, or with graphs replayed eagerly from their padded
+    static inputs (``emulate_graphs``)."""
+    engine = Engine(EngineConfig(base_model=str(model_dir), adapter_root=str(root), device=DEVICE,
+                                 kernel_backend="triton", pool_pages=256, block_tokens=4,
+                                 cuda_graphs=False))
+    if emulate_graphs:
+        r = engine.runner
+        r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
+                                engine.max_model_len, capture=False, slot_tables=r.slot_tables)
+    return engine
+
+
 @pytest.mark.parametrize("adapters", ["mlp_too", "attention_only"])
 def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
     """Batches whose adapters touch only q/k/v/o replay graphs captured without the MLP's LoRA
@@ -28,14 +41,7 @@ def test_padded_graph_inputs_match_eager(adapters, tiny_models, tmp_path):
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     results = []
     for emulate in (False, True):
-        engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
-                                     device=DEVICE, kernel_backend="triton", pool_pages=256,
-                                     block_tokens=4, cuda_graphs=False))
-        if emulate:
-            r = engine.runner
-            r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
-                                    engine.max_model_len, capture=False,
-                                    slot_tables=r.slot_tables)
+        engine = _engine(tiny_models["gqa"], root, emulate)
         results.append([o.token_ids for o in engine.generate(PROMPTS + PROMPTS[:1], params,
                                                              loras + loras[:1])])
         if emulate:
@@ -67,14 +73,8 @@ def test_graphs_follow_widened_slot_tables(tiny_models, tmp_path):
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     results = []
     for emulate in (False, True):
-        engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
-                                     device=DEVICE, kernel_backend="triton", pool_pages=256,
-                                     block_tokens=4, cuda_graphs=False))
+        engine = _engine(tiny_models["gqa"], root, emulate)
         r = engine.runner
-        if emulate:
-            r.graphs = DecodeGraphs(engine.model, r.ops, r.pool, r.kv_shape, 256,
-                                    engine.max_model_len, capture=False,
-                                    slot_tables=r.slot_tables)
         tokens = [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r8", "r8"])]
         assert r.slot_tables.width == 8
         tokens += [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r16", "r8"])]
