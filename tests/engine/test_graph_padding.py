@@ -68,7 +68,8 @@ def test_capture_all_covers_every_adapter_kind(tiny_models, tmp_path):
 
 def test_graphs_follow_widened_slot_tables(tiny_models, tmp_path):
     """A rank larger than any before widens the device LoRA tables into new tensors: the graphs
-    that read the old ones are dropped and captured again, and tokens stay the eager path's."""
+    that read the old ones are dropped and captured again, tokens stay the eager path's, and a
+    batch of smaller ranks reads its columns out of the wider tables unchanged."""
     root = _adapters(tiny_models["gqa"], tmp_path)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     results = []
@@ -79,6 +80,9 @@ def test_graphs_follow_widened_slot_tables(tiny_models, tmp_path):
         assert r.slot_tables.width == 8
         tokens += [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r16", "r8"])]
         assert r.slot_tables.width == 16 and r.slot_tables.version == 1
+        # rank-8 steps now read 8 columns cut from the 16-wide tables (a strided view)
+        again = [o.token_ids for o in engine.generate(PROMPTS[:2], params, ["r8", "r8"])]
+        assert again == tokens[:2]
         if emulate:
             graphs = [g for g in r.graphs._graphs.values() if g.lora is not None]
             assert graphs and all(g.lora.a_offsets.data_ptr() == r.slot_tables.a.data_ptr()
