@@ -119,7 +119,8 @@ class ModelRunner:
         use_graph = (
             self.graphs is not None
             and all(s.num_new_tokens == 1 and s.samples for s in scheduled)
-            and self.graphs.fits(len(scheduled), self._max_rank(scheduled))
+            and self.graphs.fits(len(scheduled), max(
+                (self.store.get(name).rank for name in residents), default=0))
         )
         # A graph replay copies host-built metadata into its own static tensors.
         dev = torch.device("cpu") if use_graph else self.device
@@ -194,10 +195,6 @@ class ModelRunner:
             patch(ids)
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         return self.model(ids, ctx, rows)
-
-    def _max_rank(self, scheduled: list[ScheduledRequest]) -> int:
-        return max((self.store.get(s.request.adapter).rank for s in scheduled
-                    if s.request.adapter is not None), default=0)
 
     def _lora_batch(
         self, slot_of: dict[str, int], token_slots: list[int], runs: list[tuple[int, int, int]],
