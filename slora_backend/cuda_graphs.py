@@ -140,6 +140,8 @@ class DecodeGraphs:
         """Graphs with adapters read the device tables captured with them: once the tables are
         widened into new tensors, those graphs go (and are captured again on use)."""
         if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
+            if self.capture:  # (rare: let a replay still in flight end before its graph goes)
+                torch.cuda.synchronize(self.device)
             self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
             self._tables_version = self.slot_tables.version
 
