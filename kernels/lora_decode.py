@@ -108,6 +108,19 @@ def _bgmv_shrink_kernel(
 
 
 @triton.jit
+def _b_rows(offs_ptr, pool_ptr, rows, live, cols, col_live, VEC: tl.constexpr,
+            ALIGNED: tl.constexpr):
+    """[len(rows), len(cols)]: the B^T rows ``rows`` (offsets at ``offs_ptr``) over the columns
+    ``cols``; dead rows and columns give 0. ALIGNED: every offset is a multiple of VEC, written
+    so the compiler sees it (16-byte loads)."""
+    offs = tl.load(offs_ptr + rows, mask=live, other=0)
+    if ALIGNED:
+        offs = (offs // VEC) * VEC
+    return tl.load(pool_ptr + offs[:, None] + cols[None, :],
+                   mask=live[:, None] & col_live[None, :], other=0.0)
+
+
+@triton.jit
 def _z_times_rows(
     z_row, offs_ptr, pool_ptr, rank, cols, col_live,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
@@ -120,11 +133,7 @@ def _z_times_rows(
     """
     rows = tl.arange(0, BLOCK_R)
     live = rows < rank
-    offs = tl.load(offs_ptr + rows, mask=live, other=0)
-    if ALIGNED:
-        offs = (offs // VEC) * VEC
-    bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
-                 mask=live[:, None] & col_live[None, :], other=0.0)
+    bt = _b_rows(offs_ptr, pool_ptr, rows, live, cols, col_live, VEC, ALIGNED)
     if WAIT_FOR_Z:
         tl.extra.cuda.gdc_wait()
     zv = tl.load(z_row + rows, mask=live, other=0.0).to(tl.float32)
@@ -133,11 +142,7 @@ def _z_times_rows(
         rows = j0 + tl.arange(0, BLOCK_R)
         live = rows < rank
         zv = tl.load(z_row + rows, mask=live, other=0.0).to(tl.float32)
-        offs = tl.load(offs_ptr + rows, mask=live, other=0)
-        if ALIGNED:
-            offs = (offs // VEC) * VEC
-        bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
-                     mask=live[:, None] & col_live[None, :], other=0.0)
+        bt = _b_rows(offs_ptr, pool_ptr, rows, live, cols, col_live, VEC, ALIGNED)
         acc += bt.to(tl.float32) * zv[:, None]
     return tl.sum(acc, axis=0)
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from ._common import cdiv, check_tensor, dot_precision, dot_upcast, next_pow2, pad3, vector_elems
 from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import check_expand, check_segments, check_shrink
-from .lora_decode import _expand_row, _shrink_token
+from .lora_decode import _b_rows, _expand_row, _shrink_token
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -141,11 +141,7 @@ def _z_times_rows_tile(
         live = rows < rank
         zt = tl.load(z_ptr + token[:, None] * stride_zt + rows[None, :],
                      mask=tok_live[:, None] & live[None, :], other=0.0)
-        offs = tl.load(offs_ptr + rows, mask=live, other=0)
-        if ALIGNED:
-            offs = (offs // VEC) * VEC
-        bt = tl.load(pool_ptr + offs[:, None] + cols[None, :],
-                     mask=live[:, None] & col_live[None, :], other=0.0)
+        bt = _b_rows(offs_ptr, pool_ptr, rows, live, cols, col_live, VEC, ALIGNED)
         if UPCAST:
             zt, bt = zt.to(tl.float32), bt.to(tl.float32)
         acc = tl.dot(zt, bt, acc, input_precision=PRECISION)
