@@ -74,8 +74,9 @@ class StreamRouter:
     host). While the engine ran on a thread of the same process this thread held that GIL ~30%
     of the time at one response per token, and an interval of 4 raised the served throughput
     from 0.60x to 0.68-0.74x of the in-process engine's; with the engine in its own process
-    (``EngineProcess``) it was 0.84-0.96x at 1 and 0.90x at 4 (docs/benchmarks.md). Like
-    vLLM's ``--stream-interval``.
+    (``EngineProcess``) it was 0.84-0.96x at 1 and 0.90x at 4, and 0.98-0.99x at 1 once the
+    engine overlapped its host work with the GPU (docs/benchmarks.md). Like vLLM's
+    ``--stream-interval``.
     """
 
     CANCEL_POLL_S = 0.1
