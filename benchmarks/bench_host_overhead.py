@@ -2,8 +2,9 @@
 
 Three measurements, no syncs inside the timed loops (host time, not GPU time):
 
-- ``--launches``: host microseconds per call of small torch ops, the LoRA launchers and a bare
-  Triton launch of the segment kernel (Llama-2-7B qkv shapes, batch 256, rank 8);
+- ``--launches``: host microseconds per call of small torch ops, the LoRA launchers, and two
+  kernels launched through Triton's ``JITFunction`` and through ``CachedLaunch`` (Llama-2-7B
+  qkv shapes, batch 256, rank 8);
 - ``--mixed-step B P``: host milliseconds per step spent in each op of the forward (and in
   ``execute`` / ``model.forward`` around them) over mixed steps - a decode batch of B requests
   over B adapters in which one request is replaced by a new P-token prompt each step - with
@@ -63,12 +64,30 @@ def _add_host_time(owner: Any, attr: str, spent: dict[str, float], part: str,
     setattr(owner, attr, timed)
 
 
+def _captured(module: Any, name: str, call) -> tuple[Any, tuple, tuple, dict]:
+    """(kernel, grid, args, kwargs) of the launch of ``module.name`` that ``call()`` makes."""
+    wrapper, seen = getattr(module, name), []
+
+    class _Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs))
+
+    setattr(module, name, _Spy())
+    try:
+        call()
+    finally:
+        setattr(module, name, wrapper)
+    return (wrapper, *seen[0])
+
+
 def launches() -> dict[str, float]:
+    """Host us per call. Each kernel twice more: its launch through Triton's ``JITFunction``
+    (``kernel[grid]``) and through ``CachedLaunch`` (what the launchers use)."""
     import torch
     import torch.nn.functional as F
-    from slora_kernels._common import dot_precision, dot_upcast, pad3, vector_elems
+    from slora_kernels import lora_prefill, norm_rope
     from slora_kernels.lora_decode import lora_shrink_decode
-    from slora_kernels.lora_prefill import _sgmv_shrink_kernel, lora_shrink_prefill
+    from slora_kernels.lora_prefill import lora_shrink_prefill
     from slora_kernels.norm_rope import rms_norm
 
     from . import bench_kernels as bk
@@ -81,13 +100,7 @@ def launches() -> dict[str, float]:
     seg = (slots, torch.ones_like(slots), slots)
     w = torch.randn(bk.H, device=dev, dtype=dt)
     small_w, small_x = torch.randn(64, bk.H, device=dev, dtype=dt), x[:8]
-    z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
-    raw_args = (x, ad.pool, z, *seg, ad.ranks, ad.a_off, bk.H, 8, 1, b, x.stride(0), z.stride(0),
-                z.stride(1), ad.ranks.stride(0), ad.a_off.stride(0), ad.a_off.stride(1),
-                *pad3(mods))
-    raw_kw = dict(VEC=vector_elems(dt), PRECISION=dot_precision(dt), UPCAST=dot_upcast(dt),
-                  BLOCK_G=128, BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, num_warps=4, num_stages=3)
-    return {
+    out = {
         "torch.zeros": host_us(lambda: torch.zeros(b, 3, 8, device=dev, dtype=dt)),
         "torch.empty": host_us(lambda: torch.empty(b, 3, 8, device=dev, dtype=dt)),
         "F.linear small": host_us(lambda: F.linear(small_x, small_w)),
@@ -97,9 +110,20 @@ def launches() -> dict[str, float]:
             lambda: lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)),
         "bgmv shrink launcher": host_us(
             lambda: lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)),
-        "sgmv shrink bare kernel[grid]": host_us(
-            lambda: _sgmv_shrink_kernel[(3, b + 16)](*raw_args, **raw_kw)),
     }
+    for tag, module, name, call in (
+        ("sgmv shrink", lora_prefill, "_sgmv_shrink_kernel",
+         lambda: lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)),
+        ("rms_norm", norm_rope, "_rms_norm_kernel", lambda: rms_norm(x, w, 1e-5)),
+    ):
+        out.update(_jit_vs_cached(tag, module, name, call))
+    return out
+
+
+def _jit_vs_cached(tag: str, module: Any, name: str, call) -> dict[str, float]:
+    cached, grid, args, kwargs = _captured(module, name, call)
+    return {f"{tag} JITFunction kernel[grid]": host_us(lambda: cached.kernel[grid](*args, **kwargs)),
+            f"{tag} CachedLaunch kernel[grid]": host_us(lambda: cached[grid](*args, **kwargs))}
 
 
 def mixed_step(batch: int, prompt: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, next_pow2, pad3, pdl_supported, vector_elems
+from ._launch import cached_launch
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
 
@@ -88,6 +89,7 @@ def _shrink_token(
     tl.store(z_row + rows, out.to(z_ptr.dtype.element_ty), mask=rows < max_rank)
 
 
+@cached_launch
 @triton.jit
 def _bgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr,
@@ -165,6 +167,7 @@ def _expand_row(
                    scalings_ptr, slot)
 
 
+@cached_launch
 @triton.jit
 def _bgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, b_offsets_ptr, scalings_ptr,

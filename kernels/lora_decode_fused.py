@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, pad3, vector_elems
+from ._launch import cached_launch
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_fused, check_token_slots
 from .lora_decode import _rows_times_x, _z_times_rows
@@ -57,6 +58,7 @@ def _fused_row(
                        scalings_ptr, slot)
 
 
+@cached_launch
 @triton.jit
 def _bgmv_fused_kernel(
     x_ptr, y_ptr, z_ptr, pool_ptr, token_slots_ptr, ranks_ptr, a_offsets_ptr, b_offsets_ptr,

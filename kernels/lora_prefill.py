@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, check_tensor, dot_precision, dot_upcast, next_pow2, pad3, vector_elems
+from ._launch import cached_launch
 from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import check_expand, check_segments, check_shrink
 from .lora_decode import _b_rows, _expand_row, _shrink_token
@@ -77,6 +78,7 @@ def _segment_adapter(seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module
 _SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["num_segs", "num_decode"],
             do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_shrink_kernel(
@@ -148,6 +150,7 @@ def _z_times_rows_tile(
     return acc
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["num_segs", "num_decode"],
             do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_expand_kernel(

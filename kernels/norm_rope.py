@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2
+from ._launch import cached_launch
 
 _MAX_ROW = 65536  # widest row a single program holds in registers
 
@@ -26,6 +27,7 @@ def _row_warps(block: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+@cached_launch
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, n_cols, eps,
@@ -103,6 +105,7 @@ def add_rms_norm(
 # ---------------------------------------------------------------------------------------------
 
 
+@cached_launch
 @triton.jit
 def _silu_and_mul_kernel(
     gu_ptr, out_ptr, n_cols, stride_gu, stride_out, BLOCK: tl.constexpr,
@@ -159,6 +162,7 @@ def _rotate_heads(
     tl.store(dst + half, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=live)
 
 
+@cached_launch
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,

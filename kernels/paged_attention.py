@@ -32,6 +32,7 @@ from ._common import (
     dot_upcast,
     next_pow2,
 )
+from ._launch import cached_launch
 
 _LOG2E = 1.4426950408889634
 # Running-max start: finite, so a row that sees no key in a split keeps exp2(m - m_new) = 1
@@ -43,6 +44,7 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # ---------------------------------------------------------------------------------------------
 
 
+@cached_launch
 @triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, kv_ptr, kv_slots_ptr,
@@ -111,6 +113,7 @@ def write_kv(
 
 # Arguments that change from step to step are not specialised on (value 1, multiple of 16):
 # each new combination would compile the kernel again in the middle of serving.
+@cached_launch
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, kv_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -186,6 +189,7 @@ def _paged_attention_kernel(
                      out.to(out_ptr.dtype.element_ty), mask=row_live[:, None] & d_live[None, :])
 
 
+@cached_launch
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, num_splits, num_heads, stride_ot, stride_oh,
