@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -66,6 +67,29 @@ def check_tensor(
             f"{name} must have stride 1 in its last dimension, got strides {list(t.stride())}"
         )
     return t
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """A tensor's shape, strides, dtype and device: what a prepared launch was derived from
+    and what each later call's tensor must match (only its data pointer may differ)."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorLayout:
+        return cls(tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def check(self, name: str, t: torch.Tensor) -> None:
+        if (tuple(t.shape) != self.shape or t.stride() != self.strides or t.dtype != self.dtype
+                or t.device != self.device):
+            raise ValueError(
+                f"{name} has shape {list(t.shape)}, strides {list(t.stride())}, {t.dtype} on "
+                f"{t.device}; this launch was prepared for shape {list(self.shape)}, strides "
+                f"{list(self.strides)}, {self.dtype} on {self.device}")
 
 
 def check_modules(modules: Sequence[int], num_modules: int, max_fused: int = 3) -> tuple[int, ...]:

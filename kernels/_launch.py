@@ -118,9 +118,10 @@ def _launchable(compiled: Any) -> bool:
 
 
 def _fast_path_allowed() -> bool:
-    """No debug mode and no launch hooks (a profiler such as proton adds them)."""
+    """CUDA in use (not, e.g., a compile-only run on a machine without it), no debug mode and
+    no launch hooks (a profiler such as proton adds them)."""
     runtime = knobs.runtime
-    return not (runtime.debug or _hooked(runtime.launch_enter_hook)
+    return torch.cuda.is_initialized() and not (runtime.debug or _hooked(runtime.launch_enter_hook)
                 or _hooked(runtime.launch_exit_hook))
 
 

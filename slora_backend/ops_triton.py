@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
-from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.lora_prefill import SgmvExpand, SgmvShrink
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.paged_attention import paged_attention, write_kv
 
@@ -80,19 +80,25 @@ class TritonOps(TorchOps):
     def lora_shrink(
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
     ) -> torch.Tensor:
-        """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero."""
-        split = _mixed_split(lora)
-        if split is not None:
-            return lora_shrink_prefill(
-                x, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
-                lora.a_offsets, modules, lora.max_seg_len, decode_slots=split.token_slots,
-            )
-        if _use_segments(lora, x.shape[0]):
-            return lora_shrink_prefill(
-                x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
-                lora.a_offsets, modules, lora.max_seg_len,
-            )
-        return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, modules)
+        """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero. The
+        result is valid until the next lora_shrink of the same modules in this step."""
+        if lora.is_decode and not _use_segments(lora, x.shape[0]):
+            return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets,
+                                      modules)
+        # A step's segment launches are prepared by its first layer, reused by the others.
+        key = ("shrink", tuple(modules), x.shape)
+        launch = lora.scratch.get(key)
+        if launch is None:
+            split = _mixed_split(lora)
+            if split is not None:
+                launch = SgmvShrink(
+                    x, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
+                    lora.a_offsets, modules, lora.max_seg_len, decode_slots=split.token_slots)
+            else:
+                launch = SgmvShrink(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
+                                    lora.ranks, lora.a_offsets, modules, lora.max_seg_len)
+            lora.scratch[key] = launch
+        return launch(x, pool)
 
     def lora_expand(
         self,
@@ -105,24 +111,26 @@ class TritonOps(TorchOps):
         out_dims: Sequence[int],
     ) -> None:
         """y[:, module columns] += scaling * z @ B^T, in place."""
-        split = _mixed_split(lora)
-        if split is not None:
-            lora_expand_prefill(
-                y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
-                lora.b_offsets, lora.scalings, modules, out_starts, out_dims, lora.max_seg_len,
-                decode_slots=split.token_slots,
-            )
+        if lora.is_decode and not _use_segments(lora, y.shape[0]):
+            lora_expand_decode(y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets,
+                               lora.scalings, modules, out_starts, out_dims)
             return
-        if _use_segments(lora, y.shape[0]):
-            lora_expand_prefill(
-                y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
-                lora.b_offsets, lora.scalings, modules, out_starts, out_dims, lora.max_seg_len,
-            )
-            return
-        lora_expand_decode(
-            y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets, lora.scalings, modules,
-            out_starts, out_dims,
-        )
+        key = ("expand", tuple(modules), tuple(out_starts), tuple(out_dims), y.shape)
+        launch = lora.scratch.get(key)
+        if launch is None:
+            split = _mixed_split(lora)
+            if split is not None:
+                launch = SgmvExpand(
+                    y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
+                    lora.b_offsets, lora.scalings, modules, out_starts, out_dims,
+                    lora.max_seg_len, decode_slots=split.token_slots)
+            else:
+                launch = SgmvExpand(
+                    y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
+                    lora.b_offsets, lora.scalings, modules, out_starts, out_dims,
+                    lora.max_seg_len)
+            lora.scratch[key] = launch
+        launch(y, z, pool)
 
     def write_kv(
         self, kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionBatch

@@ -42,6 +42,7 @@ def launch(monkeypatch):
 
     monkeypatch.setattr(JITFunction, "run", triton_run)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
     return CachedLaunch(kernel), compiled
 
