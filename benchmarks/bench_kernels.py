@@ -381,12 +381,12 @@ def bench_lora_mixed_step(decode_rows: int = 250, prompts: int = 8) -> None:
             run(x[d:], y[d:], seg_only, max(lens), None)
 
         cases = {
-            "one launch (engine)": lambda: run(x, y, seg, max(lens), rows),
+            "one launch": lambda: run(x, y, seg, max(lens), rows),
             "one launch, expand BLOCK_N 256": lambda: run(x, y, seg, max(lens), rows,
                                                           {"BLOCK_N": 256}),
             "decode rows only": lambda: run(x[:d], y[:d], none, 1, rows),
             "prompts only": lambda: run(x[d:], y[d:], seg_only, max(lens), None),
-            "two launches (decode kernels + segment kernels)": two_launches,
+            "two launches (engine: decode kernels + segment kernels)": two_launches,
         }
         nbytes = (ad.weight_bytes(list(range(d + prompts)), mods)
                   + (d + p) * (H + 2 * sum(dims)) * 2)
@@ -395,7 +395,7 @@ def bench_lora_mixed_step(decode_rows: int = 250, prompts: int = 8) -> None:
                    f"r8 {name}: {case}", time_us(fn), None, nbytes)
         z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, max(lens),
                                 decode_slots=rows)
-        record("lora_mixed_step", f"{d} + {p} tokens r8 {name}: expand alone (engine)",
+        record("lora_mixed_step", f"{d} + {p} tokens r8 {name}: one launch, expand alone",
                time_us(lambda: lora_expand_prefill(
                    y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods, starts, dims,
                    max(lens), decode_slots=rows)), None, nbytes)

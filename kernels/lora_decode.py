@@ -23,7 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, pad3, pdl_supported, vector_elems
+from ._common import (
+    TensorLayout,
+    cdiv,
+    check_tensor,
+    next_pow2,
+    pad3,
+    pdl_supported,
+    vector_elems,
+)
 from ._launch import cached_launch
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
 from .lora_args import check_expand, check_shrink, check_token_slots
@@ -193,6 +201,113 @@ def _bgmv_expand_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+class BgmvShrink:
+    """``lora_shrink_decode`` prepared once for a step and called once per layer (as
+    ``lora_prefill.SgmvShrink``): ``__call__(x, pool)`` checks that the layer's tensors match
+    the prepared ones and launches. z is this object's buffer (``out``, if given: a
+    [T, len(modules), R] view to write into), overwritten by each call."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        pool: torch.Tensor,
+        token_slots: torch.Tensor,
+        ranks: torch.Tensor,
+        a_offsets: torch.Tensor,
+        modules: Sequence[int],
+        *,
+        out: torch.Tensor | None = None,
+        tiles: dict[str, int] | None = None,
+        pdl: bool | None = None,
+    ) -> None:
+        args = check_shrink(x, pool, ranks, a_offsets, modules)
+        check_token_slots(token_slots, args.num_tokens, x.device)
+        z_shape = (args.num_tokens, len(args.modules), args.max_rank)
+        if out is None:
+            out = torch.empty(z_shape, dtype=x.dtype, device=x.device)
+        check_tensor("out", out, dtypes=(x.dtype,), shape=z_shape, device=x.device,
+                     inner_contiguous=True)
+        self.z = out
+        self._x, self._pool = TensorLayout.of(x), TensorLayout.of(pool)
+        self._grid = None
+        if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
+            out.zero_()  # (no adapter in this batch: no token uses LoRA)
+            return
+        # Two rank rows per program, long K tiles: a decode batch is small, so HBM needs many
+        # programs with loads in flight more than wide ones (a rank-8 batch of 64 tokens gives
+        # 768 programs instead of 192). Sweep on the H200 (docs/benchmarks.md): 2 x 1024 was
+        # within 3% of the best tile at every batch (32/64/128) and rank set, 1.2-1.5x faster
+        # than 8 x 512.
+        cfg = dict(BLOCK_R=min(2, next_pow2(args.max_rank)),
+                   BLOCK_K=min(1024, next_pow2(args.in_dim)), num_warps=4)
+        cfg.update(tiles or {})
+        self._grid = (args.num_tokens, len(args.modules), cdiv(args.max_rank, cfg["BLOCK_R"]))
+        self._args = (
+            token_slots, ranks, a_offsets, args.in_dim, args.max_rank,
+            x.stride(0), out.stride(0), out.stride(1), ranks.stride(0),
+            a_offsets.stride(0), a_offsets.stride(1), *pad3(args.modules),
+        )
+        pdl = pdl_supported(x.device) if pdl is None else pdl
+        self._kwargs = dict(VEC=vector_elems(x.dtype), PDL=pdl, **cfg)
+
+    def __call__(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        self._x.check("x", x)
+        self._pool.check("pool", pool)
+        if self._grid is not None:
+            _bgmv_shrink_kernel[self._grid](x, pool, self.z, *self._args, **self._kwargs)
+        return self.z
+
+
+class BgmvExpand:
+    """``lora_expand_decode`` prepared once for a step and called once per layer:
+    ``__call__(y, z, pool)`` checks that the layer's tensors match the prepared ones and
+    launches."""
+
+    def __init__(
+        self,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        pool: torch.Tensor,
+        token_slots: torch.Tensor,
+        ranks: torch.Tensor,
+        b_offsets: torch.Tensor,
+        scalings: torch.Tensor,
+        modules: Sequence[int],
+        out_starts: Sequence[int],
+        out_dims: Sequence[int],
+        *,
+        tiles: dict[str, int] | None = None,
+        pdl: bool | None = None,
+    ) -> None:
+        args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
+        check_token_slots(token_slots, args.num_tokens, y.device)
+        self._y, self._z, self._pool = TensorLayout.of(y), TensorLayout.of(z), TensorLayout.of(pool)
+        self._grid = None
+        if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
+            return
+        # 4 rank rows x 1024 columns: best or within 2% of it in the H200 sweep at batch 32-128.
+        cfg = dict(BLOCK_R=min(4, next_pow2(args.max_rank)),
+                   BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
+        cfg.update(tiles or {})
+        self._grid = (args.num_tokens, len(args.modules),
+                      cdiv(max(args.out_dims), cfg["BLOCK_N"]))
+        self._args = (
+            token_slots, ranks, b_offsets, scalings,
+            y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
+            b_offsets.stride(0), b_offsets.stride(1),
+            *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
+        )
+        pdl = pdl_supported(y.device) if pdl is None else pdl
+        self._kwargs = dict(VEC=vector_elems(y.dtype), PDL=pdl, launch_pdl=pdl, **cfg)
+
+    def __call__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor) -> None:
+        self._y.check("y", y)
+        self._z.check("z", z)
+        self._pool.check("pool", pool)
+        if self._grid is not None:
+            _bgmv_expand_kernel[self._grid](y, z, pool, *self._args, **self._kwargs)
+
+
 def lora_shrink_decode(
     x: torch.Tensor,
     pool: torch.Tensor,
@@ -211,34 +326,11 @@ def lora_shrink_decode(
     Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
     three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
     num_warps (for benchmark sweeps). ``pdl`` (default: on Hopper and newer) lets the next
-    kernel, ``lora_expand_decode``, launch before this one ends.
+    kernel, ``lora_expand_decode``, launch before this one ends. One call of a fresh
+    ``BgmvShrink``.
     """
-    args = check_shrink(x, pool, ranks, a_offsets, modules)
-    check_token_slots(token_slots, args.num_tokens, x.device)
-    z = torch.empty(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
-                    device=x.device)
-    if args.num_tokens == 0 or args.max_rank == 0:
-        return z.zero_()
-    if ranks.shape[0] == 0:  # no adapter in this batch: no token uses LoRA
-        return z.zero_()
-    # Two rank rows per program, long K tiles: a decode batch is small, so HBM needs many
-    # programs with loads in flight more than wide ones (a rank-8 batch of 64 tokens gives 768
-    # programs instead of 192). Sweep on the H200 (docs/benchmarks.md): 2 x 1024 was within 3%
-    # of the best tile at every batch (32/64/128) and rank set, 1.2-1.5x faster than 8 x 512.
-    cfg = dict(BLOCK_R=min(2, next_pow2(args.max_rank)), BLOCK_K=min(1024, next_pow2(args.in_dim)),
-               num_warps=4)
-    cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), cdiv(args.max_rank, cfg["BLOCK_R"]))
-    pdl = pdl_supported(x.device) if pdl is None else pdl
-    _bgmv_shrink_kernel[grid](
-        x, pool, z, token_slots, ranks, a_offsets,
-        args.in_dim, args.max_rank,
-        x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
-        a_offsets.stride(0), a_offsets.stride(1),
-        *pad3(args.modules),
-        VEC=vector_elems(x.dtype), PDL=pdl, **cfg,
-    )
-    return z
+    return BgmvShrink(x, pool, token_slots, ranks, a_offsets, modules, tiles=tiles,
+                      pdl=pdl)(x, pool)
 
 
 def lora_expand_decode(
@@ -263,22 +355,8 @@ def lora_expand_decode(
     and modules of rank 0 leave y untouched. Accumulates in fp32, rounds once into y.
     ``tiles`` overrides BLOCK_R / BLOCK_N / num_warps. ``pdl`` (default: on Hopper and newer)
     launches this kernel as a programmatic dependent launch of the kernel before it in the
-    stream, which must be the shrink that wrote z or any kernel launched without PDL.
+    stream, which must be the shrink that wrote z or any kernel launched without PDL. One call
+    of a fresh ``BgmvExpand``.
     """
-    args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
-    check_token_slots(token_slots, args.num_tokens, y.device)
-    if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
-        return
-    # 4 rank rows x 1024 columns: best or within 2% of it in the H200 sweep at batch 32-128.
-    cfg = dict(BLOCK_R=min(4, next_pow2(args.max_rank)),
-               BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
-    cfg.update(tiles or {})
-    grid = (args.num_tokens, len(args.modules), cdiv(max(args.out_dims), cfg["BLOCK_N"]))
-    pdl = pdl_supported(y.device) if pdl is None else pdl
-    _bgmv_expand_kernel[grid](
-        y, z, pool, token_slots, ranks, b_offsets, scalings,
-        y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
-        b_offsets.stride(0), b_offsets.stride(1),
-        *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
-        VEC=vector_elems(y.dtype), PDL=pdl, launch_pdl=pdl, **cfg,
-    )
+    BgmvExpand(y, z, pool, token_slots, ranks, b_offsets, scalings, modules, out_starts,
+               out_dims, tiles=tiles, pdl=pdl)(y, z, pool)

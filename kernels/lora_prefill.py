@@ -82,14 +82,15 @@ def _segment_adapter(seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module
 
 # num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
 # variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay). The same
-# holds for the segment tables' alignment: a mixed step passes them from an offset (the
-# prompts' segments follow the decode rows'), 16-byte aligned or not from step to step.
-_SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]
+# holds for the step tables' alignment: a mixed step passes its prompts' segment tables from an
+# offset (they follow the decode rows'), 16-byte aligned or not from step to step, and with no
+# decode rows the decode_slots argument is one of them (seen on the H200 too: 8 compiles).
+_STEP_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr", "decode_slots_ptr"]
 
 
 @cached_launch
 @triton.jit(do_not_specialize=["num_segs", "num_decode"],
-            do_not_specialize_on_alignment=_SEGMENT_TABLES)
+            do_not_specialize_on_alignment=_STEP_TABLES)
 def _sgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     a_offsets_ptr, decode_slots_ptr,
@@ -161,7 +162,7 @@ def _z_times_rows_tile(
 
 @cached_launch
 @triton.jit(do_not_specialize=["num_segs", "num_decode"],
-            do_not_specialize_on_alignment=_SEGMENT_TABLES)
+            do_not_specialize_on_alignment=_STEP_TABLES)
 def _sgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
     b_offsets_ptr, scalings_ptr, decode_slots_ptr,

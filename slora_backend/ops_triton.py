@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_decode import (
+    BgmvExpand,
+    BgmvShrink,
+    lora_expand_decode,
+    lora_shrink_decode,
+)
 from slora_kernels.lora_prefill import SgmvExpand, SgmvShrink
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.paged_attention import paged_attention, write_kv
@@ -36,9 +41,9 @@ def _use_segments(lora: LoraBatch, num_tokens: int) -> bool:
 
 @dataclass(frozen=True)
 class _MixedSplit:
-    """A mixed step cut in two: its decode rows (tokens 0 .. D - 1), one per-token program
-    each, and its prompts' segments, in tiles - one launch for both. Built once per step, used
-    by every layer."""
+    """A mixed step cut in two: its decode rows (tokens 0 .. D - 1), run by the decode
+    (per-token) kernels, and its prompts' segments, by the segment kernels. Built once per
+    step, used by every layer."""
 
     token_slots: torch.Tensor  # the decode rows' slots [D]
     seg_starts: torch.Tensor  # the prompts' segments (absolute token indices)
@@ -50,12 +55,12 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
     """How to run a mixed step's LoRA, or None to run all of it with the segment kernels.
 
     The segment kernels give a one-token segment a whole tile of BLOCK_M rows, and a mixed
-    step of the S1 workload has ~200 of them beside a few prompts: measured on the H200, its
-    sgmv_expand took ~200 us a call (12.5 ms of a 92 ms step). Its decode rows get per-token
-    programs instead - in the same launch as the prompts' tiles (``decode_slots``): a mixed
-    step is bound by the host's launches (~130 LoRA calls), so one launch per call, not one per
-    kind - unless they share adapters as much as a decode batch that takes the segment kernels
-    would."""
+    step of the S1 workload has ~250 of them beside a few prompts. Their decode rows go to the
+    decode kernels instead (two more launches per call) - unless they share adapters as much
+    as a decode batch that takes the segment kernels would. Measured on the H200 (250 rows +
+    1434 prompt tokens, rank 8, ``bench_kernels --only lora_mixed_step``): q/k/v shrink +
+    expand 110 us so, 282 us with the rows as per-token programs inside the segment launch
+    (their narrow column blocks), 1 launch per call being what this replaced."""
     if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
@@ -66,6 +71,41 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
         split = lora.scratch["mixed_split"] = _MixedSplit(
             lora.token_slots[:d], lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
     return split
+
+
+class _MixedShrink:
+    """A mixed step's shrink: the decode rows' by the decode kernel into the first rows of z,
+    the prompts' by the segment kernel."""
+
+    def __init__(self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, split: _MixedSplit,
+                 modules: Sequence[int]) -> None:
+        self.rows = int(split.token_slots.shape[0])
+        self.prompts = SgmvShrink(x, pool, split.seg_starts, split.seg_lens, split.seg_slots,
+                                  lora.ranks, lora.a_offsets, modules, lora.max_seg_len)
+        self.decode = BgmvShrink(x[:self.rows], pool, split.token_slots, lora.ranks,
+                                 lora.a_offsets, modules, out=self.prompts.z[:self.rows])
+
+    def __call__(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        self.decode(x[:self.rows], pool)
+        return self.prompts(x, pool)
+
+
+class _MixedExpand:
+    """A mixed step's expand, split as ``_MixedShrink``."""
+
+    def __init__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, lora: LoraBatch,
+                 split: _MixedSplit, modules: Sequence[int], out_starts: Sequence[int],
+                 out_dims: Sequence[int]) -> None:
+        self.rows = d = int(split.token_slots.shape[0])
+        self.decode = BgmvExpand(y[:d], z[:d], pool, split.token_slots, lora.ranks,
+                                 lora.b_offsets, lora.scalings, modules, out_starts, out_dims)
+        self.prompts = SgmvExpand(y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots,
+                                  lora.ranks, lora.b_offsets, lora.scalings, modules, out_starts,
+                                  out_dims, lora.max_seg_len)
+
+    def __call__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor) -> None:
+        self.decode(y[:self.rows], z[:self.rows], pool)
+        self.prompts(y, z, pool)
 
 
 class TritonOps(TorchOps):
@@ -91,9 +131,7 @@ class TritonOps(TorchOps):
         if launch is None:
             split = _mixed_split(lora)
             if split is not None:
-                launch = SgmvShrink(
-                    x, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
-                    lora.a_offsets, modules, lora.max_seg_len, decode_slots=split.token_slots)
+                launch = _MixedShrink(x, pool, lora, split, modules)
             else:
                 launch = SgmvShrink(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
                                     lora.ranks, lora.a_offsets, modules, lora.max_seg_len)
@@ -120,10 +158,7 @@ class TritonOps(TorchOps):
         if launch is None:
             split = _mixed_split(lora)
             if split is not None:
-                launch = SgmvExpand(
-                    y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots, lora.ranks,
-                    lora.b_offsets, lora.scalings, modules, out_starts, out_dims,
-                    lora.max_seg_len, decode_slots=split.token_slots)
+                launch = _MixedExpand(y, z, pool, lora, split, modules, out_starts, out_dims)
             else:
                 launch = SgmvExpand(
                     y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,

@@ -27,8 +27,13 @@ from slora_kernels.lora_bmm import (
     lora_shrink_bmm,
     lora_shrink_bmm_segments,
 )
-from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
-from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.lora_decode import BgmvShrink, lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_prefill import (
+    SgmvExpand,
+    SgmvShrink,
+    lora_expand_prefill,
+    lora_shrink_prefill,
+)
 from slora_kernels.lora_reference import lora_expand_ref, lora_shrink_ref
 
 from slora_backend import ops_triton
@@ -245,16 +250,23 @@ def test_ops_lora_path_matches_torch(popularity: str, kind: str, num_seqs: int, 
 
 
 def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
-    """TorchOps and TritonOps give the same z and y for q/k/v of a smollm2-shaped layer."""
-    x = torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device)
+    """TorchOps and TritonOps give the same z and y for q/k/v of a smollm2-shaped layer, in two
+    layers of one step: the second layer (new x, y and pool buffer) reuses the launches the
+    first prepared, and the z buffer they return."""
     mods, starts, dims = (0, 1, 2), (0, 192, 256), (192, 64, 64)
-    y0 = torch.randn(x.shape[0], 320, generator=gen).to(device)
+    pools = (pool, torch.randn(pool.shape, generator=gen).to(device) * 0.05)
+    layers = [(torch.randn(lora.token_slots.shape[0], 192, generator=gen).to(device),
+               torch.randn(lora.token_slots.shape[0], 320, generator=gen).to(device), p)
+              for p in pools]
     results = []
     for ops in (TorchOps(), ops_triton.TritonOps()):
-        z = ops.lora_shrink(x, pool, lora, mods)
-        y = y0.clone()
-        ops.lora_expand(y, z, pool, lora, mods, starts, dims)
-        results.append((z, y))
+        out = []
+        for x, y0, layer_pool in layers:
+            z = ops.lora_shrink(x, layer_pool, lora, mods)
+            y = y0.clone()
+            ops.lora_expand(y, z, layer_pool, lora, mods, starts, dims)
+            out += [z.clone(), y]
+        results.append(out)
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
@@ -263,9 +275,9 @@ def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
 def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(decode: str, device) -> None:
     """A mixed step (decode rows first, then prompts; one prompt shares its adapter with a
     decode row, so only the split keeps their segments apart): TritonOps runs the decode rows
-    with per-token programs and the prompts in segment tiles, in one launch - unless the decode
-    rows share adapters as much as a segment-kernel decode batch, or use none - and computes
-    what TorchOps computes."""
+    with the decode kernels and the prompts with the segment kernels - unless the decode rows
+    share adapters as much as a segment-kernel decode batch, or use none - and computes what
+    TorchOps computes."""
     gen = torch.Generator().manual_seed(11)
     adapters = build_adapter_pool(SHAPES["smollm2"], torch.float32,
                                   [adapter_ranks("mixed", a) for a in range(6)], device, gen)
@@ -311,6 +323,28 @@ def test_lora_launchers_reject_bad_arguments(device) -> None:
     with pytest.raises(ValueError, match="max_seg_len"):
         lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, *args,
                             (0,), 0)
+
+
+def test_a_prepared_launch_rejects_tensors_of_another_layout(device) -> None:
+    """A step's prepared launches check each layer's tensors against the first layer's."""
+    adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "prefill", device, 7)
+    pool, tokens = adapters.pool, lora.token_slots.shape[0]
+    x = torch.randn(tokens, 128).half().to(device)
+    seg = (lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks)
+    shrink = SgmvShrink(x, pool, *seg, lora.a_offsets, (0, 1), lora.max_seg_len)
+    z = shrink(x, pool)
+    with pytest.raises(ValueError, match=r"x has shape \[.*; this launch was prepared for"):
+        shrink(x[1:], pool)
+    with pytest.raises(ValueError, match="pool has shape"):
+        shrink(x, pool[:-8])
+    y = torch.zeros(tokens, 256).half().to(device)
+    expand = SgmvExpand(y, z, pool, *seg, lora.b_offsets, lora.scalings, (0, 1), (0, 128),
+                        (128, 128), lora.max_seg_len)
+    with pytest.raises(ValueError, match="y has shape .* torch.float32"):
+        expand(y.float(), z, pool)
+    rows = BgmvShrink(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, (0,))
+    with pytest.raises(ValueError, match="x has shape"):
+        rows(x.t().contiguous().t(), pool)  # same shape, other strides
 
 
 def test_tables_that_passed_are_remembered_and_bad_ones_never_are(device) -> None:
