@@ -47,13 +47,15 @@ class CachedLaunch:
         self._compiled: dict[tuple, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
+        if name == "kernel":  # (not set yet: a copy being built)
+            raise AttributeError(name)
         return getattr(self.kernel, name)
 
-    def __getitem__(self, grid: tuple[int, ...]):
+    def __getitem__(self, grid: Any):
         return lambda *args, **kwargs: self.run(grid, args, kwargs)
 
-    def run(self, grid: tuple[int, ...], args: tuple, kwargs: dict[str, Any]) -> None:
-        full = self.full_args(args, kwargs)
+    def run(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        full = None if callable(grid) else self.full_args(args, kwargs)
         spec = None if full is None else self.spec_key(full, kwargs)
         # Triton compiles per device: the current one's
         key = None if spec is None else (spec, torch.cuda.current_device())

@@ -116,3 +116,11 @@ def test_a_launch_hook_or_a_missing_argument_takes_tritons_path(launch, monkeypa
     monkeypatch.setattr(hook, "calls", [lambda metadata: None])
     cached[(1,)](*_args(x, table), BLOCK=16)
     assert len(compiled) == 3 and len(compiled[0].launches) == 1
+
+
+def test_a_grid_function_takes_tritons_path(launch) -> None:
+    cached, compiled = launch
+    x, table = torch.zeros(64, dtype=torch.float16), torch.zeros(8, dtype=torch.int32)
+    for _ in range(2):
+        cached[lambda meta: (4,)](*_args(x, table), BLOCK=16)
+    assert len(compiled) == 2 and all(c.launches == [] for c in compiled)
