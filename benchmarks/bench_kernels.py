@@ -350,55 +350,41 @@ def bench_lora_prefill(configs: list[int], sweep: bool) -> None:
 
 def bench_lora_mixed_step(decode_rows: int = 250, prompts: int = 8) -> None:
     """A mixed step's LoRA calls (S1, rank 8): ``decode_rows`` decode rows over as many
-    adapters, then ``prompts`` prompts of 8-511 tokens, each its own adapter. The engine's one
-    launch per call (decode rows as per-token programs of the segment kernels) against its
-    parts alone and against two launches (decode kernels for the rows, segment kernels for the
-    prompts), for the q/k/v call and the o call."""
+    adapters, then ``prompts`` prompts of 8-511 tokens, each its own adapter - as the engine
+    runs them (decode kernels for the rows, segment kernels for the prompts, two launches per
+    call) and each part alone, for the q/k/v call and the o call."""
     gen = torch.Generator().manual_seed(2)
     lens = torch.randint(8, PREFILL_LEN, (prompts,), generator=gen).tolist()
     d, p = decode_rows, sum(lens)
     ad = Adapters(d + prompts, (8,), gen)
     i32 = partial(torch.tensor, dtype=torch.int32, device=DEV)
     rows = torch.arange(d, dtype=torch.int32, device=DEV)
-    seg = (i32([d + sum(lens[:i]) for i in range(prompts)]), i32(lens),
+    seg = (i32([sum(lens[:i]) for i in range(prompts)]), i32(lens),
            torch.arange(d, d + prompts, dtype=torch.int32, device=DEV))
-    seg_only = (seg[0] - d, seg[1], seg[2])  # the prompts alone, from token 0
-    none = (i32([]), i32([]), i32([]))
     for name, (mods, starts, dims) in (("qkv", QKV), ("o", ((3,), (0,), (H,)))):
         x = torch.randn(d + p, H, device=DEV, dtype=DT)
         y = torch.randn(d + p, sum(dims), device=DEV, dtype=DT)
 
-        def run(x, y, seg, max_len, decode, tiles_e=None) -> None:
-            z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, max_len,
-                                    decode_slots=decode)
-            lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims, max_len, decode_slots=decode, tiles=tiles_e)
-
-        def two_launches() -> None:
+        def decode_part() -> None:
             z = lora_shrink_decode(x[:d], ad.pool, rows, ad.ranks, ad.a_off, mods)
             lora_expand_decode(y[:d], z, ad.pool, rows, ad.ranks, ad.b_off, ad.scalings, mods,
                                starts, dims)
-            run(x[d:], y[d:], seg_only, max(lens), None)
 
-        cases = {
-            "one launch": lambda: run(x, y, seg, max(lens), rows),
-            "one launch, expand BLOCK_N 256": lambda: run(x, y, seg, max(lens), rows,
-                                                          {"BLOCK_N": 256}),
-            "decode rows only": lambda: run(x[:d], y[:d], none, 1, rows),
-            "prompts only": lambda: run(x[d:], y[d:], seg_only, max(lens), None),
-            "two launches (engine: decode kernels + segment kernels)": two_launches,
-        }
+        def prompt_part() -> None:
+            z = lora_shrink_prefill(x[d:], ad.pool, *seg, ad.ranks, ad.a_off, mods, max(lens))
+            lora_expand_prefill(y[d:], z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
+                                starts, dims, max(lens))
+
+        def both() -> None:
+            decode_part()
+            prompt_part()
+
         nbytes = (ad.weight_bytes(list(range(d + prompts)), mods)
                   + (d + p) * (H + 2 * sum(dims)) * 2)
-        for case, fn in cases.items():
+        for case, fn in (("both (the engine)", both), ("decode rows only", decode_part),
+                         ("prompts only", prompt_part)):
             record("lora_mixed_step", f"{d} decode rows + {p} prompt tokens ({prompts} prompts), "
                    f"r8 {name}: {case}", time_us(fn), None, nbytes)
-        z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, max(lens),
-                                decode_slots=rows)
-        record("lora_mixed_step", f"{d} + {p} tokens r8 {name}: one launch, expand alone",
-               time_us(lambda: lora_expand_prefill(
-                   y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods, starts, dims,
-                   max(lens), decode_slots=rows)), None, nbytes)
 
 
 # ------------------------------------------------------------------ attention

@@ -8,9 +8,8 @@ Tiles are numbered across segments (``_tl_helpers.segment_tile``): a batch of on
 and hundreds of one-token segments (a mixed step) launches about T / BLOCK_M + G tiles per
 module block, not G x max_seg_len / BLOCK_M mostly empty ones.
 Ranks differ per segment; a program's loop stops at its own segment's rank. Tokens outside
-every segment (base model) are not visited: their z rows stay zero and their y rows untouched.
-A mixed step's decode rows (``decode_slots``: tokens 0 .. D - 1, each its own adapter) run in
-the same launch as D extra grid rows of per-token programs, with the decode kernels' bodies.
+every segment (base model) are not visited: their z rows stay zero and their y rows untouched
+(a mixed step's decode rows are the decode kernels' work, ``slora_backend.ops_triton``).
 Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
 """
 
@@ -25,7 +24,6 @@ import triton.language as tl
 from ._common import (
     TensorLayout,
     cdiv,
-    check_tensor,
     dot_precision,
     dot_upcast,
     next_pow2,
@@ -35,7 +33,7 @@ from ._common import (
 from ._launch import cached_launch
 from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import check_expand, check_segments, check_shrink
-from .lora_decode import _b_rows, _expand_row, _shrink_token
+from .lora_decode import _b_rows
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -82,62 +80,50 @@ def _segment_adapter(seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module
 
 # num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
 # variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay). The same
-# holds for the step tables' alignment: a mixed step passes its prompts' segment tables from an
-# offset (they follow the decode rows'), 16-byte aligned or not from step to step, and with no
-# decode rows the decode_slots argument is one of them (seen on the H200 too: 8 compiles).
-_STEP_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr", "decode_slots_ptr"]
+# holds for the segment tables' alignment: a mixed step passes its prompts' segment tables from
+# an offset (they follow the decode rows'), 16-byte aligned or not from step to step.
+_SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]
 
 
 @cached_launch
-@triton.jit(do_not_specialize=["num_segs", "num_decode"],
-            do_not_specialize_on_alignment=_STEP_TABLES)
+@triton.jit(do_not_specialize=["num_segs"], do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_shrink_kernel(
     x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
-    a_offsets_ptr, decode_slots_ptr,
-    in_dim, max_rank, num_rank_blocks, num_segs, num_decode,
+    a_offsets_ptr,
+    in_dim, max_rank, num_rank_blocks, num_segs,
     stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
-    DECODE_BLOCK_K: tl.constexpr,
 ):
     # Module and rank block vary fastest: programs reading the same x tile run together, so
     # the 2nd and 3rd module's reads of it hit L2.
     mi = tl.program_id(0) // num_rank_blocks
     first_row = (tl.program_id(0) % num_rank_blocks) * BLOCK_R
     module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
-    tile = tl.program_id(1)
-    if tile < num_decode:
-        # Decode row ``tile`` (its own adapter): a per-token matrix-vector product, as in the
-        # decode kernels, instead of a BLOCK_M-row tile holding one live token.
-        _shrink_token(x_ptr, pool_ptr, z_ptr, tile, tl.load(decode_slots_ptr + tile), mi, module,
-                      first_row, ranks_ptr, a_offsets_ptr, in_dim, max_rank, stride_x, stride_zt,
-                      stride_zm, stride_rank, stride_off_s, stride_off_m, BLOCK_R,
-                      DECODE_BLOCK_K, VEC)
-    else:
-        seg, first_tok, seg_len, slot, rank = _segment_adapter(
-            seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,
-            tile - num_decode, BLOCK_M, BLOCK_G)
-        # Tiles past the segment's end or the adapter's rank do nothing (z was zero-filled).
-        if (first_tok < seg_len) & (first_row < rank):
-            tok = first_tok + tl.arange(0, BLOCK_M)
-            tok_live = tok < seg_len
-            token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
-            rows = first_row + tl.arange(0, BLOCK_R)
-            live = rows < rank
-            offs = tl.load(a_offsets_ptr + slot * stride_off_s + module * stride_off_m + rows,
-                           mask=live, other=0)
-            if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
-                acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
-                                      in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, True, PRECISION,
-                                      UPCAST)
-            else:
-                acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
-                                      in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, False, PRECISION,
-                                      UPCAST)
-            z_ptrs = z_ptr + token[:, None] * stride_zt + mi * stride_zm + rows[None, :]
-            tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty),
-                     mask=tok_live[:, None] & (rows < max_rank)[None, :])
+    seg, first_tok, seg_len, slot, rank = _segment_adapter(
+        seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,
+        tl.program_id(1), BLOCK_M, BLOCK_G)
+    # Tiles past the segment's end or the adapter's rank do nothing (z was zero-filled).
+    if (first_tok < seg_len) & (first_row < rank):
+        tok = first_tok + tl.arange(0, BLOCK_M)
+        tok_live = tok < seg_len
+        token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
+        rows = first_row + tl.arange(0, BLOCK_R)
+        live = rows < rank
+        offs = tl.load(a_offsets_ptr + slot * stride_off_s + module * stride_off_m + rows,
+                       mask=live, other=0)
+        if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
+            acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
+                                  in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, True, PRECISION,
+                                  UPCAST)
+        else:
+            acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
+                                  in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, False, PRECISION,
+                                  UPCAST)
+        z_ptrs = z_ptr + token[:, None] * stride_zt + mi * stride_zm + rows[None, :]
+        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty),
+                 mask=tok_live[:, None] & (rows < max_rank)[None, :])
 
 
 @triton.jit
@@ -161,12 +147,11 @@ def _z_times_rows_tile(
 
 
 @cached_launch
-@triton.jit(do_not_specialize=["num_segs", "num_decode"],
-            do_not_specialize_on_alignment=_STEP_TABLES)
+@triton.jit(do_not_specialize=["num_segs"], do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_expand_kernel(
     y_ptr, z_ptr, pool_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
-    b_offsets_ptr, scalings_ptr, decode_slots_ptr,
-    num_col_blocks, num_segs, num_decode,
+    b_offsets_ptr, scalings_ptr,
+    num_col_blocks, num_segs,
     stride_y, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2, start0, start1, start2, dim0, dim1, dim2,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr,
@@ -179,42 +164,30 @@ def _sgmv_expand_kernel(
     out_dim = tl.where(mi == 0, dim0, tl.where(mi == 1, dim1, dim2))
     cols = first_col + tl.arange(0, BLOCK_N)
     col_live = cols < out_dim
-    tile = tl.program_id(1)
-    if tile < num_decode:
-        # Decode row ``tile``: a vector-matrix product, as in the decode kernels.
-        slot = tl.load(decode_slots_ptr + tile)
-        rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=slot >= 0, other=0)
-        if (rank > 0) & (first_col < out_dim):
-            z_row = z_ptr + tile.to(tl.int64) * stride_zt + mi * stride_zm
-            offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
-            _expand_row(y_ptr, tile, stride_y, z_row, offs_ptr, pool_ptr, rank, cols, col_live,
-                        mi, start0, start1, start2, scalings_ptr, slot, BLOCK_R, BLOCK_N, VEC,
-                        False)
-    else:
-        seg, first_tok, seg_len, slot, rank = _segment_adapter(
-            seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,
-            tile - num_decode, BLOCK_M, BLOCK_G)
-        if (first_tok < seg_len) & (rank > 0) & (first_col < out_dim):
-            tok = first_tok + tl.arange(0, BLOCK_M)
-            tok_live = tok < seg_len
-            token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
-            offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
-            z_mod = z_ptr + mi * stride_zm
-            if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
-                delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr,
-                                           rank, cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC,
-                                           True, PRECISION, UPCAST)
-            else:
-                delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr,
-                                           rank, cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC,
-                                           False, PRECISION, UPCAST)
-            scale = tl.load(scalings_ptr + slot)
-            out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
-            y_ptrs = y_ptr + token[:, None] * stride_y + out_start + cols[None, :]
-            live = tok_live[:, None] & col_live[None, :]
-            y = tl.load(y_ptrs, mask=live, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty),
-                     mask=live)
+    seg, first_tok, seg_len, slot, rank = _segment_adapter(
+        seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module, num_segs,
+        tl.program_id(1), BLOCK_M, BLOCK_G)
+    if (first_tok < seg_len) & (rank > 0) & (first_col < out_dim):
+        tok = first_tok + tl.arange(0, BLOCK_M)
+        tok_live = tok < seg_len
+        token = (tl.load(seg_starts_ptr + seg) + tok).to(tl.int64)
+        offs_ptr = b_offsets_ptr + slot * stride_off_s + module * stride_off_m
+        z_mod = z_ptr + mi * stride_zm
+        if misaligned_rows(offs_ptr, rank, VEC, BLOCK_R) == 0:
+            delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr,
+                                       rank, cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC,
+                                       True, PRECISION, UPCAST)
+        else:
+            delta = _z_times_rows_tile(z_mod, token, tok_live, stride_zt, offs_ptr, pool_ptr,
+                                       rank, cols, col_live, BLOCK_M, BLOCK_R, BLOCK_N, VEC,
+                                       False, PRECISION, UPCAST)
+        scale = tl.load(scalings_ptr + slot)
+        out_start = tl.where(mi == 0, start0, tl.where(mi == 1, start1, start2))
+        y_ptrs = y_ptr + token[:, None] * stride_y + out_start + cols[None, :]
+        live = tok_live[:, None] & col_live[None, :]
+        y = tl.load(y_ptrs, mask=live, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta * scale).to(y_ptr.dtype.element_ty),
+                 mask=live)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,17 +238,15 @@ class SgmvShrink:
         modules: Sequence[int],
         max_seg_len: int,
         *,
-        decode_slots: torch.Tensor | None = None,
         tiles: dict[str, int] | None = None,
     ) -> None:
         args = check_shrink(x, pool, ranks, a_offsets, modules)
         num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, x.device)
-        num_decode = _check_decode_slots(decode_slots, args.num_tokens, x.device)
         self._x, self._pool = TensorLayout.of(x), TensorLayout.of(pool)
         self.z = torch.zeros(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
                              device=x.device)
         self._grid = None
-        if num_segs + num_decode == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
             return
         block_m, block_r = _tiles(x.dtype, max_seg_len, args.max_rank)
         cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
@@ -284,20 +255,18 @@ class SgmvShrink:
         cfg.update(tiles or {})
         rank_blocks = cdiv(args.max_rank, cfg["BLOCK_R"])
         self._grid = (len(args.modules) * rank_blocks,
-                      num_decode + _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
+                      _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
         z = self.z
         self._args = (
             seg_starts, seg_lens, seg_slots, ranks, a_offsets,
-            decode_slots if num_decode else seg_slots,
-            args.in_dim, args.max_rank, rank_blocks, num_segs, num_decode,
+            args.in_dim, args.max_rank, rank_blocks, num_segs,
             x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             a_offsets.stride(0), a_offsets.stride(1),
             *pad3(args.modules),
         )
         self._kwargs = dict(
             VEC=vector_elems(x.dtype), PRECISION=dot_precision(x.dtype),
-            UPCAST=dot_upcast(x.dtype), BLOCK_G=_BLOCK_G,
-            DECODE_BLOCK_K=_decode_block_k(cfg["BLOCK_R"], args.in_dim), **cfg)
+            UPCAST=dot_upcast(x.dtype), BLOCK_G=_BLOCK_G, **cfg)
 
     def __call__(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         self._x.check("x", x)
@@ -318,38 +287,17 @@ def lora_shrink_prefill(
     modules: Sequence[int],
     max_seg_len: int,
     *,
-    decode_slots: torch.Tensor | None = None,
     tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{g(i), modules[mi]}[j, k]  for i in segment g, j < rank.
 
     x: [T, in_dim]; seg_starts / seg_lens / seg_slots: int32 [G]; max_seg_len >= every seg_len
     (host int, sizes the grid). Returns z: [T, len(modules), R] in x's dtype; rows of tokens in
-    no segment and columns j >= rank are zero. ``decode_slots`` (int32 [D], a mixed step): tokens
-    0 .. D - 1 are decode rows, token i using slot ``decode_slots[i]`` (the segments lie after
-    them); the same launch gives each a per-token product. ``tiles`` overrides BLOCK_M /
-    BLOCK_R / BLOCK_K / num_warps / num_stages (for benchmark sweeps). One call of a fresh
-    ``SgmvShrink``.
+    no segment and columns j >= rank are zero. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_K /
+    num_warps / num_stages (for benchmark sweeps). One call of a fresh ``SgmvShrink``.
     """
     return SgmvShrink(x, pool, seg_starts, seg_lens, seg_slots, ranks, a_offsets, modules,
-                      max_seg_len, decode_slots=decode_slots, tiles=tiles)(x, pool)
-
-
-def _decode_block_k(block_r: int, in_dim: int) -> int:
-    """K tile of a decode row's product: BLOCK_R x K fp32 partial sums stay at 32 per thread
-    (4 warps)."""
-    return max(16, min(4096 // block_r, next_pow2(in_dim)))
-
-
-def _check_decode_slots(decode_slots: torch.Tensor | None, num_tokens: int,
-                        device: torch.device) -> int:
-    if decode_slots is None:
-        return 0
-    check_tensor("decode_slots", decode_slots, dtypes=(torch.int32,), ndim=1, device=device,
-                 contiguous=True)
-    if decode_slots.shape[0] > num_tokens:
-        raise ValueError(f"decode_slots has {decode_slots.shape[0]} entries for {num_tokens} tokens")
-    return int(decode_slots.shape[0])
+                      max_seg_len, tiles=tiles)(x, pool)
 
 
 class SgmvExpand:
@@ -373,15 +321,13 @@ class SgmvExpand:
         out_dims: Sequence[int],
         max_seg_len: int,
         *,
-        decode_slots: torch.Tensor | None = None,
         tiles: dict[str, int] | None = None,
     ) -> None:
         args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
         num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, y.device)
-        num_decode = _check_decode_slots(decode_slots, args.num_tokens, y.device)
         self._y, self._z, self._pool = TensorLayout.of(y), TensorLayout.of(z), TensorLayout.of(pool)
         self._grid = None
-        if num_segs + num_decode == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
             return
         block_m, block_r = _tiles(y.dtype, max_seg_len, args.max_rank)
         cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
@@ -390,11 +336,10 @@ class SgmvExpand:
         cfg.update(tiles or {})
         col_blocks = cdiv(max(args.out_dims), cfg["BLOCK_N"])
         self._grid = (len(args.modules) * col_blocks,
-                      num_decode + _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
+                      _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
         self._args = (
             seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings,
-            decode_slots if num_decode else seg_slots,
-            col_blocks, num_segs, num_decode,
+            col_blocks, num_segs,
             y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             b_offsets.stride(0), b_offsets.stride(1),
             *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
@@ -426,16 +371,14 @@ def lora_expand_prefill(
     out_dims: Sequence[int],
     max_seg_len: int,
     *,
-    decode_slots: torch.Tensor | None = None,
     tiles: dict[str, int] | None = None,
 ) -> None:
     """y[i, out_starts[mi] + n] += scalings[s_g] * sum_{j < rank} z[i, mi, j] * B^T_{s_g, m}[j, n].
 
-    For every token i of segment g (slot s_g), and every decode row i < D of ``decode_slots``
-    (slot decode_slots[i], as in ``lora_shrink_prefill``); other rows of y are untouched.
+    For every token i of segment g (slot s_g); other rows of y are untouched.
     y: [T, total_out] updated in place; z from ``lora_shrink_prefill``. fp32 accumulation, one
     rounding into y. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_N / num_warps / num_stages.
     One call of a fresh ``SgmvExpand``.
     """
     SgmvExpand(y, z, pool, seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings, modules,
-               out_starts, out_dims, max_seg_len, decode_slots=decode_slots, tiles=tiles)(y, z, pool)
+               out_starts, out_dims, max_seg_len, tiles=tiles)(y, z, pool)

@@ -59,8 +59,8 @@ def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
     decode kernels instead (two more launches per call) - unless they share adapters as much
     as a decode batch that takes the segment kernels would. Measured on the H200 (250 rows +
     1434 prompt tokens, rank 8, ``bench_kernels --only lora_mixed_step``): q/k/v shrink +
-    expand 110 us so, 282 us with the rows as per-token programs inside the segment launch
-    (their narrow column blocks), 1 launch per call being what this replaced."""
+    expand 110 us this way, 282 us when the segment launch ran the rows too, as per-token
+    programs of 128 columns (the engine's way while launches were costly on the host)."""
     if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):

@@ -154,10 +154,11 @@ def test_prefill_kernels_on_a_mixed_step(device) -> None:
 
 @pytest.mark.parametrize("rank", [64, "mixed"], ids=lambda r: f"r{r}")
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_segment_kernels_with_decode_rows(dtype_name: str, rank: int | str, device) -> None:
-    """``decode_slots``: the decode rows of a mixed step (distinct adapters, one shared with a
-    prompt, base rows between) get per-token programs in the same launch as the prompts'
-    segment tiles; z and y equal the reference over the whole batch."""
+def test_ops_split_a_mixed_step_in_every_dtype(dtype_name: str, rank: int | str, device) -> None:
+    """A mixed step (decode rows of distinct adapters, one shared with a prompt, base rows
+    between; then prompts): TritonOps runs the rows on the decode kernels into z's and y's
+    first rows and the prompts on the segment kernels; z and y equal the reference over the
+    whole batch, in two layers of the step (the second reuses the first's launches)."""
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(21)
     adapters = build_adapter_pool(SHAPES["llama2"], dtype,
@@ -165,30 +166,21 @@ def test_segment_kernels_with_decode_rows(dtype_name: str, rank: int | str, devi
     rows = [3, -1, 0, 5, 5, -1, 7, 2, 6]
     token_slots = rows + [2] * 23 + [-1] * 4 + [4] * 17 + [1] * 3
     lora = lora_batch(token_slots, adapters, False, device, decode_tokens=len(rows))
-    k = lora.decode_segments
-    segs = (lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
-    decode_slots = lora.token_slots[:len(rows)]
+    assert ops_triton._mixed_split(lora) is not None
     mods, starts, dims = (0, 1, 2), (0, 128, 256), (128, 128, 128)
-    x = torch.randn(len(token_slots), 128, generator=gen).to(dtype).to(device)
-    z = lora_shrink_prefill(x, adapters.pool, *segs, lora.ranks, lora.a_offsets, mods,
-                            lora.max_seg_len, decode_slots=decode_slots)
-    z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
-    torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
-    y = torch.randn(x.shape[0], 384, generator=gen).to(dtype).to(device)
-    y_ref = y.clone()
-    lora_expand_prefill(y, z_ref, adapters.pool, *segs, lora.ranks, lora.b_offsets,
-                        lora.scalings, mods, starts, dims, lora.max_seg_len,
-                        decode_slots=decode_slots)
-    lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                    lora.scalings, mods, starts, dims)
-    torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
-    with pytest.raises(ValueError, match="decode_slots has 300 entries for 56 tokens"):
-        lora_shrink_prefill(x, adapters.pool, *segs, lora.ranks, lora.a_offsets, mods,
-                            lora.max_seg_len, decode_slots=decode_slots.repeat(34)[:300])
-    with pytest.raises(ValueError, match="decode_slots has dtype"):
-        lora_expand_prefill(y, z_ref, adapters.pool, *segs, lora.ranks, lora.b_offsets,
-                            lora.scalings, mods, starts, dims, lora.max_seg_len,
-                            decode_slots=decode_slots.long())
+    ops = ops_triton.TritonOps()
+    for _ in range(2):
+        x = torch.randn(len(token_slots), 128, generator=gen).to(dtype).to(device)
+        z = ops.lora_shrink(x, adapters.pool, lora, mods)
+        z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets,
+                                mods)
+        torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
+        y = torch.randn(x.shape[0], 384, generator=gen).to(dtype).to(device)
+        y_ref = y.clone()
+        ops.lora_expand(y, z_ref.clone(), adapters.pool, lora, mods, starts, dims)
+        lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks,
+                        lora.b_offsets, lora.scalings, mods, starts, dims)
+        torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
