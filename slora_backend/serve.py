@@ -485,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     def _on_signal(signum, _frame):
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell without job control starts background commands with it ignored, and
+    # Python then leaves it so - Ctrl-C (or a supervisor's SIGINT) would not stop the server.
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         server.wait_ready(args.ready_timeout)
         print(how_to_call(server, adapter_root), flush=True)

@@ -4,7 +4,9 @@ differ by adapter (and equal the engine's own), lists the adapters, and Ctrl-C s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +69,15 @@ def launcher(tmp_path_factory, adapter_root):
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                _kill_server_group("".join(banner))  # (the launcher could not stop it)
+
+
+def _kill_server_group(banner: str) -> None:
+    """SIGKILL the process group of the tritonserver the launcher's banner names."""
+    found = re.search(r"\(pid (\d+)\)", banner)
+    if found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(found.group(1)), signal.SIGKILL)
 
 
 def _tail(path: Path) -> str:
