@@ -6,12 +6,13 @@ arguments, builds and hashes a key of strings, checks globals): ~30-75 us of hos
 launch on the H200's host, more than the GPU work of most launches in a step that prefills.
 
 ``CachedLaunch`` keys each launch by a tuple that is at least as fine as Triton's own
-specialization key: per tensor its dtype, device and 16-byte alignment (unless the parameter is
-exempt from alignment specialization); per integer whether it is 1, divisible by 16, and fits
-in 32 bits (only the last for ``do_not_specialize`` parameters); constexprs and launch options
-by value. Two launches with equal keys therefore get the same compiled kernel from Triton, so
-the first launch of a key goes through ``kernel[grid]`` (compiling if needed) and later ones
-call the compiled kernel's launcher directly. An argument of any other type, Triton's
+specialization key: per tensor its dtype and 16-byte alignment (unless the parameter is exempt
+from alignment specialization); per integer whether it is 1, divisible by 16, and fits in 32
+bits (only the last for ``do_not_specialize`` parameters); constexprs and launch options by
+value; and the current CUDA device (Triton compiles per device). Two launches with equal keys
+therefore get the same compiled kernel from Triton, so the first launch of a key goes through
+``kernel[grid]`` (compiling if needed) and later ones call the compiled kernel's launcher
+directly. An argument of any other type, Triton's
 interpreter, a debug run or launch hooks (profilers) take Triton's own path every time, and so
 does every launch when ``SLORA_CACHED_LAUNCH=0`` is set before the kernels are imported (for
 A/B measurements, or a Triton release whose compiled-kernel interface differs).

@@ -72,7 +72,7 @@ def _shrink_token(
 ):
     """z[token, mi, rows] for one token whose adapter is in ``slot`` (-1: none), rows
     ``first_row`` .. + BLOCK_R, with 16-byte loads when every row offset allows them. The decode
-    kernel's body, and the mixed-step decode rows' in the segment kernel."""
+    shrink kernel's body."""
     rows = first_row + tl.arange(0, BLOCK_R)
     adapter = slot >= 0
     rank = tl.load(ranks_ptr + slot * stride_rank + module, mask=adapter, other=0)
