@@ -123,6 +123,8 @@ class TritonOps(TorchOps):
         """[T, in] -> [T, len(modules), max_rank]; rows of base-model tokens are zero. The
         result is valid until the next lora_shrink of the same modules in this step."""
         if lora.is_decode and not _use_segments(lora, x.shape[0]):
+            # (not prepared: a decode step replays a CUDA graph; eager ones are the rare steps
+            # no graph fits)
             return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets,
                                       modules)
         # A step's segment launches are prepared by its first layer, reused by the others.
