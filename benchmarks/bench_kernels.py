@@ -35,7 +35,12 @@ from slora_kernels.lora_bmm import (
     lora_shrink_bmm,
     lora_shrink_bmm_segments,
 )
-from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
+from slora_kernels.lora_decode import (
+    BgmvExpand,
+    BgmvShrink,
+    lora_expand_decode,
+    lora_shrink_decode,
+)
 from slora_kernels.lora_decode_fused import lora_decode_fused
 from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
@@ -69,8 +74,8 @@ _FLUSH: list[torch.Tensor] = []
 def time_us(fn: Callable[[], object], reps: int = 25) -> float:
     """Median GPU time of ``fn`` between CUDA events. Before each repetition a 2 GiB write
     flushes L2 and keeps the GPU busy for ~0.5 ms, long enough for Python to enqueue ``fn``
-    behind it, so the number is kernel time, not launch overhead. (CUDA-graph replay would do
-    the same but captured nothing from Triton 3.6 under torch 2.11 on the H200 here.)"""
+    behind it, so the number is kernel time, not launch overhead. Every table and weight the
+    call reads is cold (``bench_lora_decode_layers`` times decode LoRA as a step runs it)."""
     if not _FLUSH:
         _FLUSH.append(torch.empty(1 << 29, dtype=torch.int32, device=DEV))
     fn()  # compile and warm up
@@ -260,6 +265,71 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
         nbytes = ad.weight_bytes([0], mods) + b * (H + 2 * sum(dims)) * 2
         record("lora_decode_identical", f"B={b} r64 qkv, 1 shared adapter", time_us(bgmv), None,
                nbytes, sgmv_us=round(time_us(sgmv), 2))
+
+
+def bench_lora_decode_layers(batches: list[int], sweep: bool, layers: int = 32) -> None:
+    """Decode LoRA as a decode step runs it: the q/k/v shrink + expand of ``layers`` layers
+    back to back in one CUDA graph (the engine replays decode steps as graphs), launches
+    prepared once (``BgmvShrink`` / ``BgmvExpand``, as ``TritonOps`` does per step), each layer
+    with its own pool buffer of adapter weights and the step's tables shared by all layers.
+
+    L2 is flushed before each replay and every layer reads weights no earlier layer read, so
+    the weights come from HBM; the tables (slots, ranks, row offsets: a few hundred KB) are
+    read from HBM by the first layer and from L2 by the rest, as in a real step. The number
+    reported is the replay's time / layers, against the same per-layer bound as
+    ``bench_lora_decode``; the torch column is the gather + bmm baseline captured the same
+    way. ``bench_lora_decode`` times one isolated pair with every table cold."""
+    gen = torch.Generator().manual_seed(5)
+    mods, starts, dims = QKV
+    for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
+        n_layers = max(2, min(layers, int(24e9 // (ad.pool.numel() * 2))))  # <= ~24 GB
+        pools = [ad.pool] + [torch.randn_like(ad.pool) * 0.02 for _ in range(n_layers - 1)]
+
+        def triton_layers(tiles_s=None, tiles_e=None) -> Callable[[], None]:
+            shrink = BgmvShrink(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s)
+            expand = BgmvExpand(y, shrink.z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings,
+                                mods, starts, dims, tiles=tiles_e)
+
+            def run() -> None:
+                for pool in pools:
+                    expand(y, shrink(x, pool), pool)
+            return run
+
+        def torch_layers() -> None:
+            for pool in pools:
+                z = lora_shrink_bmm(x, pool, slots, ad.ranks, ad.a_off, mods)
+                lora_expand_bmm(y, z, pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
+                                starts, dims)
+
+        y0 = y.clone()
+        y.copy_(y0)
+        torch_layers()
+        want = y.clone()
+
+        def replay_us(name: str, run: Callable[[], None]) -> float:
+            """Capture ``run`` (after an eager run that compiles), check that one replay gives
+            the torch baseline's update of y, and time replays."""
+            y.copy_(y0)
+            run()
+            graph = _capture("thread_local mode", run)
+            y.copy_(y0)
+            graph.replay()
+            torch.cuda.synchronize()
+            check(f"decode lora layers b{b} {rank_name} {name}", y - y0, want - y0)
+            return time_us(graph.replay) / n_layers
+
+        nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
+        config = f"B={b} {rank_name} qkv, {b} distinct adapters, {n_layers} layers"
+        record("lora_decode_layers", config, replay_us("triton", triton_layers()),
+               replay_us("torch", torch_layers), nbytes, layers=n_layers)
+        if sweep and rank_name == "r8" and b in (TARGET_B, 256):
+            for ts, te in (({"BLOCK_R": 1, "BLOCK_K": 2048}, None),
+                           ({"BLOCK_R": 4}, None), ({"BLOCK_R": 8, "BLOCK_K": 512}, None),
+                           (None, {"BLOCK_R": 8}), (None, {"BLOCK_N": 512}),
+                           (None, {"BLOCK_N": 2048, "num_warps": 8})):
+                record("sweep_lora_decode_layers", f"{config} shrink {ts} expand {te}",
+                       replay_us(f"{ts} {te}", triton_layers(ts, te)), None, nbytes)
+        del pools, ad
 
 
 def bench_decode_tiles(batches: list[int]) -> None:
@@ -618,6 +688,7 @@ def main() -> None:
         "graph_check": bench_graph_check,
         "lora_mixed_step": bench_lora_mixed_step,
         "decode_tiles": lambda: bench_decode_tiles([32, 64, 128]),
+        "lora_decode_layers": lambda: bench_lora_decode_layers(batches, sweep),
     }
     failed = []
     for name in args.only.split(","):
