@@ -342,7 +342,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server's process group (tritonserver unloads the models, which finalize),
-        then SIGKILL whatever is left after ``timeout``."""
+        then SIGKILL whatever is left after ``timeout``, and wait until every process of the
+        group has exited: the stubs and the engine process hold the GPU's memory until then,
+        and a server or engine started right after would find it taken."""
         p = self.process
         code = None
         if p is not None:
@@ -357,6 +359,7 @@ class TritonServer:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+            wait_group_exit(p.pid, 30.0)
             code = p.returncode
             self.process = None
         if self._tmp is not None:
@@ -378,6 +381,36 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # the group this launcher created with start_new_session
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running. Zombies do not count: they hold no
+    memory, and one whose parent died waits on a reaper that a container may lack."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True  # no /proc to tell zombies apart: alive as far as we can tell
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process exited while we looked
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
+def wait_group_exit(pgid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s until no process of group ``pgid`` runs; whether none does."""
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ from slora_backend.errors import AdapterBusyError, AdapterNotFoundError, Invalid
 from slora_backend.request import RequestOutput
 from slora_backend.serve import (
     SOURCE_REPOSITORY,
+    group_alive,
     read_parameters,
     set_parameters,
+    wait_group_exit,
     write_repository,
 )
 from slora_backend.serving import (
@@ -431,6 +433,29 @@ def test_set_parameters_rewrites_and_appends():
     assert read_parameters(out) == {"a": 'say "hi"', "b": "x", "c": "/p\\q"}
     bare = set_parameters('name: "m"\n', {"k": "v"})
     assert read_parameters(bare) == {"k": "v"}
+
+
+def test_wait_group_exit_waits_for_children_that_outlive_the_leader():
+    """TritonServer.stop waits for the whole process group: after tritonserver exits, its stubs
+    (and the engine process) may run on for a moment holding the GPU's memory."""
+    import signal
+    import subprocess
+
+    leader = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        time.sleep(0.2)  # the child has started
+        leader.kill()
+        leader.wait(5)  # the leader is gone, its child is not
+        assert group_alive(leader.pid)
+        assert not wait_group_exit(leader.pid, 0.2)
+        os.killpg(leader.pid, signal.SIGKILL)
+        assert wait_group_exit(leader.pid, 10.0)  # an unreaped zombie child counts as gone
+        assert not group_alive(leader.pid)
+    finally:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_write_repository(tmp_path):
