@@ -441,9 +441,10 @@ def test_wait_group_exit_waits_for_children_that_outlive_the_leader():
     import signal
     import subprocess
 
-    leader = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    leader = subprocess.Popen(["sh", "-c", "sleep 30 & echo forked; wait"],
+                              start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)  # the child has started
+        assert leader.stdout.readline() == "forked\n"  # the child exists
         leader.kill()
         leader.wait(5)  # the leader is gone, its child is not
         assert group_alive(leader.pid)
@@ -456,6 +457,7 @@ def test_wait_group_exit_waits_for_children_that_outlive_the_leader():
             os.killpg(leader.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        leader.stdout.close()
 
 
 def test_write_repository(tmp_path):
