@@ -37,6 +37,10 @@ class EngineConfig:
     max_model_len: int | None = None
     max_adapters_per_batch: int | None = None  # None: no limit beyond the pool
     host_adapter_bytes: int = 64 * 2**30  # adapter weights kept in host memory before LRU drop
+    # Read every registered adapter into host memory in the background after start-up (and each
+    # one registered later), while host_adapter_bytes has room: a request's first use then needs
+    # no disk read. Off: adapters are read when a request first asks for them.
+    preload_adapters: bool = False
     # Off by default: each pinned allocation (cudaHostAlloc) takes the driver's lock and orders the
     # whole device, so pinning every adapter as it is read stalled a serving engine that reads
     # dozens a second (S1, n=2000, on the H200). Pageable copies block only the engine thread.

@@ -141,6 +141,8 @@ class Engine:
             self.runner.graphs.capture_all([(0, None)] + [(e.rank, e.targets) for e in entries])
         if config.warm_up and self.device.type == "cuda":
             self._warm_up()
+        if config.preload_adapters:
+            self.host_reads.preload(self.store.names())
 
     def _warm_up(self) -> None:
         """Compile the kernels' variants before serving: for the base model and one adapter of
@@ -202,7 +204,10 @@ class Engine:
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
         with self._registry_lock:
-            return self.registry.load(name, path, self._active_counts())
+            info = self.registry.load(name, path, self._active_counts())
+        if self.config.preload_adapters:
+            self.host_reads.preload([name])
+        return info
 
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name`` (refused while requests use it); frees its pool pages."""

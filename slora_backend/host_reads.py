@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from .adapter_store import AdapterStore
@@ -26,6 +28,10 @@ class HostReads:
         self._lock = threading.Lock()
         self._reading: set[str] = set()
         self._failed: dict[str, str] = {}
+        self._preload_queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._preloader: threading.Thread | None = None
+        self._preloads_left = 0  # queued or being read, under _preloads_done's lock
+        self._preloads_done = threading.Condition(self._lock)
 
     def _new_pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(self.workers, thread_name_prefix="slora-adapter-read")
@@ -61,8 +67,68 @@ class HostReads:
             failed, self._failed = self._failed, {}
         return failed
 
+    def preload(self, names: Iterable[str]) -> None:
+        """Read ``names`` into host memory on one background thread, in order, each only if
+        the host budget has room for it: preloads alone never make the store drop an adapter.
+
+        S-LoRA keeps every adapter in host memory; reading them all at registration would make
+        start-up (and each registration) cost the whole set's disk time, so they are read after
+        it, while the engine serves. Requests' own reads (``ready``) run on the pool, not behind
+        this queue; an adapter being preloaded counts as being read for them."""
+        names = list(names)
+        with self._lock:
+            if self._preloader is None:
+                self._preloader = threading.Thread(target=self._preload_loop, daemon=True,
+                                                   name="slora-adapter-preload")
+                self._preloader.start()
+            self._preloads_left += len(names)
+        for name in names:
+            self._preload_queue.put(name)
+
+    def wait_preloads(self, timeout: float | None = None) -> bool:
+        """Wait until every preload asked for so far was read or skipped; whether they were."""
+        with self._preloads_done:
+            return self._preloads_done.wait_for(lambda: self._preloads_left == 0, timeout)
+
+    def _preload_loop(self) -> None:
+        while (name := self._preload_queue.get()) is not None:
+            try:
+                self._preload_one(name)
+            finally:
+                with self._preloads_done:
+                    self._preloads_left -= 1
+                    self._preloads_done.notify_all()
+
+    def _preload_one(self, name: str) -> None:
+        try:
+            entry = self.store.get(name)
+        except AdapterNotFoundError:
+            return  # unloaded since
+        if (entry.weights is not None
+                or self.store.host_bytes + entry.size_bytes > self.store.host_budget_bytes):
+            return
+        with self._lock:
+            if name in self._reading or name in self._failed:
+                return
+            self._reading.add(name)
+        self._read(name)
+
     def shutdown(self) -> None:
-        """Drop queued reads and wait for running ones (a new pool starts threads on first use)."""
+        """Drop queued reads and preloads and wait for running ones (a new pool starts threads
+        on first use; preloads not done are not resumed)."""
+        with self._lock:
+            preloader, self._preloader = self._preloader, None
+        if preloader is not None:
+            while True:  # drop what is queued, then stop the thread after its current read
+                try:
+                    self._preload_queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._preload_queue.put(None)
+            preloader.join()
+            with self._preloads_done:
+                self._preloads_left = 0
+                self._preloads_done.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._new_pool()
         with self._lock:

@@ -97,6 +97,16 @@ def test_time_limit_truncates_and_says_so(cache):
     assert row["requests_planned"] < row["requests_in_trace"]
 
 
+def test_preloaded_adapters_are_in_host_memory_before_the_trace(cache):
+    report = harness.run(harness.normalize(harness.build_parser().parse_args(
+        [*TINY, "--engine-param", "preload_adapters=true", "--cache", str(cache)])),
+        log=lambda *_: None)
+    (row,) = report["results"]
+    assert row["engine_config"]["preload_adapters"] is True
+    # All 20, though the trace's 16 requests use fewer: read before it, not on first use.
+    assert row["requests_in_trace"] < 20 and row["adapters_host"] == 20
+
+
 def test_decode_step_bandwidth_bench(cache):
     result = bench_decode_step.main([
         "--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",

@@ -96,3 +96,46 @@ def test_host_reads_start_once_report_failures_once_and_retry(tmp_path):
         time.sleep(0.01)
     assert list(reads.take_failures()) == ["bad"]  # it was not
     reads.shutdown()
+
+
+def test_preload_reads_in_order_within_the_host_budget(tmp_path):
+    from slora_backend.host_reads import HostReads
+
+    names = [f"a{i}" for i in range(5)]
+    store = AdapterStore(PoolLayout(SPEC, 4), torch.float32, 1 << 30, False)
+    for i, name in enumerate(names):
+        store.register(name, write_random_adapter(tmp_path / name, SPEC, 8, ALL, seed=i))
+    size = store.get("a0").size_bytes
+    store.host_budget_bytes = 3 * size + size // 2  # room for three
+    reads = HostReads(store, workers=2)
+    reads.preload(names)
+    assert reads.wait_preloads(30)
+    assert [n for n in names if store.has_weights(n)] == ["a0", "a1", "a2"]
+    assert store.host_bytes == 3 * size  # nothing was read only to be dropped again
+    assert store.disk_loads == 3
+    # A request's own read is not limited by preloading: the store makes room as usual.
+    assert not reads.ready("a4")
+    reads.preload(["a3"])  # the budget is full again once a4 is in: skipped
+    assert reads.wait_preloads(30)
+    reads.shutdown()
+    assert store.has_weights("a4") and not store.has_weights("a3")
+    assert reads.wait_preloads(0)
+
+
+def test_engine_preloads_registered_adapters(tmp_path, tiny_models):
+    from slora_backend import Engine, EngineConfig, SamplingParams
+    from tests.conftest import make_adapter
+
+    model = tiny_models["gqa"]
+    root = tmp_path / "adapters"
+    paths = {n: make_adapter(model, root / n, 4, ["q_proj", "v_proj"], 8, seed=i)
+             for i, n in enumerate(("x", "y"))}
+    engine = Engine(EngineConfig(base_model=str(model), adapter_root=str(root), device="cpu",
+                                 dtype="float32", pool_pages=256, preload_adapters=True))
+    for name, path in paths.items():
+        engine.load_adapter(name, str(path))
+    assert engine.host_reads.wait_preloads(30)
+    assert engine.store.num_in_host == 2 and engine.store.disk_loads == 2
+    out = engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=4)], ["y"])
+    assert len(out[0].token_ids) == 4
+    assert engine.store.disk_loads == 2  # the request found its adapter in host memory
