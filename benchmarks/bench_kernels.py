@@ -302,7 +302,6 @@ def bench_lora_decode_layers(batches: list[int], sweep: bool, layers: int = 32) 
                                 starts, dims)
 
         y0 = y.clone()
-        y.copy_(y0)
         torch_layers()
         want = y.clone()
 
