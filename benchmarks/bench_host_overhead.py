@@ -1,6 +1,6 @@
 """Host time of the calls a step makes, on the GPU machine: what an eager step pays per launch.
 
-Three measurements, no syncs inside the timed loops (host time, not GPU time):
+Four measurements, no syncs inside the timed loops (host time, not GPU time):
 
 - ``--launches``: host microseconds per call of small torch ops, the LoRA launchers, and two
   kernels launched through Triton's ``JITFunction`` and through ``CachedLaunch`` (Llama-2-7B

@@ -232,7 +232,8 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
                        time_us(lambda: fused_fn(tiles)), None, nbytes)
         if sweep and b == TARGET_B:
             # Defaults: shrink 2 rank rows x 1024, expand 4 rank rows x 1024 columns, 4 warps
-            # (from --only decode_tiles); the first row is the first session's 8 x 512 pair.
+            # (from --only decode_tiles); the first row is the 8 x 512 pair, which gives a rank-8
+            # batch too few programs.
             for ts, te in (({"BLOCK_R": 8, "BLOCK_K": 512}, {"BLOCK_R": 8, "BLOCK_N": 512}),
                            (None, {"BLOCK_R": 8, "BLOCK_N": 512}),
                            (None, {"BLOCK_R": 8, "BLOCK_N": 256}),
