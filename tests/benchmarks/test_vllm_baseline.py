@@ -166,3 +166,41 @@ def test_bad_vllm_flags_fail_before_any_replay():
     with pytest.raises(ValueError, match="--vllm-max-loras"):
         harness.normalize(harness.build_parser().parse_args(
             [*TINY, "--baselines", "e", "--vllm-max-loras", "32,all"]))
+
+
+def test_reports_of_one_trace_merge(report, tmp_path):
+    from benchmarks import report_merge
+
+    data, _ = report
+    engine_part = {**data, "results": data["results"][:2]}
+    vllm_part = {**data, "results": data["results"][2:]}
+    for name, part in (("a.json", engine_part), ("b.json", vllm_part)):
+        (tmp_path / name).write_text(json.dumps(part))
+    merged = report_merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                "--json", str(tmp_path / "m.json")])
+    assert merged["comparisons"] == data["comparisons"]
+    assert merged["markdown"] == data["markdown"]
+    assert [m["systems"] for m in merged["merged_from"]] == [
+        ["slora", "no_lora"], ["vllm_lora", "vllm_lora", "vllm_base"]]
+    other = json.loads(json.dumps(vllm_part))
+    other["workload"]["config"]["num_adapters"] = 21
+    with pytest.raises(ValueError, match="num_adapters differ"):
+        report_merge.merge([engine_part, other])
+
+
+def test_suite_part_runs_vllm_beside_the_engine(cache, tmp_path):
+    from benchmarks import run_slora_suite
+
+    report = run_slora_suite.main([
+        "--part", "vllm_s1_n5", "--out", str(tmp_path), "--cache", str(cache), "--device", "cpu",
+        "--dtype", "float32", "--base-model", "random:tiny-gqa", "--rate", "8",
+        "--time-limit", "1.5", "--duration", "2", "--input-range", "8", "24",
+        "--output-range", "2", "12", f"--harness-arg=--vllm-python={sys.executable}",
+        f"--harness-arg=--vllm-pythonpath={FAKE}"])
+    assert not report["errors"] and not report["skipped"]
+    rows = report["results"]
+    assert [r["system"] for r in rows] == ["slora", "no_lora", "vllm_lora", "vllm_base"]
+    assert rows[2]["vllm_max_loras"] == 5 and rows[2]["vllm_best"] is True  # 32 and n cap at 5
+    (c,) = report["comparisons"].values()
+    assert "slora_over_vllm_lora" in c and "no_lora_over_vllm_base" in c
+    assert "vllm_lora" in (tmp_path / "suite.md").read_text()
