@@ -3,6 +3,8 @@
 A GPU call lasts at most 10 minutes, so S-LoRA and (b) may run in one harness call and (e) in
 the next (``--no-slora --baselines e``). Reports merge only when their trace is the same
 (``workload.config`` equal field by field); each keeps its own run metadata under ``merged_from``.
+vLLM + LoRA rows of several reports (e.g. one ``--vllm-max-loras`` value per GPU call) are
+ranked together: ``vllm_best`` and the "(best)" in the notes are set again over all of them.
 
 Usage: python -m benchmarks.report_merge A.json B.json [...] --json out.json [--markdown out.md]
 """
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .baselines import vllm_peer
 from .harness import comparisons, markdown_table
 
 
@@ -28,6 +31,8 @@ def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"report {k} replays another trace: {', '.join(differ)} differ "
                              f"({[first.get(d) for d in differ]} vs {[other.get(d) for d in differ]})")
     rows = [row for r in reports for row in r["results"]]
+    # The best max_loras is chosen over every report's vLLM + LoRA rows, not within each.
+    vllm_peer.finish_rows([row for row in rows if row["system"].startswith("vllm_")])
     return {
         "meta": reports[0]["meta"],
         "merged_from": [{"meta": r["meta"], "args": r.get("args"),

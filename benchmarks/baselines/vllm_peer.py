@@ -254,11 +254,18 @@ def run(args: argparse.Namespace, workload: Workload, base_model: str,
         result = run_process(args, job, stem, timeout_s, log)
         result.update(system=f"vllm_{run_.mode}", label=label, vllm_engine_args=kw,
                       vllm_max_loras=run_.max_loras)
+        result["replay_note"] = result.get("note")
         results.append(result)
+    finish_rows(results)
+    return results
+
+
+def finish_rows(results: list[dict[str, Any]]) -> None:
+    """Mark the best lora row of ``results`` (rows of one trace, possibly from several harness
+    runs) and write each row's note: vLLM's settings, then what the replay said."""
     mark_best(results)
     for r in results:
-        r["note"] = "; ".join(p for p in (settings_note(r), r.get("note")) if p)
-    return results
+        r["note"] = "; ".join(p for p in (settings_note(r), r.get("replay_note")) if p)
 
 
 def mark_best(results: list[dict[str, Any]]) -> None:

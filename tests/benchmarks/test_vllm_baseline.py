@@ -182,6 +182,12 @@ def test_reports_of_one_trace_merge(report, tmp_path):
     assert merged["markdown"] == data["markdown"]
     assert [m["systems"] for m in merged["merged_from"]] == [
         ["slora", "no_lora"], ["vllm_lora", "vllm_lora", "vllm_base"]]
+    # one max_loras value per report: each was its report's best; merged, only the faster one is
+    lora = data["results"][2:4]
+    parts = [{**data, "results": [{**row, "vllm_best": True}]} for row in lora]
+    merged = report_merge.merge(parts)
+    assert [r["vllm_best"] for r in merged["results"]] == [r["vllm_best"] for r in lora]
+    assert ["(best)" in r["note"] for r in merged["results"]] == [r["vllm_best"] for r in lora]
     other = json.loads(json.dumps(vllm_part))
     other["workload"]["config"]["num_adapters"] = 21
     with pytest.raises(ValueError, match="num_adapters differ"):
