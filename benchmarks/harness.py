@@ -8,6 +8,8 @@ on disk (``benchmarks.adapter_sets``), then replays the same requests into:
 - (b) ``no_lora``: this engine, same requests on the base model (the upper bound);
 - (c) ``bmm``: this engine with ``lora_ops="bmm"``;
 - (d) ``no_unified``: this engine with adapters in a fixed partition (``adapter_pool_pages``);
+- (e) ``vllm_lora`` / ``vllm_base``: vLLM in its own process and environment, with LoRA at each
+  ``--vllm-max-loras`` value and on the base model (``baselines/vllm_peer.py``);
 - ``slora_triton`` (``--triton-url`` or ``--triton-serve``): the same trace through tritonserver
   over gRPC streaming into the ``slora`` ensemble.
 
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set
+from .baselines import vllm_peer
 from .metrics import DEFAULT_SLO_S, markdown_header, markdown_row
 from .step_profile import parse_step_kind
 from .workload import Workload, WorkloadConfig, generate, get_setting
@@ -46,7 +49,7 @@ PAPER_SLORA = {("S1", 5): 8.05, ("S1", 100): 7.99, ("S1", 1000): 7.64, ("S1", 20
                ("S4", 2): 4.49, ("S4", 100): 4.28, ("S4", 1000): 3.96}
 PAPER_PEFT = {("S1", 5): 0.88, ("S1", 100): 0.25, ("S2", 5): 0.74, ("S2", 100): 0.24,
               ("S4", 2): 0.54, ("S4", 100): 0.13}
-BASELINES = ("a", "b", "c", "d")
+BASELINES = ("a", "b", "c", "d", "e")
 
 
 # ---- record keeping ------------------------------------------------------------------------------
@@ -180,6 +183,9 @@ def run_systems(args: argparse.Namespace, workload: Workload, *, adapter_root: P
                                                              base_model, adapter_root, tag, log)))
     if "a" in args.baselines:
         jobs.append(("peft", lambda: run_peft(args, workload, base_model, adapter_root, log)))
+    if "e" in args.baselines:
+        jobs.append(("vllm", lambda: vllm_peer.run(args, workload, base_model, kwargs,
+                                                   adapter_root, log)))
     if args.triton_url or args.triton_serve:
         from .baselines import triton_replay
 
@@ -195,9 +201,10 @@ def run_systems(args: argparse.Namespace, workload: Workload, *, adapter_root: P
             log(f"{tag} {name} failed: {e!r}")
             result = {"system": _SYSTEM_NAMES.get(name, name), "error": repr(e),
                       "traceback": traceback.format_exc()[-3000:], "note": f"failed: {e!r}"[:200]}
-        rows.append(_row(workload, result))
-        if "error" not in result:
-            log("  " + _brief(result))
+        for one in result if isinstance(result, list) else [result]:  # (e) gives several rows
+            rows.append(_row(workload, one))
+            if "error" not in one:
+                log("  " + _brief(one))
     return rows
 
 
@@ -257,6 +264,8 @@ def comparisons(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     keyed: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
+        if r.get("vllm_best") is False:  # vLLM + LoRA is compared at its best max_loras
+            continue
         keyed.setdefault((r["setting"], r["n"], r["alpha"], r["rate"]), {})[r["system"]] = r
     for (setting, n, alpha, rate), systems in keyed.items():
         s = systems.get("slora")
@@ -273,6 +282,7 @@ def comparisons(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 if mine and theirs:
                     ratio = theirs / mine if system == "slora_triton" else mine / theirs
                     c[key + suffix] = round(ratio, 3)
+        c.update(vllm_peer.comparisons(systems))
         if (setting, n) in PAPER_SLORA:  # the paper's figure was at R = 10, alpha = 1
             paper = PAPER_SLORA[(setting, n)]
             c["paper_a100_req_s"] = paper
@@ -301,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
     w.add_argument("--seed", type=int, default=42)
     s = ap.add_argument_group("systems")
-    s.add_argument("--baselines", default="", help="comma list of a,b,c,d")
+    s.add_argument("--baselines", default="", help="comma list of a,b,c,d,e")
     s.add_argument("--no-slora", action="store_true", help="run only the baselines")
     s.add_argument("--time-limit", type=float, default=None,
                    help="seconds per replay (slora, b, d, triton); later requests are not sent")
@@ -335,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--early-abort", action="store_true", help="engine drops hopeless requests")
     e.add_argument("--max-waiting", type=int, default=None)
     e.add_argument("--engine-param", action="append", default=[], metavar="KEY=VALUE")
+    vllm_peer.add_arguments(ap)
     o = ap.add_argument_group("output")
     o.add_argument("--cache", default=str(DEFAULT_CACHE), help="adapter cache directory")
     o.add_argument("--gen-workers", type=int, default=None)
@@ -381,6 +392,8 @@ def normalize(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--baselines: unknown {bad}; choose from {','.join(BASELINES)}")
     if args.slow_baseline_limit == 0:
         args.slow_baseline_limit = None
+    if "e" in args.baselines:  # bad vLLM flags fail before any replay
+        vllm_peer.planned_runs(args, args.n, args.max_num_seqs or 1)
     return args
 
 
@@ -389,7 +402,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     setting = get_setting(args.setting)
     base_model = args.base_model or f"random:{setting.base_shape}"
     needs_adapters = (not args.no_slora or any(b in args.baselines for b in "acd")
-                      or args.triton_serve)
+                      or args.triton_serve or ("e" in args.baselines and "lora" in args.vllm_modes))
     root = None
     if needs_adapters:
         t0 = time.perf_counter()

@@ -13,6 +13,10 @@ ramp-up). Parts:
   paper's ablations (c) bmm and (d) no unified memory, the same trace through tritonserver
   (gRPC streaming; needs ``source .device/setup.sh``), then n = 1000/100/5 at alpha 1 and 0.3.
 - ``triton``: S1 n = 2000 alpha 1 in-process and through tritonserver.
+- ``vllm_s1_n5``, ``vllm_s1_n100``, ``vllm_s1_n2000``, ``vllm_s2_n100``: one trace each with (b)
+  and (e) vLLM (its lora runs and base; pass vLLM's interpreter and site with
+  ``--harness-arg=--vllm-python=...`` and ``--harness-arg=--vllm-pythonpath=...``). S-LoRA, (b)
+  alone: ``--harness-arg=--vllm-modes=...`` narrows (e) to fit a call.
 - ``all``: s1 then s2 (needs about two calls' time).
 - ``smoke``: a tiny CPU version of every kind of job (checks the runner itself).
 
@@ -64,6 +68,8 @@ PARTS: dict[str, list[Job]] = {
     # S2's rows without the slow ablations (c, d and Triton already have rows of their own).
     "s2_matrix": [Job("S2", n, a) for n in (1000, 100, 5) for a in (1.0, 0.3)],
     "triton": [Job("S1", 2000, 1.0, triton=True)],
+    **{f"vllm_{s.lower()}_n{n}": [Job(s, n, 1.0, baselines="b,e")]
+       for s, n in (("S1", 5), ("S1", 100), ("S1", 2000), ("S2", 100))},
     "smoke": [Job("S1", 20, 1.0, baselines="a,b,c,d"), Job("S1", 4, 1.0, decode=True),
               Job("S2", 12, 0.3)],
 }
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-model", default=None, help="default random:<setting's shape>")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--decode-context", type=int, default=512)
+    ap.add_argument("--vllm-overhead-s", type=float, default=150.0,
+                    help="per vLLM process: start, engine build (compile, graphs), warm-up")
     ap.add_argument("--harness-arg", action="append", default=[],
                     help="extra harness flag, e.g. --harness-arg=--max-num-seqs=256")
     return ap
@@ -177,9 +185,19 @@ class Suite:
                 cost += a.slow_baseline_limit + self.overhead_s
             elif b in ("b", "d"):
                 cost += a.time_limit + self.overhead_s
+            elif b == "e":
+                cost += self.vllm_runs(job) * (a.time_limit + a.vllm_overhead_s)
         if job.triton:
             cost += a.time_limit + 120.0  # server start, engine build and kernel compile in it
         return cost
+
+    def vllm_runs(self, job: Job) -> int:
+        from slora_backend import EngineConfig
+
+        from .baselines import vllm_peer
+
+        args = self.harness_args(job, job.n)
+        return len(vllm_peer.planned_runs(args, job.n, args.max_num_seqs or EngineConfig.max_num_seqs))
 
     def run_job(self, job: Job) -> None:
         root, n = self.adapter_root(job.setting, job.n)
