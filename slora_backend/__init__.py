@@ -1,21 +1,35 @@
-"""S-LoRA engine: many LoRA adapters of one base model, batched over one unified page pool."""
+"""S-LoRA engine: many LoRA adapters of one base model, batched over one unified page pool.
 
-from .adapter_registry import AdapterInfo
-from .config import EngineConfig, SamplingParams
-from .engine import Engine, EngineStats
-from .errors import (
-    AdapterBusyError,
-    AdapterExistsError,
-    AdapterLoadError,
-    AdapterNotFoundError,
-    EngineOverloadedError,
-    InvalidRequestError,
-    SLoRAError,
-)
-from .request import RequestOutput
+The names below are imported on first use, so that a process importing only a torch-free part
+of the package (the adapter model's stub, the launcher) does not load torch.
+"""
 
-__all__ = [
-    "AdapterBusyError", "AdapterExistsError", "AdapterInfo", "AdapterLoadError",
-    "AdapterNotFoundError", "Engine", "EngineConfig", "EngineOverloadedError", "EngineStats",
-    "InvalidRequestError", "RequestOutput", "SLoRAError", "SamplingParams",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AdapterInfo": ".adapter_registry",
+    "EngineConfig": ".config", "SamplingParams": ".config",
+    "Engine": ".engine", "EngineStats": ".engine",
+    "AdapterBusyError": ".errors", "AdapterExistsError": ".errors", "AdapterLoadError": ".errors",
+    "AdapterNotFoundError": ".errors", "EngineOverloadedError": ".errors",
+    "InvalidRequestError": ".errors", "SLoRAError": ".errors",
+    "RequestOutput": ".request",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
