@@ -78,7 +78,7 @@ def _kill_engine_mid_stream(client: SLoRAClient, pid: int) -> tuple[SLoRAClientE
 
 def test_a_killed_engine_ends_its_stream_and_is_restarted(server, anyone, admin):
     before = admin.stats()
-    assert before["engine_restarts"] == 0 and before["engine_failed"] is False
+    assert before["engine_restarts"] == 0
     error, seconds = _kill_engine_mid_stream(anyone, before["engine_pid"])
     assert error.code == "INTERNAL" and "the engine process exited (exit code -9)" in error.message
     assert seconds < 10
@@ -108,5 +108,8 @@ def test_a_second_death_leaves_the_model_failed_and_every_call_says_so(server, a
         with pytest.raises(UnavailableError, match="died 2 times and is restarted at most 1 "
                                                    "times .*stays failed until the server restarts"):
             call()
-    # Nothing hangs: the server still answers the ensemble's other step and stops cleanly.
-    assert anyone.is_ready()
+    log = server.log_file
+    assert wait_for(lambda: "stays failed until the server restarts" in log.read_text(errors="replace"),
+                    timeout=10, what="the final failure in the server log")
+    assert "the engine process was restarted" in log.read_text(errors="replace")
+    assert anyone.is_ready()  # Triton's readiness cannot reflect it (docs/serving.md)

@@ -108,9 +108,8 @@ class TritonPythonModel:
     def _engine_health(self) -> dict:
         """The engine process's pid and restarts, for ``stats`` (none when it runs in-process)."""
         if not isinstance(self.engine, serving.EngineSupervisor):
-            return {"engine_pid": None, "engine_restarts": 0, "engine_failed": False}
-        return {"engine_pid": self.engine.pid, "engine_restarts": self.engine.restarts,
-                "engine_failed": self.engine.failed}
+            return {"engine_pid": None, "engine_restarts": 0}
+        return {"engine_pid": self.engine.pid, "engine_restarts": self.engine.restarts}
 
     # ---- metrics --------------------------------------------------------------------------------
 
