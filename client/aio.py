@@ -99,8 +99,10 @@ class AsyncSLoRAClient:
     """
 
     def __init__(self, url: str = "localhost:8001", *, model: str = protocol.GENERATE_MODEL,
-                 adapters_model: str = protocol.ADAPTERS_MODEL, timeout: float | None = None) -> None:
+                 adapters_model: str = protocol.ADAPTERS_MODEL, timeout: float | None = None,
+                 admin_token: str | None = None) -> None:
         self.url = url
+        self.admin_token = admin_token
         self.model = model
         self.adapters_model = adapters_model
         self.timeout = timeout
@@ -124,7 +126,8 @@ class AsyncSLoRAClient:
         return await self.generate(prompt, **kwargs).result()
 
     async def _adapters(self, action: str, **kwargs: Any) -> Any:
-        request = protocol.adapters_request(self.adapters_model, action, **kwargs)
+        request = protocol.adapters_request(self.adapters_model, action,
+                                            admin_token=self.admin_token, **kwargs)
         try:
             response = await self._stub.ModelInfer(request, timeout=self.timeout)
         except grpc.RpcError as e:

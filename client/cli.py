@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("SLORA_URL", "localhost:8001"),
                    help="gRPC address of the server (default localhost:8001, or $SLORA_URL)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    p.add_argument("--admin-token", default=os.environ.get("SLORA_ADMIN_TOKEN") or None,
+                   help="the server's admin token, for adapters load / unload "
+                        "(default $SLORA_ADMIN_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream an answer")
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = SLoRAClient(args.url, timeout=args.timeout)
+    client = SLoRAClient(args.url, timeout=args.timeout, admin_token=args.admin_token)
     try:
         if args.command == "generate":
             generation = client.generate(

@@ -156,8 +156,10 @@ class SLoRAClient:
 
     def __init__(self, url: str = "localhost:8001", *, model: str = protocol.GENERATE_MODEL,
                  adapters_model: str = protocol.ADAPTERS_MODEL, timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 admin_token: str | None = None) -> None:
         self.url = url
+        self.admin_token = admin_token  # sent with every adapter action (servers with a token)
         self.model = model
         self.adapters_model = adapters_model
         self.timeout = timeout
@@ -195,7 +197,8 @@ class SLoRAClient:
     # ---- adapters and introspection --------------------------------------------------------------
 
     def _adapters(self, action: str, **kwargs: Any) -> Any:
-        request = protocol.adapters_request(self.adapters_model, action, **kwargs)
+        request = protocol.adapters_request(self.adapters_model, action,
+                                            admin_token=self.admin_token, **kwargs)
         try:
             response = self._stub.ModelInfer(request, timeout=self.timeout)
         except grpc.RpcError as e:

@@ -74,9 +74,12 @@ def generate_request(
 
 def adapters_request(model: str, action: str, lora_name: str | None = None,
                      lora_path: str | None = None,
-                     request_id: str | None = None) -> service_pb2.ModelInferRequest:
+                     request_id: str | None = None,
+                     admin_token: str | None = None) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(model_name=model)
     _add_input(request, "action", "BYTES", [action])
+    if admin_token:
+        _add_input(request, "admin_token", "BYTES", [admin_token])
     if lora_name:
         _add_input(request, "lora_name", "BYTES", [lora_name])
     if lora_path:

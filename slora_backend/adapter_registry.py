@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .adapter_cache import AdapterCache
-from .adapter_store import AdapterStore, resolve_under_root
+from .adapter_paths import REGISTRY_FILE, resolve_under_root
+from .adapter_store import AdapterStore
 from .errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError
 
-REGISTRY_FILE = "registry.json"
 log = logging.getLogger(__name__)
 
 

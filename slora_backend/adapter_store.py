@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from .adapter_files import DTYPES, LORA_KEY, AdapterFileReader
+from .adapter_paths import CONFIG_FILE
 from .batch import LORA_MODULES, MODULE_INDEX
 from .errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
 from .layout import AdapterPlan, PoolLayout
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
@@ -58,20 +58,6 @@ class AdapterEntry:
     def scaling(self) -> float:
         r = self.rank
         return self.lora_alpha / math.sqrt(r) if self.use_rslora else self.lora_alpha / r
-
-
-def resolve_under_root(root: Path | None, path: str | os.PathLike[str]) -> Path:
-    """The real path of ``path`` (relative to ``root`` unless absolute), refused outside ``root``."""
-    if root is None:
-        raise AdapterLoadError("no adapter_root is configured: adapters can only load from under it")
-    root_real = Path(os.path.realpath(root))
-    candidate = Path(path)
-    if not candidate.is_absolute():
-        candidate = root_real / candidate
-    real = Path(os.path.realpath(candidate))  # resolves '..' and every symlink
-    if real != root_real and root_real not in real.parents:
-        raise AdapterLoadError(f"adapter path {str(path)!r} is outside the adapter root {str(root_real)!r}")
-    return real
 
 
 class AdapterStore:

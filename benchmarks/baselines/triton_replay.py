@@ -161,7 +161,7 @@ def start_server(*, base_model: str, tokenizer: Path, adapter_root: Path, device
                  dtype: str, engine_params: dict[str, str], log_file: Path,
                  ready_timeout_s: float = 600.0) -> Any:
     """A tritonserver on free ports serving ``adapter_root`` (its registry.json is read at start)."""
-    from slora_backend.serve import ServeOptions, TritonServer, free_ports
+    from slora_backend.launcher import ServeOptions, TritonServer, free_ports
 
     http, grpc, metrics = free_ports(3)
     options = ServeOptions(

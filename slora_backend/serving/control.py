@@ -1,22 +1,29 @@
-"""Adapter management and introspection, run in the engine model's process."""
+"""Adapter management and introspection actions: parsed and guarded in the adapter model's
+process (``parse_adapter_action``, ``AdminToken``, ``AdapterNames``), run in the engine model's
+(``ControlHandler``)."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..adapter_registry import REGISTRY_FILE
-from ..adapter_store import CONFIG_FILE, resolve_under_root
+from ..adapter_paths import CONFIG_FILE, REGISTRY_FILE, resolve_under_root
 from ..errors import AdapterLoadError
-from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
+from .errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
-from .router import StreamRouter
+
+if TYPE_CHECKING:
+    from .router import StreamRouter
 
 ADAPTER_ACTIONS = ("list", "load", "unload", "describe", "resolve", "stats", "abort")
+ADMIN_ACTIONS = ("load", "unload", "abort")  # the actions an admin token guards
+ADMIN_TOKEN_ENV = "SLORA_ADMIN_TOKEN"
+ADMIN_TOKEN_INPUT = "admin_token"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,33 @@ def parse_adapter_action(get: TensorGetter) -> ControlRequest:
     if action == "abort" and not request_id:
         raise ServingError(INVALID_ARG, "action 'abort' needs the input 'request_id'")
     return ControlRequest(action, lora_name, lora_path, request_id)
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """The guard of ``ADMIN_ACTIONS``. With a token set, a request naming one of them must carry
+    that token in the input ``admin_token`` and is refused with UNAVAILABLE otherwise (as
+    Triton refuses a restricted API); without one, every action is open. Generation, the
+    ensemble's adapter step and the read-only actions are never guarded. The token comes from
+    the environment of the server (``SLORA_ADMIN_TOKEN``), never from the model repository."""
+
+    token: str | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> AdminToken:
+        return cls(environ.get(ADMIN_TOKEN_ENV) or None)
+
+    def check(self, action: str, get: TensorGetter) -> None:
+        if self.token is None or action not in ADMIN_ACTIONS:
+            return
+        given = get_str(get, ADMIN_TOKEN_INPUT)
+        if not given:
+            raise ServingError(UNAVAILABLE, f"action '{action}' is restricted on this server: "
+                                            f"send the admin token in the input '{ADMIN_TOKEN_INPUT}' "
+                                            "(the request has none)")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise ServingError(UNAVAILABLE, f"action '{action}' is restricted on this server: the "
+                                            f"input '{ADMIN_TOKEN_INPUT}' is not the admin token")
 
 
 class AdapterNames:

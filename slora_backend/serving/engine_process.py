@@ -19,7 +19,8 @@ Wire: one duplex pipe carrying pickled tuples.
 
 Outputs cross as deltas; the parent rebuilds each ``RequestOutput`` with the request's tokens so
 far, so a consumer sees exactly what the in-process engine hands its callbacks. If the child
-dies, every call in flight raises and every request in flight ends with an error output.
+dies, every call in flight raises and every request in flight ends with an error output, then
+``on_exit`` (if given) is called with the reason; ``supervisor.EngineSupervisor`` restarts it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import queue
 import signal
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -42,14 +43,11 @@ from ..engine import Engine, EngineStats
 from ..errors import InvalidRequestError, SLoRAError
 from ..output_stream import OutputCallback
 from ..request import RequestOutput
+from .errors import EngineProcessError
 
 # What the parent may ask of the engine; anything else is refused by the child.
 _METHODS = frozenset({"add_request", "load_adapter", "unload_adapter", "list_adapters",
                       "describe_adapter", "resolve_adapter", "stats"})
-
-
-class EngineProcessError(SLoRAError):
-    """The engine process failed to start, or is gone."""
 
 
 class _WireOutput(NamedTuple):
@@ -90,10 +88,13 @@ class EngineProcess:
     """An ``Engine`` running in a spawned child process; the same calls, answered over a pipe.
 
     ``add_request`` and the adapter calls block until the child answers (raising its error, if
-    any); ``abort`` does not wait. Output callbacks run on this object's reader thread.
+    any); ``abort`` does not wait. Output callbacks run on this object's reader thread, and so
+    does ``on_exit(reason)``, once, when the child dies without being asked to stop.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 on_exit: Callable[[str], None] | None = None) -> None:
+        self._on_exit = on_exit
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         conn, child_conn = ctx.Pipe()
         self._channel = _Channel(conn)
@@ -198,6 +199,7 @@ class EngineProcess:
 
     def _read_loop(self) -> None:
         reason = "the engine process has stopped"
+        died = False
         try:
             while True:
                 message = self._channel.recv()
@@ -217,7 +219,10 @@ class EngineProcess:
         except (EOFError, OSError):
             self._process.join(2)
             reason = f"the engine process exited (exit code {self._process.exitcode})"
+            died = True
         self._end_everything(reason)
+        if died and self._on_exit is not None:
+            self._on_exit(reason)
 
     def _deliver(self, wire: _WireOutput) -> None:
         with self._lock:

@@ -22,6 +22,11 @@ UNSUPPORTED = "UNSUPPORTED"
 ALREADY_EXISTS = "ALREADY_EXISTS"
 ERROR_CODES = (INVALID_ARG, NOT_FOUND, UNAVAILABLE, INTERNAL, CANCELLED, UNSUPPORTED, ALREADY_EXISTS)
 
+
+class EngineProcessError(SLoRAError):
+    """The engine process failed to start, is gone, is restarting, or stays failed."""
+
+
 class ServingError(Exception):
     """An error with the Triton code it should be reported under."""
 
@@ -44,7 +49,7 @@ def error_from_exception(exc: BaseException) -> ServingError:
         return exc
     if isinstance(exc, AdapterNotFoundError):
         return ServingError(NOT_FOUND, str(exc))
-    if isinstance(exc, (AdapterBusyError, EngineOverloadedError)):
+    if isinstance(exc, (AdapterBusyError, EngineOverloadedError, EngineProcessError)):
         return ServingError(UNAVAILABLE, str(exc))
     if isinstance(exc, AdapterExistsError):
         return ServingError(ALREADY_EXISTS, str(exc))

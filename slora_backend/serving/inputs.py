@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import SamplingParams
 from ..errors import InvalidRequestError
 from .errors import INVALID_ARG, ServingError
+
+if TYPE_CHECKING:  # config imports torch; the adapter model reads its inputs here without it
+    from ..config import SamplingParams
 
 TensorGetter = Callable[[str], "np.ndarray | None"]
 
@@ -125,6 +127,8 @@ def parse_generate(get: TensorGetter, max_tokens_limit: int) -> GenerateRequest:
     if seed is not None:
         kwargs["seed"] = seed
     try:
+        from ..config import SamplingParams
+
         params = SamplingParams(**kwargs)
     except (InvalidRequestError, ValueError, TypeError) as e:
         raise ServingError(INVALID_ARG, str(e)) from None

@@ -184,7 +184,7 @@ def test_kernel_trace_of_one_kind_of_step(kind, cache, tmp_path):
 
 
 def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
-    from slora_backend.serve import free_ports
+    from slora_backend.launcher import free_ports
 
     (port,) = free_ports(1)  # nothing listens there
     report = harness.run(harness.normalize(harness.build_parser().parse_args(

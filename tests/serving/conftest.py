@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slora_backend.serve import ServeOptions, TritonServer, free_ports
+from slora_backend.launcher import ServeOptions, TritonServer, free_ports
 from tests.conftest import make_adapter, make_tiny_model
 
 # Adapters for the tiny GQA model: ranks 4..32, different target sets, one rsLoRA.

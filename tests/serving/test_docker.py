@@ -15,7 +15,7 @@ import pytest
 import tomllib
 import yaml
 
-from slora_backend.serve import parse_args
+from slora_backend.launcher import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slora_backend import Engine, EngineConfig, SamplingParams
-from slora_backend.serve import free_ports
+from slora_backend.launcher import free_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

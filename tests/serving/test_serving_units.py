@@ -1,5 +1,5 @@
 """The serving layer without a server: input parsing, the stream router's response and
-cancellation rules, control actions, metrics, config.pbtxt rewriting, settings, the stub's
+cancellation rules, control actions, metrics, the server's process group, the stub's
 environment, and the client's error parsing."""
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from slora_client.errors import CancelledError, NotFoundError, from_message
 
 from slora_backend.config import SamplingParams
 from slora_backend.errors import AdapterBusyError, AdapterNotFoundError, InvalidRequestError
-from slora_backend.request import RequestOutput
-from slora_backend.serve import (
-    SOURCE_REPOSITORY,
-    group_alive,
-    read_parameters,
-    set_parameters,
-    wait_group_exit,
-    write_repository,
+from slora_backend.launcher import group_alive, wait_group_exit
+from slora_backend.launcher.triton_install import (
+    build_backend_dir,
+    find_tritonserver,
+    stub_environment,
+    stub_python_version,
 )
+from slora_backend.request import RequestOutput
 from slora_backend.serving import (
     ControlHandler,
     ControlRequest,
@@ -36,17 +35,10 @@ from slora_backend.serving import (
     error_from_exception,
     parse_adapter_action,
     parse_generate,
-    settings_from_parameters,
 )
 from slora_backend.serving.control import AdapterNames
 from slora_backend.serving.metrics import HIT_RATIO, METRICS
 from slora_backend.serving.router import _coalesce
-from slora_backend.triton_utils import (
-    build_backend_dir,
-    find_tritonserver,
-    stub_environment,
-    stub_python_version,
-)
 
 # ---- inputs -----------------------------------------------------------------------------------
 
@@ -423,16 +415,7 @@ def test_metrics_publisher_counts_growth_and_sets_gauges():
     assert HIT_RATIO not in metrics
 
 
-# ---- launcher: config.pbtxt and settings --------------------------------------------------------------
-
-
-def test_set_parameters_rewrites_and_appends():
-    text = ('name: "m"\nparameters [\n  { key: "a" value { string_value: "1" } },\n'
-            '  { key: "b" value: { string_value: "x" } }\n]\n')
-    out = set_parameters(text, {"a": 'say "hi"', "c": "/p\\q"})
-    assert read_parameters(out) == {"a": 'say "hi"', "b": "x", "c": "/p\\q"}
-    bare = set_parameters('name: "m"\n', {"k": "v"})
-    assert read_parameters(bare) == {"k": "v"}
+# ---- launcher: the server's process group --------------------------------------------------------------
 
 
 def test_wait_group_exit_waits_for_children_that_outlive_the_leader():
@@ -458,42 +441,6 @@ def test_wait_group_exit_waits_for_children_that_outlive_the_leader():
         except ProcessLookupError:
             pass
         leader.stdout.close()
-
-
-def test_write_repository(tmp_path):
-    repo = write_repository(tmp_path / "repo", {"base_model": "/models/x", "device": "cpu"},
-                            {"python_path": "/src"})
-    engine = read_parameters((repo / "slora_engine" / "config.pbtxt").read_text())
-    assert engine["base_model"] == "/models/x" and engine["device"] == "cpu"
-    assert engine["python_path"] == "/src" and engine["adapter_root"] == "demo_adapters"
-    assert read_parameters((repo / "slora_adapters" / "config.pbtxt").read_text())[
-        "python_path"] == "/src"
-    assert (repo / "slora" / "1").is_dir() and (repo / "slora_engine" / "1" / "model.py").is_file()
-    # The committed repository itself is untouched.
-    committed = read_parameters((SOURCE_REPOSITORY / "slora_engine" / "config.pbtxt").read_text())
-    assert committed["base_model"] == "smollm2"
-
-
-def test_settings_from_parameters(tmp_path):
-    s = settings_from_parameters({"base_model": "random:tiny-gqa", "adapter_root": "ad",
-                                  "pool_pages": "64", "max_num_seqs": "", "pin_host_memory": "no",
-                                  "device": "auto", "dtype": "auto", "max_tokens_limit": "50"},
-                                 tmp_path)
-    assert s.engine.base_model == "random:tiny-gqa" and s.engine.pool_pages == 64
-    assert s.engine.adapter_root == str(tmp_path / "ad") and s.engine.pin_host_memory is False
-    assert s.engine.device == "cpu" and s.engine.dtype == "float32"
-    assert s.max_tokens_limit == 50 and s.metrics_interval_s == 0.5 and s.stream_interval == 1
-    assert settings_from_parameters({"base_model": "random:tiny-gqa", "stream_interval": "4"},
-                                    tmp_path).stream_interval == 4
-    for bad, match in (("0", "'stream_interval' must be >= 1, got 0"),
-                       ("four", "'stream_interval': 'four' is not a valid int")):
-        with pytest.raises(ValueError, match=match):
-            settings_from_parameters({"base_model": "random:tiny-gqa", "stream_interval": bad},
-                                     tmp_path)
-    with pytest.raises(ValueError, match="unknown parameters \\['pool_page'\\]"):
-        settings_from_parameters({"base_model": "random:tiny-gqa", "pool_page": "1"}, tmp_path)
-    with pytest.raises(ValueError, match="'pool_pages': 'many' is not a valid int"):
-        settings_from_parameters({"base_model": "random:tiny-gqa", "pool_pages": "many"}, tmp_path)
 
 
 # ---- the stub's environment --------------------------------------------------------------------------

@@ -1,49 +1,31 @@
 """slora_engine: the S-LoRA engine as a decoupled Triton Python-backend model.
 
 ``execute()`` only converts each request into a typed ``GenerateRequest`` and queues it; the
-engine runs in a child process of its own (``serving.EngineProcess``; or on a thread of this
-process with ``engine_process: "false"``), and ``slora_backend.serving.StreamRouter`` sends every
+engine runs in a child process of its own (``serving.EngineProcess``, restarted a bounded number
+of times when it dies: ``serving.EngineSupervisor``; or on a thread of this process with
+``engine_process: false``), and ``slora_backend.serving.StreamRouter`` sends every
 response through the request's response sender from its own thread, polls ``is_cancelled()``
 and aborts cancelled requests in the engine (their pages go back to the pool). Adapter management from
 ``slora_adapters`` arrives on a UNIX socket (``serving.control_channel``), answered on its own
 threads, so adapter loads never stall the intake. ``finalize()`` answers what is in flight and
 stops the engine.
 
-All Triton types stay in this file: the engine and the serving layer see numpy arrays, plain
+Settings come from ``engine.json`` beside this file (``serving.engine_json``). All Triton types
+stay in this file and ``serving.triton_stub``: the engine and the serving layer see numpy arrays, plain
 values and the two small sink classes below.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _parameters(model_config: dict) -> dict[str, str]:
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
-
-
-def _add_import_roots(params: dict[str, str]) -> None:
-    """The launcher names the project checkout when slora_backend is not installed."""
-    for root in reversed([p for p in params.pop("python_path", "").split(os.pathsep) if p]):
-        if root not in sys.path:
-            sys.path.insert(0, root)
-
-
-def _bytes_tensor(name: str, value: str) -> pb_utils.Tensor:
-    return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
-
-
-def _triton_error(error) -> pb_utils.TritonError:
-    code = getattr(pb_utils.TritonError, error.code, pb_utils.TritonError.INTERNAL)
-    return pb_utils.TritonError(error.wire_message(), code)
+from slora_backend import serving
+from slora_backend.serving import triton_stub
 
 
 class _SenderSink:
@@ -55,11 +37,11 @@ class _SenderSink:
     def send(self, payload, error, final: bool) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         if error is not None:
-            response = pb_utils.InferenceResponse(error=_triton_error(error))
+            response = triton_stub.error_response(error)
         else:
             response = pb_utils.InferenceResponse(output_tensors=[
-                _bytes_tensor("text_output", payload.text),
-                _bytes_tensor("finish_reason", payload.finish_reason),
+                triton_stub.bytes_tensor("text_output", payload.text),
+                triton_stub.bytes_tensor("finish_reason", payload.finish_reason),
                 pb_utils.Tensor("num_input_tokens", np.array([payload.num_input_tokens], np.int32)),
                 pb_utils.Tensor("num_output_tokens",
                                 np.array([payload.num_output_tokens], np.int32)),
@@ -70,14 +52,6 @@ class _SenderSink:
         return self.sender.is_cancelled()
 
 
-def _getter(request):
-    def get(name: str):
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        return None if tensor is None else tensor.as_numpy()
-
-    return get
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -85,19 +59,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 "slora_engine must be decoupled: set model_transaction_policy { decoupled: true }"
             )
-        params = _parameters(self.model_config)
-        _add_import_roots(params)
-
-        from slora_backend import serving
-
-        self.serving = serving
-        repository_root = Path(args["model_repository"]).resolve().parent
+        data, base_dir = triton_stub.engine_settings(args)
         try:
-            settings = serving.settings_from_parameters(params, repository_root.parent)
+            settings = serving.settings_from_json(data, base_dir)
         except ValueError as e:
-            raise pb_utils.TritonModelException(f"slora_engine config.pbtxt: {e}") from None
+            raise pb_utils.TritonModelException(f"slora_engine: {e}") from None
         self.logger = pb_utils.Logger
         self.engine = self._start_engine(settings)
+        repository_root = triton_stub.repository_root(args)
         self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
         self._init_metrics(args, settings.metrics_interval_s)
         self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft,
@@ -108,6 +77,7 @@ class TritonPythonModel:
                 "request_errors": self.router.counters.errors,
                 "max_model_len": self.engine.max_model_len,
                 "max_tokens_limit": self.max_tokens_limit,
+                **self._engine_health(),
             })
         self.control_server = serving.control_channel.ControlServer(
             serving.control_channel.channel_path(repository_root), self.control.handle)
@@ -122,8 +92,9 @@ class TritonPythonModel:
     def _start_engine(self, settings):
         if settings.engine_process:
             try:
-                return self.serving.EngineProcess(settings.engine)
-            except self.serving.EngineProcessError as e:
+                return serving.EngineSupervisor(settings.engine, settings.engine_restarts,
+                                                on_event=self._log_engine_event)
+            except serving.EngineProcessError as e:
                 raise pb_utils.TritonModelException(f"slora_engine: {e}") from None
         from slora_backend import Engine
 
@@ -131,10 +102,18 @@ class TritonPythonModel:
         engine.start()
         return engine
 
+    def _log_engine_event(self, message: str) -> None:
+        pb_utils.Logger.log_error(message)
+
+    def _engine_health(self) -> dict:
+        """The engine process's pid and restarts, for ``stats`` (none when it runs in-process)."""
+        if not isinstance(self.engine, serving.EngineSupervisor):
+            return {"engine_pid": None, "engine_restarts": 0}
+        return {"engine_pid": self.engine.pid, "engine_restarts": self.engine.restarts}
+
     # ---- metrics --------------------------------------------------------------------------------
 
     def _init_metrics(self, args: dict, interval_s: float) -> None:
-        serving = self.serving
         labels = {"model": args["model_name"], "version": args["model_version"]}
         kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER}
         # Families stay referenced on self: once a family is collected, its metrics stop working.
@@ -174,11 +153,10 @@ class TritonPythonModel:
     # ---- requests -------------------------------------------------------------------------------
 
     def execute(self, requests):
-        serving = self.serving
         for request in requests:
             arrival = time.monotonic()
             sink = _SenderSink(request.get_response_sender())
-            get = _getter(request)
+            get = triton_stub.input_getter(request)
             try:
                 generate = serving.parse_generate(get, self.max_tokens_limit)
                 self.router.submit(generate, request.request_id(), sink, arrival)

@@ -10,8 +10,8 @@ Two layouts are known:
 
 The stub embeds an interpreter. It must be built for the Python that runs the models, load that
 Python's own ``libpython`` (its ``LIBDIR`` first on ``LD_LIBRARY_PATH``), and find the virtual
-environment's site-packages through the ``python3`` first on ``PATH``. Each of these was a real
-failure before it was set (see RUNTIME-NOTES.md). This module imports neither tritonclient nor
+environment's site-packages through the ``python3`` first on ``PATH``. Without any one of these the
+stub fails to start or imports the wrong packages. This module imports neither tritonclient nor
 the backend utilities: it only finds files and builds environments.
 """
 
@@ -156,15 +156,16 @@ def python_libdir() -> str | None:
     return libdir if libdir and Path(libdir).is_dir() else None
 
 
-def stub_environment(install: TritonInstall, base: dict[str, str] | None = None,
-                     extra_pythonpath: list[Path] | None = None) -> dict[str, str]:
+def stub_environment(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for tritonserver so that the stub embeds *this* Python.
 
     - ``LD_LIBRARY_PATH``: this interpreter's LIBDIR first (a distribution's libpython of the
       same version picked instead breaks the stub), then tritonserver's own libraries.
     - ``PATH``: the directory of this interpreter first: the stub finds its prefix, and so the
       virtual environment's site-packages, from the ``python3`` on PATH.
-    - ``PYTHONPATH``: extra import roots (the project checkout when it is not installed).
+
+    The models import ``slora_backend`` from that environment, so the package must be installed
+    there (the Makefile's ``.venv`` and the Docker image install it).
     """
     env = dict(os.environ if base is None else base)
     lib_dirs = [d for d in [python_libdir()] if d] + [str(p) for p in install.lib_dirs]
@@ -173,11 +174,6 @@ def stub_environment(install: TritonInstall, base: dict[str, str] | None = None,
     bin_dir = str(Path(sys.executable).parent)
     old_path = env.get("PATH", "")
     env["PATH"] = os.pathsep.join([bin_dir] + ([old_path] if old_path else []))
-    if extra_pythonpath:
-        old_pp = env.get("PYTHONPATH", "")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(p) for p in extra_pythonpath] + ([old_pp] if old_pp else [])
-        )
     _check_python3_on_path(bin_dir)
     return env
 
