@@ -52,7 +52,7 @@ class StepProfile:
         self.profile = cProfile.Profile() if cprofile else None
         self._current: dict[str, Any] | None = None
         self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.copier, "wait", "copy_wait")
+        self._wrap(engine.adapters.copier, "wait", "copy_wait")
         self._wrap(engine.runner, "execute", "execute", self._note_batch)
         self._wrap(engine.runner, "_lora_batch", "lora_tables")
         if engine.runner.graphs is not None:

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapter_registry import REGISTRY_FILE
-from ..adapter_store import CONFIG_FILE, resolve_under_root
-from ..errors import AdapterLoadError
+from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name
 from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 from .router import StreamRouter
@@ -78,14 +76,15 @@ class AdapterNames:
         self._registered: tuple[float, frozenset[str]] = (-1.0, frozenset())
 
     def check(self, name: str) -> dict[str, Any]:
+        """Raises NOT_FOUND, saying why, for a name that breaks the name rule
+        (``adapters.names``, the engine's own) or that no adapter here has."""
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ServingError(NOT_FOUND, str(e)) from None
         if name in self._registry():
             return {"name": name, "registered": True}
-        try:  # the engine's own rule: '..' and symlinks resolved, nothing outside the root
-            path = resolve_under_root(self.root, name)
-        except AdapterLoadError:
-            path = None
-        if (path is not None and "/" not in name and path != self.root
-                and (path / CONFIG_FILE).is_file()):
+        if adapter_dir(self.root, name) is not None:  # '..' and symlinks resolved, inside the root
             return {"name": name, "registered": False}
         raise ServingError(NOT_FOUND, f"adapter {name!r} is not registered and {self.root} has "
                                       "no adapter directory of that name")

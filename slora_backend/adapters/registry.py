@@ -1,8 +1,10 @@
-"""Adapter management: names -> directories under the adapter root, persisted across restarts.
+"""The disk tier: adapter names -> directories under the adapter root, persisted across restarts.
 
 ``<adapter_root>/registry.json`` maps each registered name to its path relative to the root;
 the engine reads it at start so a restarted server serves the same set. Paths are resolved
-(symlinks included) and refused unless they stay under the root.
+(symlinks included) and refused unless they stay under the root; names follow ``names.py``.
+Loading a name again with the path it is registered with is a no-op that describes it (a
+script that loads its adapters can run twice against one root).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .adapter_cache import AdapterCache
-from .adapter_store import AdapterStore, resolve_under_root
-from .errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError
+from ..errors import AdapterBusyError, AdapterExistsError, AdapterLoadError, AdapterNotFoundError
+from .gpu_cache import AdapterCache
+from .host_store import AdapterStore
+from .names import REGISTRY_FILE, check_adapter_name, resolve_under_root
 
-REGISTRY_FILE = "registry.json"
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,18 @@ class AdapterRegistry:
         tmp.replace(self._file)
 
     def load(self, name: str, path: str, active: dict[str, int]) -> AdapterInfo:
-        self.store.register(name, resolve_under_root(self.root, path))
+        """Register ``name`` for the adapter at ``path``; if ``name`` is registered already,
+        describe it when the paths agree and refuse otherwise."""
+        check_adapter_name(name)
+        real = resolve_under_root(self.root, path)
+        if name in self.store:
+            registered = self.store.get(name).path
+            if registered != real:
+                raise AdapterExistsError(
+                    f"adapter {name!r} is registered with path {str(registered)!r}, not "
+                    f"{str(real)!r}; unload it first to register another adapter under that name")
+            return self.describe(name, active)
+        self.store.register(name, real)
         self._save()
         return self.describe(name, active)
 
@@ -93,6 +106,7 @@ class AdapterRegistry:
 
     def resolve(self, name: str, active: dict[str, int]) -> AdapterInfo:
         if name not in self.store:
+            check_adapter_name(name, AdapterNotFoundError)
             if self.root is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
             try:
