@@ -10,6 +10,11 @@ looks for ``<adapter_root>/<name>``), so a valid name is exactly a valid directo
 
 This module imports nothing heavy (no torch, no numpy): the ``slora_adapters`` Triton model
 checks names with it in a process that never loads torch.
+
+Paths are handed to the OS as UTF-8 bytes (``fs_path``), whatever the process's file system
+encoding: the Triton Python stub embeds an interpreter that keeps the C locale, so its file
+system encoding is ASCII and a ``str`` path with any other character raises
+``UnicodeEncodeError`` there (while the engine's own process, a regular ``python``, uses UTF-8).
 """
 
 from __future__ import annotations
@@ -70,19 +75,34 @@ def check_adapter_name(name: object, error: type[Exception] = InvalidAdapterName
     return name  # type: ignore[return-value]  (name_problem checked it is a str)
 
 
+def fs_path(path: str | os.PathLike[str]) -> bytes:
+    """``path`` as the bytes the OS sees: UTF-8 (surrogate escapes give back undecodable bytes)."""
+    return os.fspath(path).encode("utf-8", "surrogateescape")
+
+
+def _from_fs(raw: bytes) -> Path:
+    return Path(raw.decode("utf-8", "surrogateescape"))
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """``os.path.realpath`` of ``path``, through ``fs_path``."""
+    return _from_fs(os.path.realpath(fs_path(path)))  # resolves '..' and every symlink
+
+
 def resolve_under_root(root: Path | None, path: str | os.PathLike[str]) -> Path:
     """The real path of ``path`` (relative to ``root`` unless absolute), refused outside ``root``."""
     if root is None:
         raise AdapterLoadError("no adapter_root is configured: adapters can only load from under it")
     if "\0" in os.fspath(path):
         raise AdapterLoadError(f"adapter path {_shown(os.fspath(path))} contains a NUL character")
-    root_real = Path(os.path.realpath(root))
+    root_real = real_path(root)
     candidate = Path(path)
     if not candidate.is_absolute():
         candidate = root_real / candidate
-    real = Path(os.path.realpath(candidate))  # resolves '..' and every symlink
+    real = real_path(candidate)
     if real != root_real and root_real not in real.parents:
-        raise AdapterLoadError(f"adapter path {str(path)!r} is outside the adapter root {str(root_real)!r}")
+        raise AdapterLoadError(f"adapter path {_shown(str(path))} is outside the adapter root "
+                               f"{str(root_real)!r}")
     return real
 
 
@@ -93,7 +113,7 @@ def adapter_dir(root: Path, name: str) -> Path | None:
         return None
     try:
         path = resolve_under_root(root, name)
-        found = path != Path(os.path.realpath(root)) and (path / CONFIG_FILE).is_file()
+        found = path != real_path(root) and os.path.isfile(fs_path(path / CONFIG_FILE))
     except (AdapterLoadError, OSError):
         return None
     return path if found else None

@@ -57,7 +57,7 @@ class AdapterRegistry:
         if self._file is None or not self._file.is_file():
             return
         try:
-            saved = json.loads(self._file.read_text())
+            saved = json.loads(self._file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             log.warning("ignoring unreadable %s: %s", self._file, e)
             return
@@ -74,7 +74,7 @@ class AdapterRegistry:
             name: os.path.relpath(self.store.get(name).path, self.root) for name in self.store.names()
         }
         tmp = self._file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True), encoding="utf-8")
         tmp.replace(self._file)
 
     def load(self, name: str, path: str, active: dict[str, int]) -> AdapterInfo:

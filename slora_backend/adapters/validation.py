@@ -67,16 +67,12 @@ class AdapterValidator:
     def validate(self, name: str, path: Path) -> AdapterEntry:
         """The adapter at ``path`` as ``name``'s entry; raises ``AdapterLoadError`` naming the
         first problem found."""
-        if not path.is_dir():
-            raise AdapterLoadError(f"adapter {name!r}: {path} is not a directory")
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} is missing in {path}")
-        weights_path = path / WEIGHTS_FILE
-        if not weights_path.is_file():
-            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-            why = f" (found {', '.join(pickles)}: pickled weights are refused)" if pickles else ""
-            raise AdapterLoadError(f"adapter {name!r}: {WEIGHTS_FILE} is missing{why}; safetensors only")
+        try:
+            self._check_files(name, path)
+        except OSError as e:  # e.g. a path too long for the file system
+            raise AdapterLoadError(f"adapter {name!r}: cannot read {str(path)[:200]!r}: "
+                                   f"{e.strerror or e}") from None
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         try:
             config = json.loads(config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -90,6 +86,17 @@ class AdapterValidator:
         plan = self.layout.plan_adapter(ranks)
         size = plan.used_elements * self.layout.spec.num_layers * torch.finfo(self.dtype).bits // 8
         return AdapterEntry(name, path, ranks, alpha, use_rslora, plan, size)
+
+    @staticmethod
+    def _check_files(name: str, path: Path) -> None:
+        if not path.is_dir():
+            raise AdapterLoadError(f"adapter {name!r}: {path} is not a directory")
+        if not (path / CONFIG_FILE).is_file():
+            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} is missing in {path}")
+        if not (path / WEIGHTS_FILE).is_file():
+            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            why = f" (found {', '.join(pickles)}: pickled weights are refused)" if pickles else ""
+            raise AdapterLoadError(f"adapter {name!r}: {WEIGHTS_FILE} is missing{why}; safetensors only")
 
     def _check_config(self, name: str, config: dict) -> tuple[float, bool]:
         def refuse(msg: str) -> AdapterLoadError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name
+from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name, fs_path, real_path
 from .errors import INVALID_ARG, NOT_FOUND, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 from .router import StreamRouter
@@ -72,7 +72,7 @@ class AdapterNames:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.realpath(root))
+        self.root = real_path(root)
         self._registered: tuple[float, frozenset[str]] = (-1.0, frozenset())
 
     def check(self, name: str) -> dict[str, Any]:
@@ -91,14 +91,15 @@ class AdapterNames:
 
     def _registry(self) -> frozenset[str]:
         """Registered names, re-read when the engine rewrites the file."""
-        file = self.root / REGISTRY_FILE
+        file = fs_path(self.root / REGISTRY_FILE)  # (UTF-8 whatever this process's locale)
         try:
-            mtime = file.stat().st_mtime
+            mtime = os.stat(file).st_mtime
         except OSError:
             return frozenset()
         if mtime != self._registered[0]:
             try:
-                names = frozenset(json.loads(file.read_text()).get("adapters", {}))
+                with open(file, encoding="utf-8") as f:
+                    names = frozenset(json.load(f).get("adapters", {}))
             except (OSError, ValueError, AttributeError):
                 names = frozenset()
             self._registered = (mtime, names)
