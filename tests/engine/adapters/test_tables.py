@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import torch
 
 from slora_backend.adapters.gpu_cache import ResidentAdapter
-from slora_backend.batch import MODULE_INDEX
 from slora_backend.adapters.tables import LoraTables, SlotTables
+from slora_backend.batch import MODULE_INDEX
 
 PAGE = 1000
 
