@@ -61,7 +61,7 @@ class StepProfile:
         for attr, phase in (("lora_shrink", "lora_ops"), ("lora_expand", "lora_ops"),
                             ("attention", "attention_ops")):
             self._wrap(engine.runner.ops, attr, phase)
-        self._wrap(engine, "_prefetch_adapters", "prefetch")
+        self._wrap(engine.adapters, "prefetch_for", "prefetch")
         self._wrap(engine.sampler, "sample_on_device", "sample")
         self._wrap(engine, "_read_tokens", "read")
         self._wrap(engine, "step", "step")
