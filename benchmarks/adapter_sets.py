@@ -5,7 +5,7 @@ set for n = 5 is a prefix of the set for n = 2000 and a larger run extends a sma
 are written in parallel worker processes, each into ``<name>.partial`` and renamed when complete
 (an interrupted run never leaves a half-written adapter behind).
 
-``registry.json`` (the engine's persisted registry, see slora_backend/adapter_registry.py) is
+``registry.json`` (the engine's persisted registry, see slora_backend/adapters/registry.py) is
 written to list exactly the adapters a run uses, so an engine or a tritonserver started on the
 directory registers them at start-up without one registry rewrite per adapter.
 """
@@ -27,7 +27,7 @@ from slora_backend.model_spec import ModelSpec
 from .synthetic_adapters import write_random_adapter
 from .workload import LORA_TARGETS, AdapterSpec, adapter_specs, get_setting
 
-REGISTRY_FILE = "registry.json"  # slora_backend.adapter_registry.REGISTRY_FILE
+REGISTRY_FILE = "registry.json"  # slora_backend.adapters.names.REGISTRY_FILE
 DEFAULT_CACHE = Path(os.environ.get("SLORA_BENCH_CACHE",
                                     Path.home() / ".cache" / "slora-triton" / "bench-adapters"))
 

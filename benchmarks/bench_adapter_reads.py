@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slora_backend.adapter_store import AdapterStore
+from slora_backend.adapters.host_store import AdapterStore
 from slora_backend.layout import PoolLayout
 
 from .adapter_sets import model_spec

@@ -46,7 +46,7 @@ def kv_bytes(engine: Any, context_lens: list[int]) -> int:
 
 
 def adapter_weight_bytes(engine: Any, names: list[str]) -> int:
-    return sum(engine.store.get(n).size_bytes for n in names)
+    return sum(engine.adapters.store.get(n).size_bytes for n in names)
 
 
 def profile_steps(engine: Any, steps: int, before_step=lambda i: None) -> dict[str, Any]:

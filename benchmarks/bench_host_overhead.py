@@ -207,7 +207,7 @@ def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
         engine.step()
     engine.step()  # every request decodes from here on
     runner, scheduled = engine.runner, engine.scheduler.schedule().scheduled
-    residents = {s.request.adapter: engine.adapters.get(s.request.adapter) for s in scheduled}
+    residents = {s.request.adapter: engine.adapters.cache.get(s.request.adapter) for s in scheduled}
     # the engine's last step is still in flight: its tokens are these rows' inputs
     pending = engine._in_flight.pending()
     runner.model.forward = lambda ids, ctx, rows: torch.zeros(rows.shape[0], 1)
@@ -277,7 +277,7 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
     result: dict[str, Any] = {"batch": batch, "prompt_tokens": prompt, "device": "cpu"}
     try:
         for name in names:
-            engine.store.weights(name)  # in host memory: admission does not wait for reads
+            engine.adapters.store.weights(name)  # in host memory: admission does not wait for reads
         for tag in ("lora", "base"):
             def adapter(i: int, tag: str = tag) -> str | None:
                 return names[i] if tag == "lora" else None
@@ -294,10 +294,10 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
             engine._drain_inbox()
             scheduled = engine.scheduler.schedule().scheduled
             pending = engine._in_flight.pending()  # (the last step's tokens: decode inputs)
-            engine.copier.submit(engine.adapters.take_pending())
-            engine.copier.wait(None)
+            engine.adapters.copier.submit(engine.adapters.cache.take_pending())
+            engine.adapters.copier.wait(None)
             tokens = sum(s.num_new_tokens for s in scheduled)
-            residents = {s.request.adapter: engine.adapters.get(s.request.adapter)
+            residents = {s.request.adapter: engine.adapters.cache.get(s.request.adapter)
                          for s in scheduled if s.request.adapter is not None}
             spent.clear()
             t = time.perf_counter()

@@ -52,7 +52,7 @@ class StepProfile:
         self.profile = cProfile.Profile() if cprofile else None
         self._current: dict[str, Any] | None = None
         self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.copier, "wait", "copy_wait")
+        self._wrap(engine.adapters.copier, "wait", "copy_wait")
         self._wrap(engine.runner, "execute", "execute", self._note_batch)
         self._wrap(engine.runner, "_lora_batch", "lora_tables")
         if engine.runner.graphs is not None:
@@ -61,7 +61,7 @@ class StepProfile:
         for attr, phase in (("lora_shrink", "lora_ops"), ("lora_expand", "lora_ops"),
                             ("attention", "attention_ops")):
             self._wrap(engine.runner.ops, attr, phase)
-        self._wrap(engine, "_prefetch_adapters", "prefetch")
+        self._wrap(engine.adapters, "prefetch_for", "prefetch")
         self._wrap(engine.sampler, "sample_on_device", "sample")
         self._wrap(engine, "_read_tokens", "read")
         self._wrap(engine, "step", "step")

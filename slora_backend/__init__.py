@@ -9,7 +9,7 @@ from __future__ import annotations
 from .lazy_exports import lazy_exports
 
 _EXPORTS = {
-    "AdapterInfo": ".adapter_registry",
+    "AdapterInfo": ".adapters.registry",
     "EngineConfig": ".config", "SamplingParams": ".config",
     "Engine": ".engine", "EngineStats": ".engine",
     "AdapterBusyError": ".errors", "AdapterExistsError": ".errors", "AdapterLoadError": ".errors",

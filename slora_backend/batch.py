@@ -32,7 +32,7 @@ class LoraBatch:
 
     Adapters are addressed by *slot*, a row of the tables below: for the torch ops a dense
     renumbering of the step's adapters (0 .. num_slots-1); for the Triton kernels the row of
-    the adapter's first pool page in the engine's device tables (``lora_tables.SlotTables``),
+    the adapter's first pool page in the engine's device tables (``adapters.tables.SlotTables``),
     which also hold rows no token of this step uses. Row j of module m's A (length ``in_dim``)
     starts at element ``a_offsets[s, m, j]`` of one layer's flattened pool buffer; row j of B^T
     (length ``out_dim``) at ``b_offsets[s, m, j]``. The offsets are the same in every layer

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapters.tables import SlotTables
 from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
-from .lora_tables import SlotTables
 from .models.llama import ForwardContext, LlamaModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)

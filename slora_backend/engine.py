@@ -2,8 +2,9 @@
 
 Thread model: ``add_request`` and ``abort`` may be called from any thread; they only put work
 into an inbox. The engine loop (``start()``, or ``generate()`` inline) is the only code that
-touches the scheduler and the pool. Adapter management takes the step lock, so it never runs in
-the middle of a step.
+touches the scheduler and the pool. Adapters (names, host copies, pool residency) live in
+``adapters.AdapterManager``; unloading one takes the step lock, so it never runs in the middle of
+a step.
 """
 
 from __future__ import annotations
@@ -12,24 +13,20 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .adapter_cache import AdapterCache
-from .adapter_copier import AdapterCopier
-from .adapter_registry import AdapterInfo, AdapterRegistry
-from .adapter_store import AdapterStore
+from .adapters import AdapterInfo, AdapterManager
 from .config import EngineConfig, SamplingParams
 from .errors import EngineOverloadedError, InvalidRequestError
-from .host_reads import HostReads
 from .layout import PoolLayout
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner
 from .ops import make_ops
 from .output_stream import OutputCallback, OutputStream
-from .page_pool import ADAPTER, KV, PagePool
+from .page_pool import KV, PagePool
 from .request import Request, RequestOutput
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
@@ -93,41 +90,41 @@ class Engine:
         # a fixed partition at the end of the pool tensor instead.
         adapter_pool = self.pool if adapter_pages is None else PagePool(
             adapter_pages, first_page=num_pages - adapter_pages)
-        self.store = AdapterStore(self.layout, dtype, config.host_adapter_bytes,
-                                  config.pin_host_memory and self.device.type == "cuda")
-        self.adapters = AdapterCache(adapter_pool, self.store,
-                                     copying=lambda name: self.copier.in_flight(name))
-        self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
+        self._inbox: list[Request] = []
+        self._inbox_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
+        self.adapters = AdapterManager(
+            self.layout, adapter_pool, dtype, adapter_root=config.adapter_root,
+            host_budget_bytes=config.host_adapter_bytes,
+            pin_memory=config.pin_host_memory and self.device.type == "cuda",
+            preload=config.preload_adapters, prefetch=config.prefetch_adapters,
+            max_prefetch=config.max_num_seqs,
+            active_counts=self._active_counts, between_steps=self._between_steps)
         # Graphs need ops that never sync with the host: the Triton kernels, not the references.
         graphable = (config.cuda_graphs and self.device.type == "cuda"
                      and config.resolved_kernel_backend == "triton" and not config.lora_ops)
         admit_wait = config.admit_wait_steps
-        self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
+        self.scheduler = Scheduler(self.pool, self.adapters.cache, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
                                    config.slo_ttft_s if config.early_abort else None,
-                                   adapter_ready=self._adapter_ready,
+                                   adapter_ready=self.adapters.ready,
                                    admit_wait_steps=(8 if graphable else 0) if admit_wait is None
                                    else admit_wait)
         self.runner = ModelRunner(
             self.model, self.layout, num_pages,
-            make_ops(config.resolved_kernel_backend, config.lora_ops), self.store, self.device, dtype,
+            make_ops(config.resolved_kernel_backend, config.lora_ops), self.adapters.store, self.device,
+            dtype,
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
-        # Reads adapters of queued requests from disk into host memory off the engine thread,
-        # and copies them into their pages (on CUDA) off it too.
-        self.host_reads = HostReads(self.store)
-        self.copier = AdapterCopier(self.runner.copy_adapter, self.host_reads.record_failure,
+        # Adapters are copied into their pages off the engine thread on CUDA.
+        self.adapters.attach_runner(self.runner.copy_adapter, self.runner.lora_tables,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
         self.eos_ids = self._eos_ids()
         self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
-        self._inbox: list[Request] = []
         self._aborts: list[str] = []
-        self._inbox_lock = threading.Lock()
         self._wakeup = threading.Condition(self._inbox_lock)
-        self._step_lock = threading.RLock()
-        self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
-        self._registry_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -135,22 +132,17 @@ class Engine:
         self.finished_requests = 0
         self.steps = 0
         self._in_flight: StepInFlight | None = None  # launched, its tokens not read yet
-        self.registry.restore()
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
-            entries = [self.store.get(n) for n in self.store.names()]
-            self.runner.graphs.capture_all([(0, None)] + [(e.rank, e.targets) for e in entries])
+            self.runner.graphs.capture_all(self.adapters.graph_variants())
         if config.warm_up and self.device.type == "cuda":
             self._warm_up()
-        if config.preload_adapters:
-            self.host_reads.preload(self.store.names())
+        self.adapters.start_preloads()
 
     def _warm_up(self) -> None:
         """Compile the kernels' variants before serving: for the base model and one adapter of
         each registered rank (the batch's largest rank picks LoRA tiles), prompts short and long
         enough for each prefill tile, joining a batch that already decodes (a mixed step)."""
-        by_rank: dict[int, str] = {}
-        for name in self.store.names():
-            by_rank.setdefault(self.store.get(name).rank, name)
+        by_rank = self.adapters.one_per_rank()
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         vocab = self.spec.vocab_size
         lengths = [n for n in (8, 24, 100) if n + params.max_tokens <= self.max_model_len]
@@ -167,7 +159,7 @@ class Engine:
                 self.step()
                 self._idle_while_reading()
             if name is not None:
-                self.store.get(name).total_requests -= len(ids)  # not a user's requests
+                self.adapters.store.get(name).total_requests -= len(ids)  # not a user's requests
         self.generated_tokens = self.finished_requests = self.steps = 0
 
     # ---- sizing -------------------------------------------------------------------------------
@@ -196,39 +188,26 @@ class Engine:
             ids.update(eos)
         return ids
 
-    # ---- adapters -----------------------------------------------------------------------------
-
-    # Registering, listing and describing only add to or read the store's dict of entries, which
-    # the engine thread reads but never iterates: they take the registry lock, not the step lock,
-    # so a busy engine never delays them (the ensemble resolves an adapter for every request).
+    # ---- adapters (the serving layer's API; ``AdapterManager`` does the work) ---------------
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
-        with self._registry_lock:
-            info = self.registry.load(name, path, self._active_counts())
-        if self.config.preload_adapters:
-            self.host_reads.preload([name])
-        return info
+        """Register the adapter at ``path`` (under the adapter root) as ``name``; loading a name
+        again with the same path describes it, with another path is refused."""
+        return self.adapters.load(name, path)
 
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name`` (refused while requests use it); frees its pool pages."""
-        with self._registry_lock, self._between_steps():
-            self.copier.wait([name])  # its pages go back to the pool: no copy may still write them
-            self.registry.unload(name, self._active_counts())
-            if self.runner.lora_tables is not None:  # (device slot rows need no freeing)
-                self.runner.lora_tables.forget(name)
+        self.adapters.unload(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        with self._registry_lock:
-            return self.registry.list(self._active_counts())
+        return self.adapters.list()
 
     def describe_adapter(self, name: str) -> AdapterInfo:
-        with self._registry_lock:
-            return self.registry.describe(name, self._active_counts())
+        return self.adapters.describe(name)
 
     def resolve_adapter(self, name: str) -> AdapterInfo:
         """The adapter called ``name``: registered, or loaded from ``<adapter_root>/<name>``."""
-        with self._registry_lock:
-            return self.registry.resolve(name, self._active_counts())
+        return self.adapters.resolve(name)
 
     @contextlib.contextmanager
     def _between_steps(self) -> Iterator[None]:
@@ -277,13 +256,10 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this model has none")
-        adapter = None
-        if lora_name:
-            # A registered name needs no step lock (the common case under load); only a first
-            # use, which loads the adapter, waits for the current step to end.
-            adapter = lora_name if lora_name in self.store else self.resolve_adapter(lora_name).name
+        entry = self.adapters.entry_for(lora_name) if lora_name else None
+        adapter = entry.name if entry is not None else None
         worst = self.layout.kv_pages(len(token_ids) + params.max_tokens)
-        adapter_pages = self.store.get(adapter).plan.num_pages if adapter is not None else 0
+        adapter_pages = entry.plan.num_pages if entry is not None else 0
         if self.scheduler.unified:
             worst += adapter_pages
         elif adapter_pages > self.adapters.pool.num_pages:
@@ -385,8 +361,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.host_reads.shutdown()  # no read outlives the loop
-        self.copier.wait()
+        self.adapters.stop()
 
     def _loop(self) -> None:
         while True:
@@ -421,16 +396,16 @@ class Engine:
             for request in out.dropped:
                 outputs.append(self._finish(request, "abort", error=(
                     f"dropped: waited past the {self.config.slo_ttft_s}s first-token SLO")))
-            self.copier.submit(self.adapters.take_pending(), after=fence)
-            # The step waits for the copies of the adapters it reads (and is ordered after every
-            # copy done so far, whose pages may have changed hands); prefetches run on.
-            self.copier.wait({s.request.adapter for s in out.scheduled})
-            if self.host_reads.has_failures:  # a read or a copy found an adapter file damaged
-                outputs += self._fail_unreadable([*(s.request for s in out.scheduled),
-                                                  *self.scheduler.waiting])
+            # The step waits for the copies of the adapters it reads; prefetches run on.
+            if self.adapters.before_launch({s.request.adapter for s in out.scheduled}, fence):
+                # a read or a copy found an adapter file damaged: its requests end here
+                outputs += self.adapters.end_unreadable(
+                    [*(s.request for s in out.scheduled), *self.scheduler.waiting],
+                    lambda request, why: self._finish(request, "error", error=why))
                 out.scheduled = [s for s in out.scheduled if not s.request.finished]
             launched = self._launch(out.scheduled, outputs) if out.scheduled else None
-            self._prefetch_adapters(fence)  # overlaps the step just launched (on CUDA)
+            # (overlaps the step just launched, on CUDA)
+            self.adapters.prefetch_for(self.scheduler.waiting, len(self.scheduler.running), fence)
             if self._in_flight is not None:
                 outputs += self._read_tokens(self._in_flight)
             self._in_flight = launched
@@ -439,7 +414,7 @@ class Engine:
     def _launch(self, scheduled: list[ScheduledRequest],
                 outputs: list[RequestOutput | None]) -> StepInFlight | None:
         """Run the forward and sample on the device; the tokens are read by the next step."""
-        residents = {r.adapter: self.adapters.get(r.adapter)
+        residents = {r.adapter: self.adapters.cache.get(r.adapter)
                      for r in (s.request for s in scheduled) if r.adapter is not None}
         pending = self._in_flight.pending() if self._in_flight is not None else None
         sampling = [s.request for s in scheduled if s.samples]
@@ -468,32 +443,17 @@ class Engine:
         return [self._append_token(r, slot, token, now)
                 for r, slot, token in zip(step.requests, step.slots, tokens) if not r.finished]
 
-    def _prefetch_adapters(self, fence: torch.cuda.Event | None) -> None:
-        """Copy adapters of the next queued requests into free pages on the side stream."""
-        if not self.config.prefetch_adapters:
-            return
-        keep_free = len(self.scheduler.running) + 1  # one more KV page per running request
-        for request in itertools.islice(self.scheduler.waiting, self.config.max_num_seqs):
-            name = request.adapter
-            if name is None or name in self.adapters or not self.store.has_weights(name):
-                continue
-            if not self.adapters.prefetch(name, keep_free):
-                break
-        self.copier.submit(self.adapters.take_pending(), after=fence)  # a failure: next step's work
-
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
         outputs = []
         for request in inbox:
-            if request.adapter is not None:
-                if request.adapter not in self.store:  # unloaded between validation and now
-                    outputs.append(self._finish(request, "error", error=(
-                        f"adapter {request.adapter!r} was unloaded before the request started")))
-                    continue
-                self.store.get(request.adapter).total_requests += 1
-                self._adapter_ready(request.adapter)  # starts reading it from disk now
+            # (admitting starts reading the adapter from disk now)
+            if request.adapter is not None and not self.adapters.admit(request.adapter):
+                outputs.append(self._finish(request, "error", error=(
+                    f"adapter {request.adapter!r} was unloaded before the request started")))
+                continue
             self.scheduler.add(request)
         for request_id in aborts:
             stream = self._streams.get(request_id)
@@ -501,29 +461,11 @@ class Engine:
                 outputs.append(self._finish(stream.request, "abort"))
         return outputs
 
-    def _fail_unreadable(self, requests: Iterable[Request]) -> list[RequestOutput]:
-        """End ``requests`` that use an adapter whose file could not be read, with the reason,
-        and drop the adapter from the pool (its pages hold nothing valid)."""
-        failed = self.host_reads.take_failures()
-        if not failed:
-            return []
-        outputs = [self._finish(r, "error", error=failed[r.adapter])
-                   for r in list(requests) if r.adapter in failed]
-        self.copier.wait(failed)  # a failed copy reports before its future ends
-        for name in failed:
-            if name in self.adapters and not self.adapters.get(name).pins:
-                self.adapters.evict(name)
-        return outputs
-
     def _idle_while_reading(self) -> None:
         """Nothing runs and the queue waits for adapter reads: pause instead of spinning (the
         reader threads need the GIL too)."""
-        if not self.scheduler.running and self.host_reads.busy:
+        if not self.scheduler.running and self.adapters.reading:
             time.sleep(1e-3)
-
-    def _adapter_ready(self, name: str) -> bool:
-        """Admit a request for ``name`` only once its adapter is on the GPU or in host memory."""
-        return name in self.adapters or self.host_reads.ready(name)
 
     def _append_token(self, request: Request, slot: int, token: int,
                       now: float) -> RequestOutput | None:
@@ -575,16 +517,8 @@ class Engine:
             pool_pages_total=self.pool.num_pages,
             pool_pages_free=self.pool.num_free,
             pool_pages_kv=self.pool.used_by[KV],
-            pool_pages_adapter=self.adapters.pool.used_by[ADAPTER],
             adapter_partition_pages=0 if self.scheduler.unified else self.adapters.pool.num_pages,
-            adapters_registered=len(self.store),
-            adapters_gpu=len(self.adapters),
-            adapters_host=self.store.num_in_host,
-            adapter_loads=self.adapters.loads,
-            adapter_evictions=self.adapters.evictions,
-            adapter_hits=self.adapters.hits,
-            adapter_misses=self.adapters.misses,
-            adapter_prefetches=self.adapters.prefetches,
+            **self.adapters.stats(),
             generated_tokens=self.generated_tokens,
             finished_requests=self.finished_requests,
             preemptions=self.scheduler.num_preemptions,

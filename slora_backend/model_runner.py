@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter_cache import ResidentAdapter
-from .adapter_store import AdapterStore
+from .adapters.gpu_cache import ResidentAdapter
+from .adapters.host_store import AdapterStore
+from .adapters.tables import LoraTables, SlotTables
 from .batch import AttentionBatch, LoraBatch, padded_block_tables, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
-from .lora_tables import LoraTables, SlotTables
 from .models.llama import ForwardContext, LlamaModel
 from .scheduler import ScheduledRequest
 

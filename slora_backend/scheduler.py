@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .adapter_cache import AdapterCache
+from .adapters.gpu_cache import AdapterCache
 from .page_pool import KV, PagePool
 from .request import Request, RequestStatus
 

@@ -101,7 +101,7 @@ def warm_up(engine: Any, workload: Workload, use_adapters: bool) -> None:
         engine.generate([prompt], params, [name])
     engine.generate([prompt] * len(names), params, names)
     if engine.config.preload_adapters:  # the paper's set-up: every adapter in host memory first
-        engine.host_reads.wait_preloads()
+        engine.adapters.reads.wait_preloads()
 
 
 def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
@@ -208,7 +208,7 @@ def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workl
         warm_up(engine, workload, v.use_adapters)
         log(f"  {v.system}: engine ready in {build_s:.1f} s (+ warm-up "
             f"{time.perf_counter() - t0 - build_s:.1f} s), {engine.pool.num_pages} pool pages, "
-            f"{engine.store.num_in_host} adapters in host memory")
+            f"{engine.adapters.store.num_in_host} adapters in host memory")
         if profile_dir is not None:
             from ..step_profile import StepProfile
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter_paths import CONFIG_FILE, REGISTRY_FILE, resolve_under_root
-from ..errors import AdapterLoadError
+from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name, fs_path, real_path
 from .errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 
@@ -108,32 +107,34 @@ class AdapterNames:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(os.path.realpath(root))
+        self.root = real_path(root)
         self._registered: tuple[float, frozenset[str]] = (-1.0, frozenset())
 
     def check(self, name: str) -> dict[str, Any]:
+        """Raises NOT_FOUND, saying why, for a name that breaks the name rule
+        (``adapters.names``, the engine's own) or that no adapter here has."""
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ServingError(NOT_FOUND, str(e)) from None
         if name in self._registry():
             return {"name": name, "registered": True}
-        try:  # the engine's own rule: '..' and symlinks resolved, nothing outside the root
-            path = resolve_under_root(self.root, name)
-        except AdapterLoadError:
-            path = None
-        if (path is not None and "/" not in name and path != self.root
-                and (path / CONFIG_FILE).is_file()):
+        if adapter_dir(self.root, name) is not None:  # '..' and symlinks resolved, inside the root
             return {"name": name, "registered": False}
         raise ServingError(NOT_FOUND, f"adapter {name!r} is not registered and {self.root} has "
                                       "no adapter directory of that name")
 
     def _registry(self) -> frozenset[str]:
         """Registered names, re-read when the engine rewrites the file."""
-        file = self.root / REGISTRY_FILE
+        file = fs_path(self.root / REGISTRY_FILE)  # (UTF-8 whatever this process's locale)
         try:
-            mtime = file.stat().st_mtime
+            mtime = os.stat(file).st_mtime
         except OSError:
             return frozenset()
         if mtime != self._registered[0]:
             try:
-                names = frozenset(json.loads(file.read_text()).get("adapters", {}))
+                with open(file, encoding="utf-8") as f:
+                    names = frozenset(json.load(f).get("adapters", {}))
             except (OSError, ValueError, AttributeError):
                 names = frozenset()
             self._registered = (mtime, names)

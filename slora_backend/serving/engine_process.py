@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..adapter_registry import AdapterInfo
+from ..adapters.registry import AdapterInfo
 from ..config import EngineConfig, SamplingParams
 from ..engine import Engine, EngineStats
 from ..errors import InvalidRequestError, SLoRAError

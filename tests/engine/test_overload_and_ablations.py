@@ -46,7 +46,7 @@ def test_separate_adapter_partition_never_holds_kv(tiny_models, root):
     stats = engine.stats()
     assert stats.adapter_partition_pages == 120 and stats.pool_pages_total == 80
     assert engine.adapters.pool is not engine.pool
-    assert all(p >= 80 for name in ("a", "b") for p in engine.adapters.get(name).pages)
+    assert all(p >= 80 for name in ("a", "b") for p in engine.adapters.cache.get(name).pages)
 
 
 def test_bounded_queue_refuses_with_a_clear_error(tiny_models, root):

@@ -33,8 +33,8 @@ def test_pool_is_empty_after_all_requests_finish(tiny_models, adapter_root):
     engine.generate(PROMPTS, SamplingParams(max_tokens=7, ignore_eos=True), _loras(len(PROMPTS)))
     assert engine.pool.used_by["kv"] == 0
     # Adapters stay resident (cached) but unpinned; evicting them empties the pool entirely.
-    for name in list(engine.adapters._resident):
-        engine.adapters.evict(name)
+    for name in list(engine.adapters.cache._resident):
+        engine.adapters.cache.evict(name)
     assert engine.pool.check_empty()
 
 

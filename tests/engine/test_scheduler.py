@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slora_backend.adapter_cache import AdapterCache
+from slora_backend.adapters.gpu_cache import AdapterCache
 from slora_backend.config import SamplingParams
 from slora_backend.layout import PoolLayout
 from slora_backend.model_loader import random_config

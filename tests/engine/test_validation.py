@@ -167,7 +167,7 @@ def test_adapter_unloaded_after_validation_fails_only_its_request(setup, tiny_mo
     rid = engine.add_request("hi", GOOD, "brief", on_output=lambda o: finals.__setitem__(o.request_id, o))
     # The request is validated and queued but not yet taken in by the loop: unload it now,
     # bypassing the busy check the way a concurrent unload could slip between the two.
-    engine.registry.unload("brief", active={})
+    engine.adapters.registry.unload("brief", active={})
     other = engine.add_request("still", GOOD, on_output=lambda o: finals.__setitem__(o.request_id, o))
     while engine.scheduler.has_work() or engine._inbox:
         engine.step()
@@ -186,7 +186,7 @@ def test_adapter_damaged_after_registration_fails_only_its_requests(setup, tiny_
     assert out[0].finish_reason == "error" and "damaged" in out[0].error
     assert "cannot read weights" in out[0].error and "bytes of tensor data" in out[0].error
     assert [o.finish_reason for o in out[1:]] == ["length", "length"]
-    assert "damaged" not in engine.adapters and engine.pool.used_by["kv"] == 0
+    assert "damaged" not in engine.adapters.cache and engine.pool.used_by["kv"] == 0
     # Repaired on disk, the same name serves again (the failure is not remembered).
     make_adapter(tiny_models["gqa"], root / "damaged", 4, ["v_proj"], 4, seed=11)
     assert engine.generate(["a"], GOOD, ["damaged"])[0].finish_reason == "length"

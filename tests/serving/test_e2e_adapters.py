@@ -4,9 +4,11 @@ while in use), first-use loading by name, and a restart that finds the registry 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from slora_client import NotFoundError, SLoRAClient, UnavailableError
+from slora_client.errors import SLoRAClientError
 
 from tests.serving.conftest import make_adapter_root, running_server, server_options, wait_for
 
@@ -118,3 +120,41 @@ def test_restart_keeps_registry(holder):
         assert after == before
         assert all(a["residency"] == "disk" for a in client.list_adapters())
         assert client.complete(PROMPT, lora_name="keep-b", max_tokens=10).text == answer
+
+
+NON_ASCII = "адаптер-ü-日本"  # a legal directory name in three scripts
+
+
+def test_non_ascii_adapter_through_the_ensemble(holder):
+    """A UTF-8 adapter folder is served by the `slora` ensemble (its adapter step included) and
+    answers as the same weights under an ASCII name do; loading it twice with its path is a no-op."""
+    shutil.copytree(holder.root / "r4-mlp", holder.root / NON_ASCII)
+    with connect(holder) as client:
+        ascii_answer = client.complete(PROMPT, lora_name="r4-mlp", max_tokens=10).text
+        assert client.complete(PROMPT, lora_name=NON_ASCII, max_tokens=10).text == ascii_answer
+        assert client.describe_adapter(NON_ASCII)["name"] == NON_ASCII
+        again = client.load_adapter(NON_ASCII, NON_ASCII)
+        assert again["name"] == NON_ASCII and again["total_requests"] == 1
+        with pytest.raises(SLoRAClientError, match="registered with path") as info:
+            client.load_adapter(NON_ASCII, "r8-qv")
+        assert info.value.code == "ALREADY_EXISTS"
+        assert client.unload_adapter(NON_ASCII) == {"unloaded": NON_ASCII}
+
+
+@pytest.mark.parametrize(("name", "code", "problem"), [
+    ("x" * 10_000, "NOT_FOUND", "is 10000 bytes long in UTF-8; at most 255"),
+    ("é" * 128, "NOT_FOUND", "is 256 bytes long in UTF-8; at most 255"),
+    ("r8\0qv", "NOT_FOUND", "contains a NUL character"),
+    ("r8-qv/..", "NOT_FOUND", "contains the path separator '/'"),
+    ("..", "NOT_FOUND", "names a directory itself"),
+])
+def test_names_that_cannot_be_paths(holder, name, code, problem):
+    """Through the ensemble and through a load: the error names the problem, never INTERNAL."""
+    with connect(holder) as client:
+        with pytest.raises(SLoRAClientError, match=problem) as info:
+            client.complete(PROMPT, lora_name=name, max_tokens=4)
+        assert info.value.code == code
+        with pytest.raises(SLoRAClientError, match=problem) as info:
+            client.load_adapter(name, "r8-qv")
+        assert info.value.code == "INVALID_ARG"
+        assert client.complete(PROMPT, max_tokens=4).text  # the server serves on

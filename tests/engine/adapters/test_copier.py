@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from slora_backend.adapter_cache import AdapterCache, ResidentAdapter
-from slora_backend.adapter_copier import AdapterCopier
+from slora_backend.adapters.copier import AdapterCopier
+from slora_backend.adapters.gpu_cache import AdapterCache, ResidentAdapter
 from slora_backend.errors import AdapterLoadError, AdapterNotFoundError
 from slora_backend.page_pool import ADAPTER, PagePool
 

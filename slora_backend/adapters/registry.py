@@ -1,8 +1,10 @@
-"""Adapter management: names -> directories under the adapter root, persisted across restarts.
+"""The disk tier: adapter names -> directories under the adapter root, persisted across restarts.
 
 ``<adapter_root>/registry.json`` maps each registered name to its path relative to the root;
 the engine reads it at start so a restarted server serves the same set. Paths are resolved
-(symlinks included) and refused unless they stay under the root.
+(symlinks included) and refused unless they stay under the root; names follow ``names.py``.
+Loading a name again with the path it is registered with is a no-op that describes it (a
+script that loads its adapters can run twice against one root).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .adapter_cache import AdapterCache
-from .adapter_paths import REGISTRY_FILE, resolve_under_root
-from .adapter_store import AdapterStore
-from .errors import AdapterBusyError, AdapterLoadError, AdapterNotFoundError
+from ..errors import AdapterBusyError, AdapterExistsError, AdapterLoadError, AdapterNotFoundError
+from .gpu_cache import AdapterCache
+from .host_store import AdapterStore
+from .names import REGISTRY_FILE, check_adapter_name, resolve_under_root
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class AdapterRegistry:
         if self._file is None or not self._file.is_file():
             return
         try:
-            saved = json.loads(self._file.read_text())
+            saved = json.loads(self._file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             log.warning("ignoring unreadable %s: %s", self._file, e)
             return
@@ -72,11 +74,22 @@ class AdapterRegistry:
             name: os.path.relpath(self.store.get(name).path, self.root) for name in self.store.names()
         }
         tmp = self._file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True), encoding="utf-8")
         tmp.replace(self._file)
 
     def load(self, name: str, path: str, active: dict[str, int]) -> AdapterInfo:
-        self.store.register(name, resolve_under_root(self.root, path))
+        """Register ``name`` for the adapter at ``path``; if ``name`` is registered already,
+        describe it when the paths agree and refuse otherwise."""
+        check_adapter_name(name)
+        real = resolve_under_root(self.root, path)
+        if name in self.store:
+            registered = self.store.get(name).path
+            if registered != real:
+                raise AdapterExistsError(
+                    f"adapter {name!r} is registered with path {str(registered)!r}, not "
+                    f"{str(real)!r}; unload it first to register another adapter under that name")
+            return self.describe(name, active)
+        self.store.register(name, real)
         self._save()
         return self.describe(name, active)
 
@@ -93,6 +106,7 @@ class AdapterRegistry:
 
     def resolve(self, name: str, active: dict[str, int]) -> AdapterInfo:
         if name not in self.store:
+            check_adapter_name(name, AdapterNotFoundError)
             if self.root is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
             try:

@@ -20,8 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .adapter_cache import ResidentAdapter
-from .errors import AdapterLoadError, AdapterNotFoundError
+from ..errors import AdapterLoadError, AdapterNotFoundError
+from .gpu_cache import ResidentAdapter
 
 CopyFn = Callable[[ResidentAdapter, "torch.cuda.Event | None"], "torch.cuda.Event | None"]
 

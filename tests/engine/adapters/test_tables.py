@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from slora_backend.adapter_cache import ResidentAdapter
+from slora_backend.adapters.gpu_cache import ResidentAdapter
+from slora_backend.adapters.tables import LoraTables, SlotTables
 from slora_backend.batch import MODULE_INDEX
-from slora_backend.lora_tables import LoraTables, SlotTables
 
 PAGE = 1000
 

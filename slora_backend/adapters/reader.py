@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import AdapterPlan, PlannedRow
+from ..layout import AdapterPlan, PlannedRow
 
 # base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter>].weight
 LORA_KEY = re.compile(

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .adapter_cache import ResidentAdapter
-from .adapter_store import AdapterEntry
-from .batch import LORA_MODULES, MODULE_INDEX
+from ..batch import LORA_MODULES, MODULE_INDEX
+from .gpu_cache import ResidentAdapter
+from .host_store import AdapterEntry
 
 
 @dataclass(frozen=True)

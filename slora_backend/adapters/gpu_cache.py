@@ -10,8 +10,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .adapter_store import AdapterStore
-from .page_pool import ADAPTER, PagePool
+from ..page_pool import ADAPTER, PagePool
+from .host_store import AdapterStore
 
 
 @dataclass

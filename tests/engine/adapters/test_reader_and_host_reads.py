@@ -1,4 +1,4 @@
-"""Packed adapter rows read by one gather (adapter_files.py) equal a row-by-row reference."""
+"""Packed adapter rows read by one gather (adapters/reader.py) equal a row-by-row reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.adapter_sets import model_spec
 from benchmarks.synthetic_adapters import write_random_adapter
-from slora_backend.adapter_files import LORA_KEY
-from slora_backend.adapter_store import AdapterStore
+from slora_backend.adapters.host_store import AdapterStore
+from slora_backend.adapters.reader import LORA_KEY
 from slora_backend.errors import AdapterLoadError
 from slora_backend.layout import PoolLayout
 
@@ -69,7 +69,7 @@ def test_file_damaged_after_registration_is_a_load_error(tmp_path):
 def test_host_reads_start_once_report_failures_once_and_retry(tmp_path):
     import time
 
-    from slora_backend.host_reads import HostReads
+    from slora_backend.adapters.host_reads import HostReads
 
     good = write_random_adapter(tmp_path / "good", SPEC, 8, ALL, seed=5)
     bad = write_random_adapter(tmp_path / "bad", SPEC, 8, ALL, seed=6)
@@ -99,7 +99,7 @@ def test_host_reads_start_once_report_failures_once_and_retry(tmp_path):
 
 
 def test_preload_reads_in_order_within_the_host_budget(tmp_path):
-    from slora_backend.host_reads import HostReads
+    from slora_backend.adapters.host_reads import HostReads
 
     names = [f"a{i}" for i in range(5)]
     store = AdapterStore(PoolLayout(SPEC, 4), torch.float32, 1 << 30, False)
@@ -134,8 +134,8 @@ def test_engine_preloads_registered_adapters(tmp_path, tiny_models):
                                  dtype="float32", pool_pages=256, preload_adapters=True))
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
-    assert engine.host_reads.wait_preloads(30)
-    assert engine.store.num_in_host == 2 and engine.store.disk_loads == 2
+    assert engine.adapters.reads.wait_preloads(30)
+    assert engine.adapters.store.num_in_host == 2 and engine.adapters.store.disk_loads == 2
     out = engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=4)], ["y"])
     assert len(out[0].token_ids) == 4
-    assert engine.store.disk_loads == 2  # the request found its adapter in host memory
+    assert engine.adapters.store.disk_loads == 2  # the request found its adapter in host memory

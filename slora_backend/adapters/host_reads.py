@@ -7,8 +7,8 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from .adapter_store import AdapterStore
-from .errors import AdapterLoadError, AdapterNotFoundError
+from ..errors import AdapterLoadError, AdapterNotFoundError
+from .host_store import AdapterStore
 
 
 class HostReads:

@@ -1,9 +1,9 @@
-"""Every registered adapter: validated metadata always, weights in host memory while used.
+"""Adapter validation: a PEFT LoRA directory -> its registry entry, or a refusal naming why.
 
-Registration reads only ``adapter_config.json`` and the safetensors header (names, shapes,
-dtypes), so it costs the same whether 5 or 5000 adapters are registered. Weights are read on
-first use and kept in (pinned) host memory under a byte budget, dropped least-recently-used
-back to disk when the budget is exceeded.
+Reads only ``adapter_config.json`` and the safetensors header (tensor names, shapes, dtypes),
+never the weights, so registering costs the same for 5 or 5000 adapters. An adapter is checked
+against one base model: its modules, layers and shapes must fit, and its config must agree with
+its tensors.
 """
 
 from __future__ import annotations
@@ -12,21 +12,17 @@ import json
 import math
 import os
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from .adapter_files import DTYPES, LORA_KEY, AdapterFileReader
-from .adapter_paths import CONFIG_FILE
-from .batch import LORA_MODULES, MODULE_INDEX
-from .errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
-from .layout import AdapterPlan, PoolLayout
-
-WEIGHTS_FILE = "adapter_model.safetensors"
+from ..batch import LORA_MODULES, MODULE_INDEX
+from ..errors import AdapterLoadError
+from ..layout import AdapterPlan, PoolLayout
+from .names import CONFIG_FILE, WEIGHTS_FILE
+from .reader import DTYPES, LORA_KEY
 
 
 @dataclass
@@ -60,109 +56,23 @@ class AdapterEntry:
         return self.lora_alpha / math.sqrt(r) if self.use_rslora else self.lora_alpha / r
 
 
-class AdapterStore:
-    """Registry of adapters, validated against one base model's shapes."""
 
-    def __init__(
-        self, layout: PoolLayout, dtype: torch.dtype, host_budget_bytes: int, pin_memory: bool
-    ) -> None:
+class AdapterValidator:
+    """Validates adapters against one pool layout (the base model's shapes) at one dtype."""
+
+    def __init__(self, layout: PoolLayout, dtype: torch.dtype) -> None:
         self.layout = layout
         self.dtype = dtype
-        self.host_budget_bytes = host_budget_bytes
-        self.pin_memory = pin_memory
-        self._entries: dict[str, AdapterEntry] = {}
-        self._host_lru: OrderedDict[str, None] = OrderedDict()  # adapters with weights in memory
-        self.host_bytes = 0
-        self.disk_loads = 0
-        self._lock = threading.RLock()
-        self._reader = AdapterFileReader(layout.spec.num_layers)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def get(self, name: str) -> AdapterEntry:
+    def validate(self, name: str, path: Path) -> AdapterEntry:
+        """The adapter at ``path`` as ``name``'s entry; raises ``AdapterLoadError`` naming the
+        first problem found."""
         try:
-            return self._entries[name]
-        except KeyError:
-            raise AdapterNotFoundError(f"adapter {name!r} is not registered") from None
-
-    def register(self, name: str, path: Path) -> AdapterEntry:
-        """Validate the adapter at ``path`` and register it as ``name`` (weights stay on disk)."""
-        if not name or "/" in name or name.strip() != name:
-            raise AdapterLoadError(f"adapter name {name!r} must be non-empty, without '/' or spaces")
-        if name in self._entries:
-            raise AdapterExistsError(f"adapter {name!r} is already registered; unload it first")
-        entry = self._validate(name, path)
-        self._entries[name] = entry
-        return entry
-
-    def unregister(self, name: str) -> None:
-        self.drop_weights(name)
-        del self._entries[name]
-
-    def has_weights(self, name: str) -> bool:
-        return self._entries[name].weights is not None
-
-    def weights(self, name: str) -> torch.Tensor:
-        """The adapter's packed rows ``[layers, used_elements]``, read from disk if not in memory.
-
-        Thread-safe: the engine reads queued requests' adapters ahead on helper threads. The disk
-        read runs outside the lock, so several adapters are read at once.
-        """
-        entry = self.get(name)
-        packed = self._read_weights(entry) if entry.weights is None else None
-        with self._lock:
-            if entry.weights is None:  # (another thread may have read it meanwhile)
-                entry.weights = packed
-                self.host_bytes += packed.numel() * packed.element_size()
-                self.disk_loads += 1
-            self._host_lru[name] = None
-            self._host_lru.move_to_end(name)
-            self._shrink_host(keep=name)
-            return entry.weights
-
-    def drop_weights(self, name: str) -> None:
-        with self._lock:
-            self._drop_weights(name)
-
-    def _drop_weights(self, name: str) -> None:
-        entry = self._entries[name]
-        if entry.weights is not None:
-            self.host_bytes -= entry.weights.numel() * entry.weights.element_size()
-            entry.weights = None
-        self._host_lru.pop(name, None)
-
-    @property
-    def num_in_host(self) -> int:
-        return len(self._host_lru)
-
-    def _shrink_host(self, keep: str) -> None:
-        while self.host_bytes > self.host_budget_bytes and len(self._host_lru) > 1:
-            victim = next(iter(self._host_lru))
-            if victim == keep:
-                self._host_lru.move_to_end(victim)
-                continue
-            self._drop_weights(victim)
-
-    # ---- validation -------------------------------------------------------------------------
-
-    def _validate(self, name: str, path: Path) -> AdapterEntry:
-        if not path.is_dir():
-            raise AdapterLoadError(f"adapter {name!r}: {path} is not a directory")
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} is missing in {path}")
-        weights_path = path / WEIGHTS_FILE
-        if not weights_path.is_file():
-            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-            why = f" (found {', '.join(pickles)}: pickled weights are refused)" if pickles else ""
-            raise AdapterLoadError(f"adapter {name!r}: {WEIGHTS_FILE} is missing{why}; safetensors only")
+            self._check_files(name, path)
+        except OSError as e:  # e.g. a path too long for the file system
+            raise AdapterLoadError(f"adapter {name!r}: cannot read {str(path)[:200]!r}: "
+                                   f"{e.strerror or e}") from None
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
         try:
             config = json.loads(config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -172,9 +82,21 @@ class AdapterStore:
         alpha, use_rslora = self._check_config(name, config)
         shapes = self._read_header(name, weights_path)
         ranks = self._check_shapes(name, shapes)
+        self._check_config_rank(name, config, ranks)
         plan = self.layout.plan_adapter(ranks)
         size = plan.used_elements * self.layout.spec.num_layers * torch.finfo(self.dtype).bits // 8
         return AdapterEntry(name, path, ranks, alpha, use_rslora, plan, size)
+
+    @staticmethod
+    def _check_files(name: str, path: Path) -> None:
+        if not path.is_dir():
+            raise AdapterLoadError(f"adapter {name!r}: {path} is not a directory")
+        if not (path / CONFIG_FILE).is_file():
+            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} is missing in {path}")
+        if not (path / WEIGHTS_FILE).is_file():
+            pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            why = f" (found {', '.join(pickles)}: pickled weights are refused)" if pickles else ""
+            raise AdapterLoadError(f"adapter {name!r}: {WEIGHTS_FILE} is missing{why}; safetensors only")
 
     def _check_config(self, name: str, config: dict) -> tuple[float, bool]:
         def refuse(msg: str) -> AdapterLoadError:
@@ -201,9 +123,26 @@ class AdapterStore:
         if unknown:
             raise refuse(f"target modules {unknown} are not supported; allowed: {list(LORA_MODULES)}")
         alpha = config.get("lora_alpha", 8)
-        if not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise refuse(f"lora_alpha must be a positive number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise refuse(f"lora_alpha must be a positive finite number, got {alpha!r}")
         return float(alpha), bool(config.get("use_rslora", False))
+
+    @staticmethod
+    def _check_config_rank(name: str, config: dict, ranks: dict[str, int]) -> None:
+        """The config's ``r`` (when given) must be every module's rank in the tensors: the
+        scaling is ``lora_alpha / r``, so a config that disagrees would scale by the wrong rank
+        (PEFT refuses such an adapter when it loads the tensors)."""
+        if "r" not in config:
+            return
+        r = config["r"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} r must be a positive integer, "
+                                   f"got {r!r}")
+        differ = {m: k for m, k in ranks.items() if k != r}
+        if differ:
+            found = ", ".join(f"{m} {k}" for m, k in differ.items())
+            raise AdapterLoadError(f"adapter {name!r}: {CONFIG_FILE} says r = {r} but the tensors "
+                                   f"have rank {found}")
 
     def _read_header(self, name: str, path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Tensor name -> (dtype, shape) from the safetensors header, without reading the data."""
@@ -270,13 +209,3 @@ class AdapterStore:
         if min(ranks.values()) < 1:
             raise AdapterLoadError(f"adapter {name!r}: rank 0 is not a valid LoRA rank")
         return {m: ranks[m] for m in LORA_MODULES if m in ranks}
-
-    def _read_weights(self, entry: AdapterEntry) -> torch.Tensor:
-        """Read A and B^T rows and pack them in the plan's row order, ``[layers, used]``."""
-        try:
-            packed = self._reader.read(entry.path / WEIGHTS_FILE, entry.plan, self.dtype)
-        except Exception as e:  # a file damaged after registration: any parsing error
-            raise AdapterLoadError(f"adapter {entry.name!r}: cannot read weights: {e}") from None
-        if self.pin_memory and torch.cuda.is_available():
-            packed = packed.pin_memory()
-        return packed
