@@ -39,6 +39,8 @@ class RayServeOptions:
     replica_num_cpus: float = 1.0
     replica_num_gpus: float = 0.0  # 1.0: one GPU per replica (its tritonserver runs on it)
     state_dir: str | None = None  # each replica writes <replica>.json (URLs, pid) here
+    # False: requests go to any replica (no multiplexed model id); for measuring what affinity buys.
+    affinity: bool = True
     launch: LaunchOptions = LaunchOptions()
 
     def __post_init__(self) -> None:
@@ -116,9 +118,10 @@ class SLoRAIngress:
     """HTTP ingress with Triton's generate endpoints (``POST /v2/models/slora/generate`` and
     ``.../generate_stream``, the same JSON: ``text_input``, ``max_tokens``, ``lora_name``, ...)."""
 
-    def __init__(self, replicas, max_attempts: int) -> None:
+    def __init__(self, replicas, max_attempts: int, affinity: bool = True) -> None:
         self.replicas = replicas
         self.max_attempts = max_attempts
+        self.affinity = affinity
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
@@ -135,7 +138,7 @@ class SLoRAIngress:
         if not isinstance(lora_name, str):
             return JSONResponse({"error": f"INVALID_ARG: lora_name must be a string, got "
                                           f"{lora_name!r}"}, status_code=400)
-        handle = self.replicas.options(multiplexed_model_id=lora_name)
+        handle = self.replicas.options(multiplexed_model_id=lora_name if self.affinity else "")
         if path == STREAM_PATH:
             return StreamingResponse(self._stream(handle, body), media_type="text/event-stream")
         return await self._unary(handle, body)
@@ -180,6 +183,6 @@ def build_app(options: RayServeOptions):
         graceful_shutdown_timeout_s=30)
     ingress = serve.deployment(SLoRAIngress, name="SLoRAIngress", max_ongoing_requests=4096,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica.bind(), options.max_attempts)
+    return ingress.bind(replica.bind(), options.max_attempts, options.affinity)
 
 
