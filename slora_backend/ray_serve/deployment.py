@@ -24,7 +24,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .triton_process import LaunchOptions, ReplicaUnavailable, TritonHttp, TritonProcess
+from .triton_process import (
+    AdapterActionError,
+    LaunchOptions,
+    ReplicaUnavailable,
+    TritonHttp,
+    TritonProcess,
+)
 
 GENERATE_PATH = "/v2/models/slora/generate"
 STREAM_PATH = "/v2/models/slora/generate_stream"
@@ -90,11 +96,19 @@ def replica_class(options: RayServeOptions) -> type:
                 await self.get_adapter(lora_name)
 
         async def generate(self, body: dict) -> tuple[int, str]:
-            await self._adapter()
+            """Triton's status and JSON body (an adapter the engine refuses: Triton's error)."""
+            try:
+                await self._adapter()
+            except AdapterActionError as e:
+                return e.status, json.dumps({"error": e.message})
             return await self.http.generate(body)
 
         async def generate_stream(self, body: dict):
-            await self._adapter()
+            try:
+                await self._adapter()
+            except AdapterActionError as e:
+                yield f"data: {json.dumps({'error': e.message})}\n\n".encode()
+                return
             async for event in self.http.generate_stream(body):
                 yield event
 

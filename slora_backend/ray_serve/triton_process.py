@@ -33,6 +33,15 @@ class ReplicaUnavailable(RuntimeError):
     """The replica's tritonserver cannot be reached (it exited or stopped answering)."""
 
 
+class AdapterActionError(RuntimeError):
+    """``slora_adapters`` refused an action; ``status`` and ``message`` are Triton's answer
+    (the message starts with the error code, e.g. ``NOT_FOUND: adapter 'x' ...``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 @dataclass(frozen=True)
 class LaunchOptions:
     """What each replica's launcher is given (``slora-serve`` flags beyond the ports)."""
@@ -135,7 +144,7 @@ class TritonHttp:
         body = {"inputs": [tensor("action", action), tensor("lora_name", lora_name)]}
         status, text = await self._post(f"/v2/models/{ADAPTERS_MODEL}/infer", body)
         if status != 200:
-            raise RuntimeError(json.loads(text).get("error", text))
+            raise AdapterActionError(status, json.loads(text).get("error", text))
         return json.loads(json.loads(text)["outputs"][0]["data"][0])
 
     async def generate(self, body: dict) -> tuple[int, str]:
