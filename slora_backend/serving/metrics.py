@@ -6,13 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .gateway_metrics import KV_CACHE_USAGE_METRIC, kv_cache_usage
+
 
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
     kind: str  # "gauge" | "counter"
     description: str
-    stat: str  # key of EngineStats.to_dict()
+    stat: str  # key of EngineStats.to_dict(), or "kv_cache_usage" (derived from it)
     labels: tuple[tuple[str, str], ...] = ()
 
 
@@ -26,6 +28,8 @@ METRICS = (
     MetricSpec("slora_pool_pages", "gauge", "Pages of the unified pool by use", "pool_pages_free",
                (("use", "free"),)),
     MetricSpec("slora_pool_pages_total", "gauge", "Pages in the unified pool", "pool_pages_total"),
+    MetricSpec(KV_CACHE_USAGE_METRIC, "gauge", "Fraction (0..1) of the unified pool's pages holding KV cache",
+               "kv_cache_usage"),
     MetricSpec("slora_adapters", "gauge", "Adapters by residency", "adapters_gpu",
                (("residency", "gpu"),)),
     MetricSpec("slora_adapters", "gauge", "Adapters by residency", "adapters_host",
@@ -64,6 +68,7 @@ class MetricsPublisher:
         self._last: dict[MetricSpec, float] = {}
 
     def update(self, stats: Mapping[str, Any]) -> None:
+        stats = {**stats, "kv_cache_usage": kv_cache_usage(stats)}
         for spec, metric in self.metrics.items():
             value = float(stats.get(spec.stat, 0))
             if spec.kind == "gauge":

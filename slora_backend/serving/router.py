@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..request import RequestOutput
 from .errors import CANCELLED, INTERNAL, ServingError, error_from_exception
+from .gateway_metrics import AdapterActivity
 from .inputs import GenerateRequest, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,14 @@ class StreamRouter:
         for s in targets:
             self._cancel(s)
         return len(targets)
+
+    def adapter_activity(self) -> AdapterActivity:
+        """Adapters of the requests in flight: running once a request has had output, else
+        waiting (what the gateway's LoRA info gauge reports)."""
+        with self._lock:
+            streams = list(self._streams.values())
+        return AdapterActivity.of((s.lora_name for s in streams if s.first_token is not None),
+                                  (s.lora_name for s in streams if s.first_token is None))
 
     def num_in_flight(self) -> int:
         with self._lock:

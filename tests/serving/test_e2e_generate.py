@@ -1,5 +1,6 @@
 """Generation through a real tritonserver: concurrent streams equal the engine, HTTP generate
-endpoints, the asyncio client, cancellation draining the pool, and the custom metrics."""
+endpoints, the asyncio client, cancellation draining the pool, and the custom metrics (with the
+ones an inference gateway routes by)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ import tritonclient.grpc as grpcclient
 from slora_client import AsyncSLoRAClient, CancelledError, SLoRAClient
 
 from slora_backend import Engine, EngineConfig, SamplingParams
+from slora_backend.serving.gateway_metrics import (
+    GATEWAY_METRIC_FLAGS,
+    KV_CACHE_USAGE_METRIC,
+    LORA_INFO_METRIC,
+    MAX_LORA_LABEL,
+    RUNNING_ADAPTERS_LABEL,
+    RUNNING_REQUESTS_METRIC,
+    WAITING_ADAPTERS_LABEL,
+)
 from tests.serving.conftest import (
     ADAPTERS,
     http_post,
@@ -267,3 +277,70 @@ def test_metrics(server, client):
                  "slora_adapter_evictions_total", "slora_adapter_misses_total",
                  "slora_preemptions_total"):
         metric(values, name)  # exported
+
+
+def _lora_info(text: str):
+    """The gateway's view of the LoRA info gauge: its newest series (largest value), or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    family = families.get(LORA_INFO_METRIC)
+    if family is None or not family.samples:
+        return None
+    return max(family.samples, key=lambda s: s.value), families
+
+
+def test_gateway_metrics_name_running_adapters(server, client):
+    """While streams run on two adapters, the scrape carries the gauges an inference gateway
+    reads, under the names the gateway config maps, with those adapters in the LoRA info labels."""
+    import time
+    import urllib.request
+
+    running = ["r8-qv", "r4-mlp"]
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def keep_busy(lora):  # back-to-back long generations until the scrape has seen them
+        try:
+            while not stop.is_set():
+                client.complete(PROMPTS[1], lora_name=lora, max_tokens=400, ignore_eos=True)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=keep_busy, args=(lora,)) for lora in running]
+    for t in threads:
+        t.start()
+
+    def both_running():
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+            found = _lora_info(r.read().decode())
+        if found is None:
+            return None
+        sample, families = found
+        names = set(filter(None, sample.labels[RUNNING_ADAPTERS_LABEL].split(",")))
+        return (sample, families) if names == set(running) else None
+
+    try:
+        sample, families = wait_for(both_running, timeout=120, interval=0.2,
+                                    what="both adapters in the LoRA info gauge")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+    assert not failures, failures
+    assert families[LORA_INFO_METRIC].type == "gauge"
+    assert set(sample.labels) >= {RUNNING_ADAPTERS_LABEL, WAITING_ADAPTERS_LABEL, MAX_LORA_LABEL}
+    assert set(filter(None, sample.labels[WAITING_ADAPTERS_LABEL].split(","))) <= set(running)
+    assert int(sample.labels[MAX_LORA_LABEL]) >= 1
+    assert abs(sample.value - time.time()) < 60  # the value is the update's wall-clock time
+    # Every metric the gateway config names is exported, as a gauge.
+    for flag, name in GATEWAY_METRIC_FLAGS.items():
+        assert name in families and families[name].type == "gauge", (flag, name)
+    assert families[RUNNING_REQUESTS_METRIC].samples[0].value >= 0
+    assert 0 <= families[KV_CACHE_USAGE_METRIC].samples[0].value <= 1
+    # Once idle, no adapter is named running or waiting.
+    def idle():
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+            sample, _ = _lora_info(r.read().decode())
+        return not sample.labels[RUNNING_ADAPTERS_LABEL] and not sample.labels[WAITING_ADAPTERS_LABEL]
+    wait_for(idle, timeout=60, what="an empty LoRA info gauge after the streams ended")

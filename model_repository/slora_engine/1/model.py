@@ -68,9 +68,9 @@ class TritonPythonModel:
         self.engine = self._start_engine(settings)
         repository_root = triton_stub.repository_root(args)
         self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
-        self._init_metrics(args, settings.metrics_interval_s)
         self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft,
                                            stream_interval=settings.stream_interval)
+        self._init_metrics(args, settings)
         self.control = serving.ControlHandler(
             self.engine, self.router, extra_stats=lambda: {
                 "requests_cancelled": self.router.counters.cancelled,
@@ -113,7 +113,7 @@ class TritonPythonModel:
 
     # ---- metrics --------------------------------------------------------------------------------
 
-    def _init_metrics(self, args: dict, interval_s: float) -> None:
+    def _init_metrics(self, args: dict, settings) -> None:
         labels = {"model": args["model_name"], "version": args["model_version"]}
         kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER}
         # Families stay referenced on self: once a family is collected, its metrics stop working.
@@ -135,15 +135,25 @@ class TritonPythonModel:
         )
         self._families[serving.TTFT_NAME] = ttft
         self._ttft = ttft.Metric(labels=labels, buckets=list(serving.TTFT_BUCKETS))
+        lora_info = pb_utils.MetricFamily(name=serving.LORA_INFO_METRIC,
+                                          description=serving.LORA_INFO_DESCRIPTION,
+                                          kind=pb_utils.MetricFamily.GAUGE)
+        self._families[serving.LORA_INFO_METRIC] = lora_info
+        cfg = settings.engine
+        self.lora_info = serving.LoraInfoGauge(
+            lambda series_labels: lora_info.Metric(labels=series_labels),
+            serving.gateway_metrics.max_lora(cfg.max_adapters_per_batch, cfg.max_num_seqs), labels)
         self._metrics_stop = threading.Event()
         self._metrics_thread = threading.Thread(
-            target=self._metrics_loop, args=(interval_s,), name="slora-metrics", daemon=True)
+            target=self._metrics_loop, args=(settings.metrics_interval_s,), name="slora-metrics",
+            daemon=True)
         self._metrics_thread.start()
 
     def _metrics_loop(self, interval_s: float) -> None:
         while not self._metrics_stop.wait(interval_s):
             try:
                 self.metrics.update(self.engine.stats().to_dict())
+                self.lora_info.update(self.router.adapter_activity(), time.time())
             except Exception as e:  # metrics must never take the model down
                 self.logger.log_warn(f"slora_engine metrics update failed: {e}")
 
