@@ -10,7 +10,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from slora_backend.serve import parse_args
+from slora_backend.launcher.cli import parse_args
 from slora_backend.serving.gateway_metrics import GATEWAY_METRIC_FLAGS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
