@@ -98,9 +98,8 @@ class Engine:
         self.adapters = AdapterCache(adapter_pool, self.store,
                                      copying=lambda name: self.copier.in_flight(name))
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
-        # Graphs need ops that never sync with the host: the Triton kernels, not the references.
-        graphable = (config.cuda_graphs and self.device.type == "cuda"
-                     and config.resolved_kernel_backend == "triton" and not config.lora_ops)
+        ops = make_ops(config.resolved_kernel_backend, config.lora_ops)
+        graphable = config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
@@ -110,7 +109,7 @@ class Engine:
                                    else admit_wait)
         self.runner = ModelRunner(
             self.model, self.layout, num_pages,
-            make_ops(config.resolved_kernel_backend, config.lora_ops), self.store, self.device, dtype,
+            ops, self.store, self.device, dtype,
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
         # Reads adapters of queued requests from disk into host memory off the engine thread,
