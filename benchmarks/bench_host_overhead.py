@@ -97,7 +97,7 @@ def launches() -> dict[str, float]:
     mods = bk.QKV[0]
     x = torch.randn(b, bk.H, device=dev, dtype=dt)
     slots = torch.arange(b, dtype=torch.int32, device=dev)
-    seg = (slots, torch.ones_like(slots), slots)
+    args = ad.args(slots, (slots, torch.ones_like(slots), slots), max_seg_len=1)
     w = torch.randn(bk.H, device=dev, dtype=dt)
     small_w, small_x = torch.randn(64, bk.H, device=dev, dtype=dt), x[:8]
     out = {
@@ -106,14 +106,12 @@ def launches() -> dict[str, float]:
         "F.linear small": host_us(lambda: F.linear(small_x, small_w)),
         "tensor add": host_us(lambda: small_x + small_x),
         "rms_norm launcher": host_us(lambda: rms_norm(x, w, 1e-5)),
-        "sgmv shrink launcher": host_us(
-            lambda: lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)),
-        "bgmv shrink launcher": host_us(
-            lambda: lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)),
+        "sgmv shrink launcher": host_us(lambda: lora_shrink_prefill(x, ad.pool, args, mods)),
+        "bgmv shrink launcher": host_us(lambda: lora_shrink_decode(x, ad.pool, args, mods)),
     }
     for tag, module, name, call in (
         ("sgmv shrink", lora_prefill, "_sgmv_shrink_kernel",
-         lambda: lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)),
+         lambda: lora_shrink_prefill(x, ad.pool, args, mods)),
         ("rms_norm", norm_rope, "_rms_norm_kernel", lambda: rms_norm(x, w, 1e-5)),
     ):
         out.update(_jit_vs_cached(tag, module, name, call))
@@ -130,7 +128,7 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from slora_backend import Engine, EngineConfig
-    from slora_backend.ops_triton import TritonOps
+    from slora_backend.ops.triton_ops import TritonOps
 
     from . import bench_decode_step as bds
     from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry

@@ -29,19 +29,14 @@ from types import SimpleNamespace
 import torch
 import triton
 from slora_kernels.attention_reference import write_kv_ref
-from slora_kernels.lora_bmm import (
-    lora_expand_bmm,
-    lora_expand_bmm_segments,
-    lora_shrink_bmm,
-    lora_shrink_bmm_segments,
-)
+from slora_kernels.lora_args import LoraArgs
+from slora_kernels.lora_bmm import lora_expand_bmm, lora_shrink_bmm
 from slora_kernels.lora_decode import (
     BgmvExpand,
     BgmvShrink,
     lora_expand_decode,
     lora_shrink_decode,
 )
-from slora_kernels.lora_decode_fused import lora_decode_fused
 from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.norm_rope_reference import (
@@ -52,6 +47,7 @@ from slora_kernels.norm_rope_reference import (
 )
 from slora_kernels.paged_attention import paged_attention, write_kv
 
+from benchmarks.lora_bmm_segments import lora_expand_bmm_segments, lora_shrink_bmm_segments
 from slora_backend.batch import LORA_MODULES
 from slora_backend.layout import PoolLayout
 
@@ -157,6 +153,14 @@ class Adapters:
         self.scalings = torch.full((n,), 2.0, device=DEV)
         self.dims = [layout.module_dims[m] for m in LORA_MODULES]
 
+    def args(self, token_slots: torch.Tensor | None = None,
+             segments: tuple[torch.Tensor, ...] | None = None, max_seg_len: int = 0) -> LoraArgs:
+        """These adapters' tables, with per-token slots and/or (starts, lens, slots) segments."""
+        seg_starts, seg_lens, seg_slots = segments or (None, None, None)
+        return LoraArgs(self.ranks, self.a_off, self.b_off, self.scalings,
+                        token_slots=token_slots, seg_starts=seg_starts, seg_lens=seg_lens,
+                        seg_slots=seg_slots, max_seg_len=max_seg_len)
+
     def weight_bytes(self, slots: list[int], modules: tuple[int, ...]) -> float:
         """Bytes of the A and B^T rows of ``modules`` for each distinct slot."""
         return sum(self.ranks_host[s] * sum(self.dims[m]) * 2 for s in set(slots) for m in modules)
@@ -181,59 +185,36 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     mods, starts, dims = QKV
     for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
-        seg = (slots, torch.ones_like(slots), slots)  # starts, lens, slots
+        # one-token segments: starts, lens, slots
+        args = ad.args(slots, (slots, torch.ones_like(slots), slots), max_seg_len=1)
 
         def triton_fn(tiles_s=None, tiles_e=None, pdl=None) -> torch.Tensor:
-            z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s,
-                                   pdl=pdl)
-            lora_expand_decode(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                               starts, dims, tiles=tiles_e, pdl=pdl)
+            z = lora_shrink_decode(x, ad.pool, args, mods, tiles=tiles_s, pdl=pdl)
+            lora_expand_decode(y, z, ad.pool, args, mods, starts, dims, tiles=tiles_e, pdl=pdl)
             return z
 
-        def fused_fn(tiles=None) -> None:
-            lora_decode_fused(y, x, ad.pool, slots, ad.ranks, ad.a_off, ad.b_off, ad.scalings,
-                              mods, starts, dims, tiles=tiles)
-
         def sgmv_fn() -> None:
-            z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, 1)
-            lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims, 1)
+            z = lora_shrink_prefill(x, ad.pool, args, mods)
+            lora_expand_prefill(y, z, ad.pool, args, mods, starts, dims)
 
         def torch_fn() -> torch.Tensor:
-            z = lora_shrink_bmm(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
-            lora_expand_bmm(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                            starts, dims)
+            z = lora_shrink_bmm(x, ad.pool, args, mods)
+            lora_expand_bmm(y, z, ad.pool, args, mods, starts, dims)
             return z
 
         y0, y_t = check_lora(f"decode lora b{b} {rank_name}", y, triton_fn, torch_fn)
-        y[:] = y0
-        fused_fn()
-        check(f"decode lora b{b} {rank_name} fused delta", y - y0, y_t - y0)
         nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
         config = f"B={b} {rank_name} qkv, {b} distinct adapters"
-        fused_us = time_us(fused_fn)
         y[:] = y0
         triton_fn(pdl=False)
         check(f"decode lora b{b} {rank_name} without PDL", y - y0, y_t - y0)
         record("lora_decode", config, time_us(triton_fn), time_us(torch_fn), nbytes,
                no_pdl_us=round(time_us(lambda: triton_fn(pdl=False)), 2),
                sgmv_us=round(time_us(sgmv_fn), 2),
-               triton_eager_us=round(eager_us(triton_fn), 2),
-               fused_us=round(fused_us, 2),
-               fused_pct_of_bound=round(100 * nbytes / HBM_BYTES_PER_S * 1e6 / fused_us, 1))
-        if sweep and b == TARGET_B and rank_name != "r64":
-            # Defaults: 8 (or 16) rank rows x 2048, 8 warps: 195 registers, one program per
-            # SM; smaller tiles fit two.
-            for tiles in ({"BLOCK_K": 1024, "BLOCK_N": 1024},
-                          {"BLOCK_K": 1024, "BLOCK_N": 1024, "num_warps": 4},
-                          {"BLOCK_K": 4096, "BLOCK_N": 4096}, {"num_warps": 4},
-                          {"BLOCK_R": 4}, {"BLOCK_K": 512, "BLOCK_N": 512, "num_warps": 4}):
-                record("sweep_lora_decode_fused", f"{config} fused {tiles}",
-                       time_us(lambda: fused_fn(tiles)), None, nbytes)
+               triton_eager_us=round(eager_us(triton_fn), 2))
         if sweep and b == TARGET_B:
             # Defaults: shrink 2 rank rows x 1024, expand 4 rank rows x 1024 columns, 4 warps
-            # (from --only decode_tiles); the first row is the 8 x 512 pair, which gives a rank-8
-            # batch too few programs.
+            # (from --only decode_tiles); the first row is 8 rank rows x 512 for both.
             for ts, te in (({"BLOCK_R": 8, "BLOCK_K": 512}, {"BLOCK_R": 8, "BLOCK_N": 512}),
                            (None, {"BLOCK_R": 8, "BLOCK_N": 512}),
                            (None, {"BLOCK_R": 8, "BLOCK_N": 256}),
@@ -252,16 +233,15 @@ def bench_lora_decode(batches: list[int], sweep: bool) -> None:
         x = torch.randn(b, H, device=DEV, dtype=DT)
         y = torch.randn(b, sum(dims), device=DEV, dtype=DT)
         seg = tuple(torch.tensor([v], dtype=torch.int32, device=DEV) for v in (0, b, 0))
+        args = ad.args(slots, seg, max_seg_len=b)
 
         def bgmv() -> None:
-            z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
-            lora_expand_decode(y, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                               starts, dims)
+            z = lora_shrink_decode(x, ad.pool, args, mods)
+            lora_expand_decode(y, z, ad.pool, args, mods, starts, dims)
 
         def sgmv() -> None:
-            z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, b)
-            lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims, b)
+            z = lora_shrink_prefill(x, ad.pool, args, mods)
+            lora_expand_prefill(y, z, ad.pool, args, mods, starts, dims)
 
         nbytes = ad.weight_bytes([0], mods) + b * (H + 2 * sum(dims)) * 2
         record("lora_decode_identical", f"B={b} r64 qkv, 1 shared adapter", time_us(bgmv), None,
@@ -285,11 +265,11 @@ def bench_lora_decode_layers(batches: list[int], sweep: bool, layers: int = 32) 
     for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
         n_layers = max(2, min(layers, int(24e9 // (ad.pool.numel() * 2))))  # <= ~24 GB
         pools = [ad.pool] + [torch.randn_like(ad.pool) * 0.02 for _ in range(n_layers - 1)]
+        args = ad.args(slots)
 
         def triton_layers(tiles_s=None, tiles_e=None) -> Callable[[], None]:
-            shrink = BgmvShrink(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=tiles_s)
-            expand = BgmvExpand(y, shrink.z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings,
-                                mods, starts, dims, tiles=tiles_e)
+            shrink = BgmvShrink(x, ad.pool, args, mods, tiles=tiles_s)
+            expand = BgmvExpand(y, shrink.z, ad.pool, args, mods, starts, dims, tiles=tiles_e)
 
             def run() -> None:
                 for pool in pools:
@@ -298,9 +278,8 @@ def bench_lora_decode_layers(batches: list[int], sweep: bool, layers: int = 32) 
 
         def torch_layers() -> None:
             for pool in pools:
-                z = lora_shrink_bmm(x, pool, slots, ad.ranks, ad.a_off, mods)
-                lora_expand_bmm(y, z, pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims)
+                z = lora_shrink_bmm(x, pool, args, mods)
+                lora_expand_bmm(y, z, pool, args, mods, starts, dims)
 
         y0 = y.clone()
         torch_layers()
@@ -344,7 +323,8 @@ def bench_decode_tiles(batches: list[int]) -> None:
     expand_tiles = [dict(BLOCK_R=r, BLOCK_N=n, num_warps=w)
                     for r in (4, 8, 16) for n in (256, 512, 1024) for w in (4, 8)]
     for rank_name, b, ad, slots, x, y in _decode_cases(batches, gen):
-        z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
+        args = ad.args(slots)
+        z = lora_shrink_decode(x, ad.pool, args, mods)
         w_a = ad.weight_bytes(list(range(b)), mods) / 2  # A and B^T rows are the same size
         best = {}
         for kind, tiles, nbytes in (("shrink", shrink_tiles, w_a + b * H * 2),
@@ -352,22 +332,19 @@ def bench_decode_tiles(batches: list[int]) -> None:
             times = []
             for t in tiles:
                 if kind == "shrink":
-                    check(f"shrink {t}", lora_shrink_decode(x, ad.pool, slots, ad.ranks,
-                                                            ad.a_off, mods, tiles=t), z)
-                    fn = partial(lora_shrink_decode, x, ad.pool, slots, ad.ranks, ad.a_off,
-                                 mods, tiles=t)
+                    check(f"shrink {t}", lora_shrink_decode(x, ad.pool, args, mods, tiles=t), z)
+                    fn = partial(lora_shrink_decode, x, ad.pool, args, mods, tiles=t)
                 else:
-                    fn = partial(lora_expand_decode, y, z, ad.pool, slots, ad.ranks, ad.b_off,
-                                 ad.scalings, mods, starts, dims, tiles=t)
+                    fn = partial(lora_expand_decode, y, z, ad.pool, args, mods, starts, dims,
+                                 tiles=t)
                 us = time_us(fn)
                 times.append((us, t))
                 record(f"tiles_{kind}", f"B={b} {rank_name} {t}", us, None, nbytes)
             best[kind] = min(times, key=lambda p: p[0])[1]
 
         def pair(ts=None, te=None) -> None:
-            zz = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods, tiles=ts)
-            lora_expand_decode(y, zz, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                               starts, dims, tiles=te)
+            zz = lora_shrink_decode(x, ad.pool, args, mods, tiles=ts)
+            lora_expand_decode(y, zz, ad.pool, args, mods, starts, dims, tiles=te)
 
         nbytes = ad.weight_bytes(list(range(b)), mods) + b * (H + 2 * sum(dims)) * 2
         record("tiles_pair", f"B={b} {rank_name} defaults", time_us(pair), None, nbytes)
@@ -391,19 +368,16 @@ def bench_lora_prefill(configs: list[int], sweep: bool) -> None:
                    torch.arange(n, dtype=torch.int32, device=DEV))
             x = torch.randn(t, H, device=DEV, dtype=DT)
             y = torch.randn(t, sum(dims), device=DEV, dtype=DT)
-            max_len = max(lens)
+            args = ad.args(segments=seg, max_seg_len=max(lens))
 
             def triton_fn(ts=None, te=None) -> torch.Tensor:
-                z = lora_shrink_prefill(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, max_len,
-                                        tiles=ts)
-                lora_expand_prefill(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                    starts, dims, max_len, tiles=te)
+                z = lora_shrink_prefill(x, ad.pool, args, mods, tiles=ts)
+                lora_expand_prefill(y, z, ad.pool, args, mods, starts, dims, tiles=te)
                 return z
 
             def torch_fn() -> torch.Tensor:
-                z = lora_shrink_bmm_segments(x, ad.pool, *seg, ad.ranks, ad.a_off, mods, max_len)
-                lora_expand_bmm_segments(y, z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings,
-                                         mods, starts, dims, max_len)
+                z = lora_shrink_bmm_segments(x, ad.pool, args, mods)
+                lora_expand_bmm_segments(y, z, ad.pool, args, mods, starts, dims)
                 return z
 
             check_lora(f"prefill lora n{n} {rank_name}", y, triton_fn, torch_fn)
@@ -431,19 +405,18 @@ def bench_lora_mixed_step(decode_rows: int = 250, prompts: int = 8) -> None:
     rows = torch.arange(d, dtype=torch.int32, device=DEV)
     seg = (i32([sum(lens[:i]) for i in range(prompts)]), i32(lens),
            torch.arange(d, d + prompts, dtype=torch.int32, device=DEV))
+    row_args, prompt_args = ad.args(rows), ad.args(segments=seg, max_seg_len=max(lens))
     for name, (mods, starts, dims) in (("qkv", QKV), ("o", ((3,), (0,), (H,)))):
         x = torch.randn(d + p, H, device=DEV, dtype=DT)
         y = torch.randn(d + p, sum(dims), device=DEV, dtype=DT)
 
         def decode_part() -> None:
-            z = lora_shrink_decode(x[:d], ad.pool, rows, ad.ranks, ad.a_off, mods)
-            lora_expand_decode(y[:d], z, ad.pool, rows, ad.ranks, ad.b_off, ad.scalings, mods,
-                               starts, dims)
+            z = lora_shrink_decode(x[:d], ad.pool, row_args, mods)
+            lora_expand_decode(y[:d], z, ad.pool, row_args, mods, starts, dims)
 
         def prompt_part() -> None:
-            z = lora_shrink_prefill(x[d:], ad.pool, *seg, ad.ranks, ad.a_off, mods, max(lens))
-            lora_expand_prefill(y[d:], z, ad.pool, *seg, ad.ranks, ad.b_off, ad.scalings, mods,
-                                starts, dims, max(lens))
+            z = lora_shrink_prefill(x[d:], ad.pool, prompt_args, mods)
+            lora_expand_prefill(y[d:], z, ad.pool, prompt_args, mods, starts, dims)
 
         def both() -> None:
             decode_part()
@@ -601,7 +574,7 @@ def bench_graph_check() -> None:
     gen = torch.Generator().manual_seed(3)
     mods, starts, dims = QKV
     ad = Adapters(8, MIXED, gen)
-    slots = torch.arange(8, dtype=torch.int32, device=DEV)
+    args = ad.args(torch.arange(8, dtype=torch.int32, device=DEV))
     x = torch.randn(8, H, device=DEV, dtype=DT)
     w = torch.randn(H, device=DEV, dtype=DT)
     y0 = torch.randn(8, sum(dims), device=DEV, dtype=DT)
@@ -616,9 +589,8 @@ def bench_graph_check() -> None:
     def lora() -> None:
         out = outs["lora decode qkv"]
         out.copy_(y0)
-        z = lora_shrink_decode(x, ad.pool, slots, ad.ranks, ad.a_off, mods)
-        lora_expand_decode(out, z, ad.pool, slots, ad.ranks, ad.b_off, ad.scalings, mods,
-                           starts, dims)
+        z = lora_shrink_decode(x, ad.pool, args, mods)
+        lora_expand_decode(out, z, ad.pool, args, mods, starts, dims)
 
     runs = {
         "torch op (control)": lambda: outs["torch op (control)"].copy_(x * 2),

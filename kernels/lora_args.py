@@ -1,19 +1,18 @@
-"""Argument checks shared by the decode (BGMV) and prefill (SGMV) LoRA launchers.
+"""``LoraArgs``: the launch arguments of one LoRA batch, and the launchers' per-call checks.
 
-The adapter tables follow ``slora_backend.batch.LoraBatch``: ``ranks`` int32 ``[S, M]``,
-``a_offsets`` / ``b_offsets`` int64 ``[S, M, R]`` (M = 7 module kinds, R = the batch's max rank),
-``scalings`` fp32 ``[S]``; ``pool`` is one layer's flat buffer. The launchers cannot check that
-every offset lies inside ``pool`` without a device sync; the model runner guarantees it.
+Every LoRA op (the decode and segment kernels, the torch reference, the gather + bmm baseline)
+reads the same tables; they travel as one ``LoraArgs`` built once per batch. Its tables are
+checked when it is built, so a step that launches 64-256 LoRA kernels with one ``LoraArgs``
+checks them once; each launch checks only its per-layer tensors (x, y, z, the layer's pool
+buffer), that they sit on the tables' device, and the per-call module slices.
 
-The tables of a step are the same tensor objects in every layer's launches (a 7B model's step
-makes 64-256 LoRA launches), so a table set that passed is remembered (``_TableChecks``) and not
-re-checked; the per-layer tensors (x, y, z, the layer's pool buffer) are checked every time.
+The launchers cannot check that every offset lies inside ``pool`` without a device sync; the
+model runner guarantees it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,105 @@ import torch
 from ._common import FLOAT_DTYPES, check_device, check_modules, check_tensor
 
 
+@dataclass(frozen=True, eq=False)
+class LoraArgs:
+    """Which adapter slot each token (or segment of tokens) uses, and where that adapter's rows
+    lie in one layer's flat pool buffer.
+
+    Slot s, module m (0..6, ``slora_backend.batch.LORA_MODULES``): rank ``ranks[s, m]`` (0: m is
+    not a target), scaling ``scalings[s]``, row j of A (length in_dim) at element
+    ``a_offsets[s, m, j]`` and row j of B^T (length out_dim) at ``b_offsets[s, m, j]`` for
+    ``j < ranks[s, m]``. R = ``a_offsets.shape[2]`` (the batch's max rank) is z's width.
+
+    Rows: ``token_slots[i]`` is token i's slot (-1: base model), read by the decode (per-token)
+    kernels, the reference and the bmm baseline. Segments: tokens ``seg_starts[g] ..
+    seg_starts[g] + seg_lens[g] - 1`` use slot ``seg_slots[g]`` (>= 0), read by the segment
+    kernels; ``max_seg_len`` (a host int that sizes their grid) is at least every length. Either
+    part may be absent (None) when no op of the batch reads it; a mixed step's split has rows
+    for its decode tokens and segments for its prompts.
+
+    Dtypes and layouts (checked at construction, ``ValueError`` naming the field): ``ranks``
+    int32 [S, M] contiguous; ``a_offsets`` / ``b_offsets`` int64 [S, M, R] with a contiguous last
+    dimension (they may be cut from wider tables); ``scalings`` fp32 [S] contiguous; the rows and
+    segment tables int32, 1-D, contiguous; every tensor on one device. Tensors are never resized
+    in place, so what was checked stays true.
+    """
+
+    ranks: torch.Tensor
+    a_offsets: torch.Tensor
+    b_offsets: torch.Tensor
+    scalings: torch.Tensor
+    token_slots: torch.Tensor | None = None
+    seg_starts: torch.Tensor | None = None
+    seg_lens: torch.Tensor | None = None
+    seg_slots: torch.Tensor | None = None
+    max_seg_len: int = 0
+
+    def __post_init__(self) -> None:
+        device = self.ranks.device
+        check_tensor("ranks", self.ranks, dtypes=(torch.int32,), ndim=2, contiguous=True)
+        num_slots, num_kinds = self.ranks.shape
+        for name in ("a_offsets", "b_offsets"):
+            check_tensor(name, getattr(self, name), dtypes=(torch.int64,), ndim=3,
+                         shape=(num_slots, num_kinds, None), device=device,
+                         inner_contiguous=True)
+        if self.b_offsets.shape != self.a_offsets.shape:
+            raise ValueError(f"b_offsets has shape {list(self.b_offsets.shape)}, a_offsets "
+                             f"{list(self.a_offsets.shape)}: they must match")
+        check_tensor("scalings", self.scalings, dtypes=(torch.float32,), ndim=1,
+                     shape=(num_slots,), device=device, contiguous=True)
+        if self.token_slots is not None:
+            check_tensor("token_slots", self.token_slots, dtypes=(torch.int32,), ndim=1,
+                         device=device, contiguous=True)
+        segment_tables = (self.seg_starts, self.seg_lens, self.seg_slots)
+        if any(t is None for t in segment_tables) != all(t is None for t in segment_tables):
+            raise ValueError("seg_starts, seg_lens and seg_slots must be given together")
+        if self.seg_starts is not None:
+            n = self.seg_starts.shape[0] if self.seg_starts.dim() else -1
+            for name in ("seg_starts", "seg_lens", "seg_slots"):
+                check_tensor(name, getattr(self, name), dtypes=(torch.int32,), ndim=1,
+                             shape=(n,), device=device, contiguous=True)
+            if n > 0 and self.max_seg_len < 1:
+                raise ValueError(
+                    f"max_seg_len must be >= 1 when there are segments, got {self.max_seg_len}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.ranks.shape[0])
+
+    @property
+    def max_rank(self) -> int:
+        """R: the width of z's last dimension."""
+        return int(self.a_offsets.shape[2])
+
+    @property
+    def num_segments(self) -> int:
+        return 0 if self.seg_starts is None else int(self.seg_starts.shape[0])
+
+    def rows_for(self, num_tokens: int) -> torch.Tensor:
+        """``token_slots``, checked to have one entry per token of the call."""
+        if self.token_slots is None:
+            raise ValueError("these LoraArgs have no token_slots: the per-token kernels, the "
+                             "reference and the bmm baseline need them")
+        if self.token_slots.shape[0] != num_tokens:
+            raise ValueError(f"token_slots has {self.token_slots.shape[0]} entries, expected "
+                             f"{num_tokens} (one per token)")
+        return self.token_slots
+
+    def require_segments(self) -> None:
+        if self.seg_starts is None:
+            raise ValueError("these LoraArgs have no segment tables (seg_starts, seg_lens, "
+                             "seg_slots): the segment kernels need them")
+
+
 @dataclass(frozen=True)
-class ShrinkArgs:
+class ShrinkCall:
+    """One shrink launch's per-call values, checked."""
+
     num_tokens: int
     in_dim: int
     max_rank: int  # width of z's last dimension (= a_offsets.shape[2])
@@ -30,7 +126,9 @@ class ShrinkArgs:
 
 
 @dataclass(frozen=True)
-class ExpandArgs:
+class ExpandCall:
+    """One expand launch's per-call values, checked."""
+
     num_tokens: int
     max_rank: int
     modules: tuple[int, ...]
@@ -38,98 +136,37 @@ class ExpandArgs:
     out_dims: tuple[int, ...]
 
 
-class _TableChecks:
-    """The last few table sets that passed their checks, keyed by the tensors' identities (and
-    the device they were checked for). Entries hold the tensors, so an id in a key cannot be
-    reused by another object while the entry lives. A tensor's dtype, shape, strides and device
-    do not change after creation (short of resize_/set_, which nothing applies to these)."""
-
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
-        self._passed: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
-
-    def check(self, what: str, tensors: tuple[torch.Tensor, ...], device: torch.device,
-              run: Callable[[], None]) -> None:
-        key = (what, device, *(id(t) for t in tensors))
-        if key in self._passed:
-            self._passed.move_to_end(key)
-            return
-        run()  # raises, naming the problem, if a table is wrong: nothing is remembered then
-        self._passed[key] = tensors
-        if len(self._passed) > self.size:
-            self._passed.popitem(last=False)
-
-
-_TABLES = _TableChecks()
-
-
-def _check_tables(
-    pool: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, offsets_name: str,
-    dtype: torch.dtype, device: torch.device,
-) -> None:
-    check_tensor("pool", pool, dtypes=(dtype,), ndim=1, device=device, contiguous=True)
-
-    def run() -> None:
-        check_tensor("ranks", ranks, dtypes=(torch.int32,), ndim=2, device=device,
-                     contiguous=True)
-        num_slots, num_kinds = ranks.shape
-        # (may be cut to the batch's max rank from wider tables: rows keep their stride)
-        check_tensor(offsets_name, offsets, dtypes=(torch.int64,), ndim=3,
-                     shape=(num_slots, num_kinds, None), device=device, inner_contiguous=True)
-
-    _TABLES.check(offsets_name, (ranks, offsets), device, run)
-
-
-def _check_scalings(scalings: torch.Tensor, ranks: torch.Tensor, device: torch.device) -> None:
-    _TABLES.check("scalings", (scalings, ranks), device, lambda: check_tensor(
-        "scalings", scalings, dtypes=(torch.float32,), ndim=1, shape=(ranks.shape[0],),
-        device=device, contiguous=True))
+def _check_on_tables_device(name: str, t: torch.Tensor, args: LoraArgs) -> None:
+    if t.device != args.device:
+        raise ValueError(f"{name} is on {t.device}, the LoRA tables on {args.device}: they must "
+                         "share one device")
 
 
 def check_shrink(
-    x: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor,
-    modules: Sequence[int],
-) -> ShrinkArgs:
+    x: torch.Tensor, pool: torch.Tensor, args: LoraArgs, modules: Sequence[int],
+) -> ShrinkCall:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=2, inner_contiguous=True)
     check_device("x", x)
-    _check_tables(pool, ranks, a_offsets, "a_offsets", x.dtype, x.device)
-    mods = check_modules(modules, ranks.shape[1])
-    return ShrinkArgs(x.shape[0], x.shape[1], a_offsets.shape[2], mods)
+    _check_on_tables_device("x", x, args)
+    check_tensor("pool", pool, dtypes=(x.dtype,), ndim=1, device=x.device, contiguous=True)
+    mods = check_modules(modules, args.ranks.shape[1])
+    return ShrinkCall(x.shape[0], x.shape[1], args.max_rank, mods)
 
 
 def check_expand(
-    y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor,
-    b_offsets: torch.Tensor, scalings: torch.Tensor, modules: Sequence[int],
-    out_starts: Sequence[int], out_dims: Sequence[int],
-) -> ExpandArgs:
+    y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, args: LoraArgs,
+    modules: Sequence[int], out_starts: Sequence[int], out_dims: Sequence[int],
+) -> ExpandCall:
     check_tensor("y", y, dtypes=FLOAT_DTYPES, ndim=2, inner_contiguous=True)
     check_device("y", y)
-    _check_tables(pool, ranks, b_offsets, "b_offsets", y.dtype, y.device)
-    mods = check_modules(modules, ranks.shape[1])
-    max_rank = b_offsets.shape[2]
-    check_tensor("z", z, dtypes=(y.dtype,), ndim=3, shape=(y.shape[0], len(mods), max_rank),
-                 device=y.device, inner_contiguous=True)
-    _check_scalings(scalings, ranks, y.device)
-    starts, dims = _check_out_slices(y, mods, out_starts, out_dims)
-    return ExpandArgs(y.shape[0], max_rank, mods, starts, dims)
-
-
-def check_fused(
-    y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, ranks: torch.Tensor,
-    a_offsets: torch.Tensor, b_offsets: torch.Tensor, scalings: torch.Tensor,
-    modules: Sequence[int], out_starts: Sequence[int], out_dims: Sequence[int],
-) -> tuple[ShrinkArgs, ExpandArgs]:
-    """The shrink's checks on x and the expand's on y, for a launch that does both."""
-    shrink = check_shrink(x, pool, ranks, a_offsets, modules)
-    check_tensor("y", y, dtypes=(x.dtype,), ndim=2, shape=(x.shape[0], None), device=x.device,
+    _check_on_tables_device("y", y, args)
+    check_tensor("pool", pool, dtypes=(y.dtype,), ndim=1, device=y.device, contiguous=True)
+    mods = check_modules(modules, args.ranks.shape[1])
+    check_tensor("z", z, dtypes=(y.dtype,), ndim=3,
+                 shape=(y.shape[0], len(mods), args.max_rank), device=y.device,
                  inner_contiguous=True)
-    _check_tables(pool, ranks, b_offsets, "b_offsets", x.dtype, x.device)
-    if b_offsets.shape != a_offsets.shape:
-        raise ValueError(f"b_offsets has shape {list(b_offsets.shape)}, a_offsets "
-                         f"{list(a_offsets.shape)}: they must match")
-    _check_scalings(scalings, ranks, x.device)
-    starts, dims = _check_out_slices(y, shrink.modules, out_starts, out_dims)
-    return shrink, ExpandArgs(y.shape[0], shrink.max_rank, shrink.modules, starts, dims)
+    starts, dims = _check_out_slices(y, mods, out_starts, out_dims)
+    return ExpandCall(y.shape[0], args.max_rank, mods, starts, dims)
 
 
 def _check_out_slices(
@@ -147,30 +184,3 @@ def _check_out_slices(
                 f"output slice [{start}, {start + dim}) does not fit in y's {y.shape[1]} columns"
             )
     return starts, dims
-
-
-def check_segments(
-    seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor,
-    max_seg_len: int, device: torch.device,
-) -> int:
-    """Validate the segment tables (int32 ``[num_segments]`` each); return the segment count."""
-
-    def run() -> None:
-        check_tensor("seg_starts", seg_starts, dtypes=(torch.int32,), ndim=1, device=device,
-                     contiguous=True)
-        n = seg_starts.shape[0]
-        for name, t in (("seg_lens", seg_lens), ("seg_slots", seg_slots)):
-            check_tensor(name, t, dtypes=(torch.int32,), shape=(n,), ndim=1, device=device,
-                         contiguous=True)
-
-    _TABLES.check("segments", (seg_starts, seg_lens, seg_slots), device, run)
-    n = seg_starts.shape[0]
-    if n > 0 and max_seg_len < 1:
-        raise ValueError(f"max_seg_len must be >= 1 when there are segments, got {max_seg_len}")
-    return n
-
-
-def check_token_slots(token_slots: torch.Tensor, num_tokens: int, device: torch.device) -> None:
-    _TABLES.check(f"token_slots[{num_tokens}]", (token_slots,), device, lambda: check_tensor(
-        "token_slots", token_slots, dtypes=(torch.int32,), ndim=1, shape=(num_tokens,),
-        device=device, contiguous=True))

@@ -7,8 +7,8 @@ the unified page pool through per-row element offsets (``slora_backend.layout``)
 Work per program is one token x one module x one block of rank rows (shrink) or output columns
 (expand). On Hopper the expand is a programmatic dependent launch (PDL) of the shrink: its
 programs start while the shrink still runs, read their slot, rank, row offsets and first block
-of B^T rows, and only then wait for z. At rank 8 the two launches' fixed latency, not the bytes,
-was most of the pair's time (docs/benchmarks.md).
+of B^T rows, and only then wait for z: at small ranks the pair's fixed latency, not its bytes,
+is most of its time (docs/kernels.md).
 
 A program loops only to its own adapter's rank, so a rank-8 row costs a rank-8 read however
 large the batch's largest rank is; a base-model row (slot -1) loads its slot and stops.
@@ -34,7 +34,7 @@ from ._common import (
 )
 from ._launch import cached_launch
 from ._tl_helpers import add_scaled_row, misaligned_rows, token_module_columns
-from .lora_args import check_expand, check_shrink, check_token_slots
+from .lora_args import LoraArgs, check_expand, check_shrink
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -211,18 +211,16 @@ class BgmvShrink:
         self,
         x: torch.Tensor,
         pool: torch.Tensor,
-        token_slots: torch.Tensor,
-        ranks: torch.Tensor,
-        a_offsets: torch.Tensor,
+        args: LoraArgs,
         modules: Sequence[int],
         *,
         out: torch.Tensor | None = None,
         tiles: dict[str, int] | None = None,
         pdl: bool | None = None,
     ) -> None:
-        args = check_shrink(x, pool, ranks, a_offsets, modules)
-        check_token_slots(token_slots, args.num_tokens, x.device)
-        z_shape = (args.num_tokens, len(args.modules), args.max_rank)
+        call = check_shrink(x, pool, args, modules)
+        token_slots = args.rows_for(call.num_tokens)
+        z_shape = (call.num_tokens, len(call.modules), call.max_rank)
         if out is None:
             out = torch.empty(z_shape, dtype=x.dtype, device=x.device)
         check_tensor("out", out, dtypes=(x.dtype,), shape=z_shape, device=x.device,
@@ -230,22 +228,22 @@ class BgmvShrink:
         self.z = out
         self._x, self._pool = TensorLayout.of(x), TensorLayout.of(pool)
         self._grid = None
-        if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
+        if call.num_tokens == 0 or call.max_rank == 0 or args.num_slots == 0:
             out.zero_()  # (no adapter in this batch: no token uses LoRA)
             return
         # Two rank rows per program, long K tiles: a decode batch is small, so HBM needs many
         # programs with loads in flight more than wide ones (a rank-8 batch of 64 tokens gives
-        # 768 programs instead of 192). Sweep on the H200 (docs/benchmarks.md): 2 x 1024 was
-        # within 3% of the best tile at every batch (32/64/128) and rank set, 1.2-1.5x faster
-        # than 8 x 512.
-        cfg = dict(BLOCK_R=min(2, next_pow2(args.max_rank)),
-                   BLOCK_K=min(1024, next_pow2(args.in_dim)), num_warps=4)
+        # 768 programs instead of 192). In the H200 tile sweep (docs/benchmarks.md) 2 x 1024
+        # was within 3% of the best tile at every batch (32/64/128) and rank set.
+        cfg = dict(BLOCK_R=min(2, next_pow2(call.max_rank)),
+                   BLOCK_K=min(1024, next_pow2(call.in_dim)), num_warps=4)
         cfg.update(tiles or {})
-        self._grid = (args.num_tokens, len(args.modules), cdiv(args.max_rank, cfg["BLOCK_R"]))
+        self._grid = (call.num_tokens, len(call.modules), cdiv(call.max_rank, cfg["BLOCK_R"]))
+        ranks, a_offsets = args.ranks, args.a_offsets
         self._args = (
-            token_slots, ranks, a_offsets, args.in_dim, args.max_rank,
+            token_slots, ranks, a_offsets, call.in_dim, call.max_rank,
             x.stride(0), out.stride(0), out.stride(1), ranks.stride(0),
-            a_offsets.stride(0), a_offsets.stride(1), *pad3(args.modules),
+            a_offsets.stride(0), a_offsets.stride(1), *pad3(call.modules),
         )
         pdl = pdl_supported(x.device) if pdl is None else pdl
         self._kwargs = dict(VEC=vector_elems(x.dtype), PDL=pdl, **cfg)
@@ -268,10 +266,7 @@ class BgmvExpand:
         y: torch.Tensor,
         z: torch.Tensor,
         pool: torch.Tensor,
-        token_slots: torch.Tensor,
-        ranks: torch.Tensor,
-        b_offsets: torch.Tensor,
-        scalings: torch.Tensor,
+        args: LoraArgs,
         modules: Sequence[int],
         out_starts: Sequence[int],
         out_dims: Sequence[int],
@@ -279,23 +274,24 @@ class BgmvExpand:
         tiles: dict[str, int] | None = None,
         pdl: bool | None = None,
     ) -> None:
-        args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
-        check_token_slots(token_slots, args.num_tokens, y.device)
+        call = check_expand(y, z, pool, args, modules, out_starts, out_dims)
+        token_slots = args.rows_for(call.num_tokens)
         self._y, self._z, self._pool = TensorLayout.of(y), TensorLayout.of(z), TensorLayout.of(pool)
         self._grid = None
-        if args.num_tokens == 0 or args.max_rank == 0 or ranks.shape[0] == 0:
+        if call.num_tokens == 0 or call.max_rank == 0 or args.num_slots == 0:
             return
         # 4 rank rows x 1024 columns: best or within 2% of it in the H200 sweep at batch 32-128.
-        cfg = dict(BLOCK_R=min(4, next_pow2(args.max_rank)),
-                   BLOCK_N=min(1024, next_pow2(max(args.out_dims))), num_warps=4)
+        cfg = dict(BLOCK_R=min(4, next_pow2(call.max_rank)),
+                   BLOCK_N=min(1024, next_pow2(max(call.out_dims))), num_warps=4)
         cfg.update(tiles or {})
-        self._grid = (args.num_tokens, len(args.modules),
-                      cdiv(max(args.out_dims), cfg["BLOCK_N"]))
+        self._grid = (call.num_tokens, len(call.modules),
+                      cdiv(max(call.out_dims), cfg["BLOCK_N"]))
+        ranks, b_offsets = args.ranks, args.b_offsets
         self._args = (
-            token_slots, ranks, b_offsets, scalings,
+            token_slots, ranks, b_offsets, args.scalings,
             y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             b_offsets.stride(0), b_offsets.stride(1),
-            *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
+            *pad3(call.modules), *pad3(call.out_starts), *pad3(call.out_dims),
         )
         pdl = pdl_supported(y.device) if pdl is None else pdl
         self._kwargs = dict(VEC=vector_elems(y.dtype), PDL=pdl, launch_pdl=pdl, **cfg)
@@ -311,9 +307,7 @@ class BgmvExpand:
 def lora_shrink_decode(
     x: torch.Tensor,
     pool: torch.Tensor,
-    token_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    a_offsets: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
     *,
     tiles: dict[str, int] | None = None,
@@ -321,26 +315,21 @@ def lora_shrink_decode(
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{s_i, modules[mi]}[j, k]  for j < rank(s_i, m), else 0.
 
-    x: [T, in_dim] (rows may be strided); pool: one layer's flat buffer, x's dtype;
-    token_slots: int32 [T] (-1 = base model); ranks: int32 [S, 7]; a_offsets: int64 [S, 7, R].
-    Returns z: [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to
-    three modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K /
-    num_warps (for benchmark sweeps). ``pdl`` (default: on Hopper and newer) lets the next
-    kernel, ``lora_expand_decode``, launch before this one ends. One call of a fresh
-    ``BgmvShrink``.
+    x: [T, in_dim] (rows may be strided); pool: one layer's flat buffer, x's dtype; ``args``:
+    the batch's tables with ``token_slots`` [T] (s_i; -1 = base model). Returns z:
+    [T, len(modules), R] in x's dtype, accumulated in fp32. One launch covers up to three
+    modules that share x (q/k/v, gate/up). ``tiles`` overrides BLOCK_R / BLOCK_K / num_warps
+    (for benchmark sweeps). ``pdl`` (default: on Hopper and newer) lets the next kernel,
+    ``lora_expand_decode``, launch before this one ends. One call of a fresh ``BgmvShrink``.
     """
-    return BgmvShrink(x, pool, token_slots, ranks, a_offsets, modules, tiles=tiles,
-                      pdl=pdl)(x, pool)
+    return BgmvShrink(x, pool, args, modules, tiles=tiles, pdl=pdl)(x, pool)
 
 
 def lora_expand_decode(
     y: torch.Tensor,
     z: torch.Tensor,
     pool: torch.Tensor,
-    token_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    b_offsets: torch.Tensor,
-    scalings: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
     out_starts: Sequence[int],
     out_dims: Sequence[int],
@@ -351,12 +340,10 @@ def lora_expand_decode(
     """y[i, out_starts[mi] + n] += scalings[s_i] * sum_{j < rank} z[i, mi, j] * B^T_{s_i, m}[j, n].
 
     y: [T, total_out] updated in place (rows may be strided); z: [T, len(modules), R] from
-    ``lora_shrink_decode``; b_offsets: int64 [S, 7, R]; scalings: fp32 [S]. Rows with slot -1
-    and modules of rank 0 leave y untouched. Accumulates in fp32, rounds once into y.
-    ``tiles`` overrides BLOCK_R / BLOCK_N / num_warps. ``pdl`` (default: on Hopper and newer)
-    launches this kernel as a programmatic dependent launch of the kernel before it in the
-    stream, which must be the shrink that wrote z or any kernel launched without PDL. One call
-    of a fresh ``BgmvExpand``.
+    ``lora_shrink_decode``. Rows with slot -1 and modules of rank 0 leave y untouched.
+    Accumulates in fp32, rounds once into y. ``tiles`` overrides BLOCK_R / BLOCK_N /
+    num_warps. ``pdl`` (default: on Hopper and newer) launches this kernel as a programmatic
+    dependent launch of the kernel before it in the stream, which must be the shrink that wrote
+    z or any kernel launched without PDL. One call of a fresh ``BgmvExpand``.
     """
-    BgmvExpand(y, z, pool, token_slots, ranks, b_offsets, scalings, modules, out_starts,
-               out_dims, tiles=tiles, pdl=pdl)(y, z, pool)
+    BgmvExpand(y, z, pool, args, modules, out_starts, out_dims, tiles=tiles, pdl=pdl)(y, z, pool)

@@ -9,7 +9,7 @@ and hundreds of one-token segments (a mixed step) launches about T / BLOCK_M + G
 module block, not G x max_seg_len / BLOCK_M mostly empty ones.
 Ranks differ per segment; a program's loop stops at its own segment's rank. Tokens outside
 every segment (base model) are not visited: their z rows stay zero and their y rows untouched
-(a mixed step's decode rows are the decode kernels' work, ``slora_backend.ops_triton``).
+(a mixed step's decode rows are the decode kernels' work, ``slora_backend.ops.triton_ops``).
 Torch references: ``lora_reference.lora_shrink_ref`` / ``lora_expand_ref``.
 """
 
@@ -32,7 +32,7 @@ from ._common import (
 )
 from ._launch import cached_launch
 from ._tl_helpers import misaligned_rows, segment_tile
-from .lora_args import check_expand, check_segments, check_shrink
+from .lora_args import LoraArgs, check_expand, check_shrink
 from .lora_decode import _b_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +215,10 @@ def _tiles(dtype: torch.dtype, max_seg_len: int, max_rank: int) -> tuple[int, in
 class SgmvShrink:
     """``lora_shrink_prefill`` prepared once for a step and called once per layer.
 
-    The constructor takes a layer's x and pool and the step's tables, runs the launcher's
-    checks and derives the tiles, the grid and the kernel's scalar arguments; ``__call__(x,
-    pool)`` checks only that this layer's tensors match the prepared ones (shape, strides,
-    dtype, device) and launches. A mixed step of a 7B model makes 32-64 shrink calls with the
-    same tables: the checks ran ~60 us per call on the H200's host.
+    The constructor takes a layer's x and pool and the step's ``LoraArgs``, checks the call
+    and derives the tiles, the grid and the kernel's scalar arguments; ``__call__(x, pool)``
+    checks only that this layer's tensors match the prepared ones (shape, strides, dtype,
+    device) and launches: a step makes 32-64 shrink calls with the same tables.
 
     The returned z is this object's buffer, zero-filled once: each call writes the same
     positions (the tables fix them), so positions no adapter writes stay zero, and each call
@@ -230,39 +229,35 @@ class SgmvShrink:
         self,
         x: torch.Tensor,
         pool: torch.Tensor,
-        seg_starts: torch.Tensor,
-        seg_lens: torch.Tensor,
-        seg_slots: torch.Tensor,
-        ranks: torch.Tensor,
-        a_offsets: torch.Tensor,
+        args: LoraArgs,
         modules: Sequence[int],
-        max_seg_len: int,
         *,
         tiles: dict[str, int] | None = None,
     ) -> None:
-        args = check_shrink(x, pool, ranks, a_offsets, modules)
-        num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, x.device)
+        call = check_shrink(x, pool, args, modules)
+        args.require_segments()
+        num_segs = args.num_segments
         self._x, self._pool = TensorLayout.of(x), TensorLayout.of(pool)
-        self.z = torch.zeros(args.num_tokens, len(args.modules), args.max_rank, dtype=x.dtype,
+        self.z = torch.zeros(call.num_tokens, len(call.modules), call.max_rank, dtype=x.dtype,
                              device=x.device)
         self._grid = None
-        if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        if num_segs == 0 or call.max_rank == 0 or call.num_tokens == 0:
             return
-        block_m, block_r = _tiles(x.dtype, max_seg_len, args.max_rank)
+        block_m, block_r = _tiles(x.dtype, args.max_seg_len, call.max_rank)
         cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
                    BLOCK_K=min(32 if x.dtype == torch.float32 else 64,
-                               max(16, next_pow2(args.in_dim))))
+                               max(16, next_pow2(call.in_dim))))
         cfg.update(tiles or {})
-        rank_blocks = cdiv(args.max_rank, cfg["BLOCK_R"])
-        self._grid = (len(args.modules) * rank_blocks,
-                      _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
-        z = self.z
+        rank_blocks = cdiv(call.max_rank, cfg["BLOCK_R"])
+        self._grid = (len(call.modules) * rank_blocks,
+                      _num_tiles(call.num_tokens, num_segs, cfg["BLOCK_M"]))
+        z, ranks, a_offsets = self.z, args.ranks, args.a_offsets
         self._args = (
-            seg_starts, seg_lens, seg_slots, ranks, a_offsets,
-            args.in_dim, args.max_rank, rank_blocks, num_segs,
+            args.seg_starts, args.seg_lens, args.seg_slots, ranks, a_offsets,
+            call.in_dim, call.max_rank, rank_blocks, num_segs,
             x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             a_offsets.stride(0), a_offsets.stride(1),
-            *pad3(args.modules),
+            *pad3(call.modules),
         )
         self._kwargs = dict(
             VEC=vector_elems(x.dtype), PRECISION=dot_precision(x.dtype),
@@ -279,25 +274,19 @@ class SgmvShrink:
 def lora_shrink_prefill(
     x: torch.Tensor,
     pool: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    seg_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    a_offsets: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
-    max_seg_len: int,
     *,
     tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """z[i, mi, j] = sum_k x[i, k] * A_{g(i), modules[mi]}[j, k]  for i in segment g, j < rank.
 
-    x: [T, in_dim]; seg_starts / seg_lens / seg_slots: int32 [G]; max_seg_len >= every seg_len
-    (host int, sizes the grid). Returns z: [T, len(modules), R] in x's dtype; rows of tokens in
-    no segment and columns j >= rank are zero. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_K /
+    x: [T, in_dim]; ``args``: the batch's tables with its segments (``max_seg_len``, a host
+    int, sizes the grid). Returns z: [T, len(modules), R] in x's dtype; rows of tokens in no
+    segment and columns j >= rank are zero. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_K /
     num_warps / num_stages (for benchmark sweeps). One call of a fresh ``SgmvShrink``.
     """
-    return SgmvShrink(x, pool, seg_starts, seg_lens, seg_slots, ranks, a_offsets, modules,
-                      max_seg_len, tiles=tiles)(x, pool)
+    return SgmvShrink(x, pool, args, modules, tiles=tiles)(x, pool)
 
 
 class SgmvExpand:
@@ -310,39 +299,35 @@ class SgmvExpand:
         y: torch.Tensor,
         z: torch.Tensor,
         pool: torch.Tensor,
-        seg_starts: torch.Tensor,
-        seg_lens: torch.Tensor,
-        seg_slots: torch.Tensor,
-        ranks: torch.Tensor,
-        b_offsets: torch.Tensor,
-        scalings: torch.Tensor,
+        args: LoraArgs,
         modules: Sequence[int],
         out_starts: Sequence[int],
         out_dims: Sequence[int],
-        max_seg_len: int,
         *,
         tiles: dict[str, int] | None = None,
     ) -> None:
-        args = check_expand(y, z, pool, ranks, b_offsets, scalings, modules, out_starts, out_dims)
-        num_segs = check_segments(seg_starts, seg_lens, seg_slots, max_seg_len, y.device)
+        call = check_expand(y, z, pool, args, modules, out_starts, out_dims)
+        args.require_segments()
+        num_segs = args.num_segments
         self._y, self._z, self._pool = TensorLayout.of(y), TensorLayout.of(z), TensorLayout.of(pool)
         self._grid = None
-        if num_segs == 0 or args.max_rank == 0 or args.num_tokens == 0:
+        if num_segs == 0 or call.max_rank == 0 or call.num_tokens == 0:
             return
-        block_m, block_r = _tiles(y.dtype, max_seg_len, args.max_rank)
+        block_m, block_r = _tiles(y.dtype, args.max_seg_len, call.max_rank)
         cfg = dict(BLOCK_M=block_m, BLOCK_R=block_r, num_warps=4, num_stages=3,
                    BLOCK_N=min(64 if y.dtype == torch.float32 else 128,
-                               max(16, next_pow2(max(args.out_dims)))))
+                               max(16, next_pow2(max(call.out_dims)))))
         cfg.update(tiles or {})
-        col_blocks = cdiv(max(args.out_dims), cfg["BLOCK_N"])
-        self._grid = (len(args.modules) * col_blocks,
-                      _num_tiles(args.num_tokens, num_segs, cfg["BLOCK_M"]))
+        col_blocks = cdiv(max(call.out_dims), cfg["BLOCK_N"])
+        self._grid = (len(call.modules) * col_blocks,
+                      _num_tiles(call.num_tokens, num_segs, cfg["BLOCK_M"]))
+        ranks, b_offsets = args.ranks, args.b_offsets
         self._args = (
-            seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings,
+            args.seg_starts, args.seg_lens, args.seg_slots, ranks, b_offsets, args.scalings,
             col_blocks, num_segs,
             y.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             b_offsets.stride(0), b_offsets.stride(1),
-            *pad3(args.modules), *pad3(args.out_starts), *pad3(args.out_dims),
+            *pad3(call.modules), *pad3(call.out_starts), *pad3(call.out_dims),
         )
         self._kwargs = dict(
             VEC=vector_elems(y.dtype), PRECISION=dot_precision(y.dtype),
@@ -360,16 +345,10 @@ def lora_expand_prefill(
     y: torch.Tensor,
     z: torch.Tensor,
     pool: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    seg_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    b_offsets: torch.Tensor,
-    scalings: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
     out_starts: Sequence[int],
     out_dims: Sequence[int],
-    max_seg_len: int,
     *,
     tiles: dict[str, int] | None = None,
 ) -> None:
@@ -380,5 +359,4 @@ def lora_expand_prefill(
     rounding into y. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_N / num_warps / num_stages.
     One call of a fresh ``SgmvExpand``.
     """
-    SgmvExpand(y, z, pool, seg_starts, seg_lens, seg_slots, ranks, b_offsets, scalings, modules,
-               out_starts, out_dims, max_seg_len, tiles=tiles)(y, z, pool)
+    SgmvExpand(y, z, pool, args, modules, out_starts, out_dims, tiles=tiles)(y, z, pool)

@@ -1,10 +1,10 @@
 """Torch references for the heterogeneous-batch LoRA ops (the semantics the kernels must match).
 
-The adapter weights live in one layer's flattened page-pool buffer ``pool`` (1-D). Row j of
-module m's A (length ``in_dim``) of batch slot s starts at ``a_offsets[s, m, j]``; row j of
-B^T (length ``out_dim``) at ``b_offsets[s, m, j]``. ``token_slots[i]`` is token i's slot, or -1
-for the base model. ``modules`` lists which of the 7 module indices a call covers (q/k/v share
-one input, so one shrink serves all three).
+The adapter weights live in one layer's flattened page-pool buffer ``pool`` (1-D); ``args``
+(``lora_args.LoraArgs``) says where: row j of module m's A (length ``in_dim``) of slot s starts
+at ``a_offsets[s, m, j]``, row j of B^T (length ``out_dim``) at ``b_offsets[s, m, j]``, and
+``token_slots[i]`` is token i's slot, or -1 for the base model. ``modules`` lists which of the 7
+module indices a call covers (q/k/v share one input, so one shrink serves all three).
 
 These references are also the engine's CPU path, so they gather each used adapter once and run
 one matmul per (adapter, module) rather than looping over tokens.
@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from .lora_args import LoraArgs
 
 
 def _memo(cache: dict | None, key: tuple, make):
@@ -51,9 +53,7 @@ def _slot_rows(token_slots: torch.Tensor, cache: dict | None) -> list[tuple[int,
 def lora_shrink_ref(
     x: torch.Tensor,
     pool: torch.Tensor,
-    token_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    a_offsets: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
     cache: dict | None = None,
 ) -> torch.Tensor:
@@ -62,9 +62,9 @@ def lora_shrink_ref(
     x: [T, in_dim]; returns z: [T, len(modules), max_rank] in x's dtype (fp32 accumulation).
     """
     num_tokens, in_dim = x.shape
-    max_rank = a_offsets.shape[2]
-    z = torch.zeros(num_tokens, len(modules), max_rank, dtype=x.dtype, device=x.device)
-    ranks_host = _memo(cache, ("ranks",), ranks.tolist)
+    token_slots, a_offsets = args.rows_for(num_tokens), args.a_offsets
+    z = torch.zeros(num_tokens, len(modules), args.max_rank, dtype=x.dtype, device=x.device)
+    ranks_host = _memo(cache, ("ranks",), args.ranks.tolist)
     for slot, rows in _slot_rows(token_slots, cache):
         xs = x[rows].float()
         for mi, m in enumerate(modules):
@@ -80,10 +80,7 @@ def lora_expand_ref(
     y: torch.Tensor,
     z: torch.Tensor,
     pool: torch.Tensor,
-    token_slots: torch.Tensor,
-    ranks: torch.Tensor,
-    b_offsets: torch.Tensor,
-    scalings: torch.Tensor,
+    args: LoraArgs,
     modules: Sequence[int],
     out_starts: Sequence[int],
     out_dims: Sequence[int],
@@ -93,8 +90,9 @@ def lora_expand_ref(
 
     y: [T, total_out] updated in place; z: [T, len(modules), max_rank] from ``lora_shrink_ref``.
     """
-    ranks_host = _memo(cache, ("ranks",), ranks.tolist)
-    scalings_host = _memo(cache, ("scalings",), scalings.tolist)
+    token_slots, b_offsets = args.rows_for(y.shape[0]), args.b_offsets
+    ranks_host = _memo(cache, ("ranks",), args.ranks.tolist)
+    scalings_host = _memo(cache, ("scalings",), args.scalings.tolist)
     for slot, rows in _slot_rows(token_slots, cache):
         for mi, m in enumerate(modules):
             r = ranks_host[slot][m]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
+from slora_kernels.lora_args import LoraArgs
 
 # Fixed order of the LoRA target modules. A module's index in this tuple is its index in the
 # ``ranks`` / ``a_offsets`` / ``b_offsets`` tables below.
@@ -74,6 +76,14 @@ class LoraBatch:
     @property
     def num_slots(self) -> int:
         return int(self.scalings.shape[0])
+
+    @cached_property
+    def kernel_args(self) -> LoraArgs:
+        """The tables as the LoRA ops take them, checked once (on first use) for the step."""
+        return LoraArgs(self.ranks, self.a_offsets, self.b_offsets, self.scalings,
+                        token_slots=self.token_slots, seg_starts=self.seg_starts,
+                        seg_lens=self.seg_lens, seg_slots=self.seg_slots,
+                        max_seg_len=self.max_seg_len)
 
     @property
     def has_lora(self) -> bool:

@@ -29,6 +29,7 @@ import torch
 from .adapters.tables import SlotTables
 from .batch import LORA_MODULES, MODULE_INDEX, AttentionBatch, LoraBatch
 from .models.llama import ForwardContext, LlamaModel
+from .ops import Ops
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 RANK_BUCKETS = (0, 8, 16, 32, 64, 128, 256)
@@ -72,7 +73,7 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(
-        self, model: LlamaModel, ops: object, pool: torch.Tensor,
+        self, model: LlamaModel, ops: Ops, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_model_len: int,
         capture: bool = True, slot_tables: SlotTables | None = None,
     ) -> None:

@@ -101,9 +101,8 @@ class Engine:
             preload=config.preload_adapters, prefetch=config.prefetch_adapters,
             max_prefetch=config.max_num_seqs,
             active_counts=self._active_counts, between_steps=self._between_steps)
-        # Graphs need ops that never sync with the host: the Triton kernels, not the references.
-        graphable = (config.cuda_graphs and self.device.type == "cuda"
-                     and config.resolved_kernel_backend == "triton" and not config.lora_ops)
+        ops = make_ops(config.resolved_kernel_backend, config.lora_ops)
+        graphable = config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters.cache, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
@@ -113,8 +112,7 @@ class Engine:
                                    else admit_wait)
         self.runner = ModelRunner(
             self.model, self.layout, num_pages,
-            make_ops(config.resolved_kernel_backend, config.lora_ops), self.adapters.store, self.device,
-            dtype,
+            ops, self.adapters.store, self.device, dtype,
             graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
         )
         # Adapters are copied into their pages off the engine thread on CUDA.

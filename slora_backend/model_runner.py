@@ -18,6 +18,7 @@ from .batch import AttentionBatch, LoraBatch, padded_block_tables, slot_segments
 from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .models.llama import ForwardContext, LlamaModel
+from .ops import Ops
 from .scheduler import ScheduledRequest
 
 
@@ -41,7 +42,7 @@ class PendingTokens:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, layout: PoolLayout, num_pages: int, ops: object,
+        self, model: LlamaModel, layout: PoolLayout, num_pages: int, ops: Ops,
         store: AdapterStore, device: torch.device, dtype: torch.dtype,
         graphs_for: tuple[int, int] | None = None,
     ) -> None:
@@ -58,7 +59,7 @@ class ModelRunner:
         # adapter's first page, for ops that take such slots (the Triton kernels); else on the
         # host, a step gathering its adapters' rows into dense batch slots.
         self.slot_tables = (SlotTables(num_pages, layout.page_size, device)
-                            if getattr(ops, "global_slots", False) else None)
+                            if ops.global_slots else None)
         self.lora_tables = LoraTables(layout.page_size) if self.slot_tables is None else None
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies of the adapters it reads (AdapterCopier.wait).

@@ -15,13 +15,14 @@ from torch import nn
 
 from ..batch import MODULE_INDEX, AttentionBatch, LoraBatch
 from ..model_spec import ModelSpec
+from ..ops import Ops
 
 
 @dataclass
 class ForwardContext:
     """Everything one forward step reads besides the token ids."""
 
-    ops: object  # TorchOps or TritonOps (see ops.py)
+    ops: Ops
     attn: AttentionBatch
     lora: LoraBatch | None
     pool: torch.Tensor  # [num_layers, num_pages, page_size]

@@ -41,18 +41,18 @@ def test_triton_backend_matches_torch_on_tiny_model(tiny_models, tmp_path):
 def test_triton_backend_matches_torch_in_mixed_steps(tiny_models, tmp_path, monkeypatch):
     """Prompts prefilled a few tokens per step beside other requests' decode tokens: the mixed
     steps run their decode rows on the per-token kernels and the prompt chunks on the segment
-    kernels (``ops_triton._mixed_split``), and still give the torch backend's tokens."""
-    from slora_backend import ops_triton
+    kernels (``ops.triton_ops._mixed_split``), and still give the torch backend's tokens."""
+    from slora_backend.ops import triton_ops
 
     splits = []
-    mixed_split = ops_triton._mixed_split
+    mixed_split = triton_ops._mixed_split
 
     def counted(lora):
         split = mixed_split(lora)
         splits.append(split is not None)
         return split
 
-    monkeypatch.setattr(ops_triton, "_mixed_split", counted)
+    monkeypatch.setattr(triton_ops, "_mixed_split", counted)
     root = _adapters(tiny_models["gqa"], tmp_path)
     torch_tokens = _tokens(tiny_models["gqa"], root, "torch", 4, max_batched_tokens=6)
     assert _tokens(tiny_models["gqa"], root, "triton", 4, max_batched_tokens=6) == torch_tokens

@@ -72,8 +72,8 @@ def _compile(self: JITFunction, *args, grid, warmup, **kwargs) -> None:
 
 def _launch_all() -> None:
     from slora_kernels import lora_args, norm_rope, paged_attention
+    from slora_kernels.lora_args import LoraArgs
     from slora_kernels.lora_decode import lora_expand_decode, lora_shrink_decode
-    from slora_kernels.lora_decode_fused import lora_decode_fused
     from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
 
     for module in (lora_args, norm_rope, paged_attention):
@@ -88,8 +88,10 @@ def _launch_all() -> None:
         y = torch.empty(t, 2 * i, dtype=dtype)
         qkv = ((0, 1, 2), (0, h, 2 * h), (h, h, h))
         seg = torch.zeros(4, dtype=torch.int32)
-        z = lora_shrink_prefill(x, pool, seg, seg, seg, ranks, off, qkv[0], 64)
-        lora_expand_prefill(y, z, pool, seg, seg, seg, ranks, off, torch.ones(s), *qkv, 64)
+        args = LoraArgs(ranks, off, off, torch.ones(s), token_slots=slots, seg_starts=seg,
+                        seg_lens=seg, seg_slots=seg, max_seg_len=64)
+        z = lora_shrink_prefill(x, pool, args, qkv[0])
+        lora_expand_prefill(y, z, pool, args, *qkv)
         q = torch.empty(t, 32, 128, dtype=dtype)
         kv = torch.empty(8, 2, 16, 8, 128, dtype=dtype)
         tables = torch.zeros(t, 64, dtype=torch.int32)
@@ -101,12 +103,9 @@ def _launch_all() -> None:
         if dtype != torch.float16:
             continue
         for pdl in (False, True):
-            z = lora_shrink_decode(x, pool, slots, ranks, off, qkv[0], pdl=pdl)
-            lora_expand_decode(y, z, pool, slots, ranks, off, torch.ones(s), *qkv, pdl=pdl)
-        lora_expand_decode(y, z[:, :2], pool, slots, ranks, off, torch.ones(s), (4, 5), (0, i),
-                           (i, i))
-        small = off[:, :, :8].contiguous()  # the fused kernel is for small ranks
-        lora_decode_fused(y, x, pool, slots, ranks, small, small, torch.ones(s), *qkv)
+            z = lora_shrink_decode(x, pool, args, qkv[0], pdl=pdl)
+            lora_expand_decode(y, z, pool, args, *qkv, pdl=pdl)
+        lora_expand_decode(y, z[:, :2], pool, args, (4, 5), (0, i), (i, i))
         paged_attention.write_kv(kv, q[:, :8], q[:, :8], torch.zeros(t, dtype=torch.int64))
         norm_rope.rms_norm(x, torch.empty(h, dtype=dtype), 1e-5)
         norm_rope.add_rms_norm(x, x, torch.empty(h, dtype=dtype), 1e-5)

@@ -10,7 +10,7 @@ from slora_kernels.attention_reference import paged_attention_ref, write_kv_ref
 from slora_kernels.paged_attention import paged_attention, write_kv
 
 from slora_backend.ops import TorchOps
-from slora_backend.ops_triton import TritonOps
+from slora_backend.ops.triton_ops import TritonOps
 
 # name: (shape, q_lens, context_lens, block_tokens, num_splits)
 CONFIGS = {

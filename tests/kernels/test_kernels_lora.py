@@ -21,12 +21,8 @@ from kernel_cases import (
     lora_batch,
     module_dims,
 )
-from slora_kernels.lora_bmm import (
-    lora_expand_bmm,
-    lora_expand_bmm_segments,
-    lora_shrink_bmm,
-    lora_shrink_bmm_segments,
-)
+from slora_kernels.lora_args import LoraArgs
+from slora_kernels.lora_bmm import lora_expand_bmm, lora_shrink_bmm
 from slora_kernels.lora_decode import BgmvShrink, lora_expand_decode, lora_shrink_decode
 from slora_kernels.lora_prefill import (
     SgmvExpand,
@@ -36,9 +32,9 @@ from slora_kernels.lora_prefill import (
 )
 from slora_kernels.lora_reference import lora_expand_ref, lora_shrink_ref
 
-from slora_backend import ops_triton
+from benchmarks.lora_bmm_segments import lora_expand_bmm_segments, lora_shrink_bmm_segments
 from slora_backend.batch import LoraBatch
-from slora_backend.ops import TorchOps
+from slora_backend.ops import TorchOps, triton_ops
 
 DECODE_SEQS = 6
 PREFILL_LENS = (5, 1, 12, 3)  # one prompt per sequence, laid end to end
@@ -61,19 +57,15 @@ def _make_case(shape_name: str, dtype: torch.dtype, rank: int | str, popularity:
 
 def _shrink(kind: str, x, pool, lora: LoraBatch, mods):
     if kind == "decode":
-        return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
-    return lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
-                               lora.ranks, lora.a_offsets, mods, lora.max_seg_len)
+        return lora_shrink_decode(x, pool, lora.kernel_args, mods)
+    return lora_shrink_prefill(x, pool, lora.kernel_args, mods)
 
 
 def _expand(kind: str, y, z, pool, lora: LoraBatch, mods, starts, dims):
     if kind == "decode":
-        lora_expand_decode(y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                           lora.scalings, mods, starts, dims)
+        lora_expand_decode(y, z, pool, lora.kernel_args, mods, starts, dims)
     else:
-        lora_expand_prefill(y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
-                            lora.ranks, lora.b_offsets, lora.scalings, mods, starts, dims,
-                            lora.max_seg_len)
+        lora_expand_prefill(y, z, pool, lora.kernel_args, mods, starts, dims)
 
 
 def _check_group(kind: str, shape_name: str, mods: tuple[int, ...], pool: torch.Tensor,
@@ -87,15 +79,14 @@ def _check_group(kind: str, shape_name: str, mods: tuple[int, ...], pool: torch.
     tol = TOLERANCES[dtype]
     # x and y are column slices of wider buffers: row strides differ from their widths.
     x = torch.randn(num_tokens, in_dim + 5, generator=gen)[:, 2:2 + in_dim].to(dtype).to(device)
-    z_ref = lora_shrink_ref(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    z_ref = lora_shrink_ref(x, pool, lora.kernel_args, mods)
     z = _shrink(kind, x, pool, lora, mods)
     torch.testing.assert_close(z, z_ref, **tol)
 
     y_wide = torch.randn(num_tokens, sum(out_dims) + 3, generator=gen).to(dtype).to(device)
     y0 = y_wide[:, 1:1 + sum(out_dims)]
     y_ref = y0.clone()
-    lora_expand_ref(y_ref, z_ref, pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                    lora.scalings, mods, starts, out_dims)
+    lora_expand_ref(y_ref, z_ref, pool, lora.kernel_args, mods, starts, out_dims)
     y = y0.clone()
     y_kernel = y_wide.clone()
     y_view = y_kernel[:, 1:1 + sum(out_dims)]
@@ -166,20 +157,18 @@ def test_ops_split_a_mixed_step_in_every_dtype(dtype_name: str, rank: int | str,
     rows = [3, -1, 0, 5, 5, -1, 7, 2, 6]
     token_slots = rows + [2] * 23 + [-1] * 4 + [4] * 17 + [1] * 3
     lora = lora_batch(token_slots, adapters, False, device, decode_tokens=len(rows))
-    assert ops_triton._mixed_split(lora) is not None
+    assert triton_ops._mixed_split(lora) is not None
     mods, starts, dims = (0, 1, 2), (0, 128, 256), (128, 128, 128)
-    ops = ops_triton.TritonOps()
+    ops = triton_ops.TritonOps()
     for _ in range(2):
         x = torch.randn(len(token_slots), 128, generator=gen).to(dtype).to(device)
         z = ops.lora_shrink(x, adapters.pool, lora, mods)
-        z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets,
-                                mods)
+        z_ref = lora_shrink_ref(x, adapters.pool, lora.kernel_args, mods)
         torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
         y = torch.randn(x.shape[0], 384, generator=gen).to(dtype).to(device)
         y_ref = y.clone()
         ops.lora_expand(y, z_ref.clone(), adapters.pool, lora, mods, starts, dims)
-        lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks,
-                        lora.b_offsets, lora.scalings, mods, starts, dims)
+        lora_expand_ref(y_ref, z_ref, adapters.pool, lora.kernel_args, mods, starts, dims)
         torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
 
 
@@ -206,22 +195,16 @@ def test_bmm_baseline_matches_reference(kind: str, device) -> None:
     adapters, lora, gen = _make_case("llama3", dtype, "mixed", "base_mixed", kind, device, seed=5)
     mods, dims = (4, 5), (896, 896)
     x = torch.randn(lora.token_slots.shape[0], 256, generator=gen).to(device)
-    z_ref = lora_shrink_ref(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
+    z_ref = lora_shrink_ref(x, adapters.pool, lora.kernel_args, mods)
     y = torch.randn(x.shape[0], sum(dims), generator=gen).to(device)
     y_ref = y.clone()
-    lora_expand_ref(y_ref, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                    lora.scalings, mods, (0, 896), dims)
+    lora_expand_ref(y_ref, z_ref, adapters.pool, lora.kernel_args, mods, (0, 896), dims)
     if kind == "decode":
-        z = lora_shrink_bmm(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, mods)
-        lora_expand_bmm(y, z_ref, adapters.pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                        lora.scalings, mods, (0, 896), dims)
+        z = lora_shrink_bmm(x, adapters.pool, lora.kernel_args, mods)
+        lora_expand_bmm(y, z_ref, adapters.pool, lora.kernel_args, mods, (0, 896), dims)
     else:
-        z = lora_shrink_bmm_segments(x, adapters.pool, lora.seg_starts, lora.seg_lens,
-                                     lora.seg_slots, lora.ranks, lora.a_offsets, mods,
-                                     lora.max_seg_len)
-        lora_expand_bmm_segments(y, z_ref, adapters.pool, lora.seg_starts, lora.seg_lens,
-                                 lora.seg_slots, lora.ranks, lora.b_offsets, lora.scalings,
-                                 mods, (0, 896), dims, lora.max_seg_len)
+        z = lora_shrink_bmm_segments(x, adapters.pool, lora.kernel_args, mods)
+        lora_expand_bmm_segments(y, z_ref, adapters.pool, lora.kernel_args, mods, (0, 896), dims)
     torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
     torch.testing.assert_close(y, y_ref, **TOLERANCES[dtype])
 
@@ -237,7 +220,7 @@ def test_ops_lora_path_matches_torch(popularity: str, kind: str, num_seqs: int, 
     """TritonOps picks the kernel kind from the batch and computes what TorchOps computes."""
     adapters, lora, gen = _make_case("smollm2", torch.float32, "mixed", popularity, kind, device,
                                      seed=9, decode_seqs=num_seqs)
-    assert ops_triton._use_segments(lora, lora.token_slots.shape[0]) == segments
+    assert triton_ops._use_segments(lora, lora.token_slots.shape[0]) == segments
     _check_ops_agree(adapters.pool, lora, gen, device)
 
 
@@ -251,7 +234,7 @@ def _check_ops_agree(pool, lora: LoraBatch, gen, device) -> None:
                torch.randn(lora.token_slots.shape[0], 320, generator=gen).to(device), p)
               for p in pools]
     results = []
-    for ops in (TorchOps(), ops_triton.TritonOps()):
+    for ops in (TorchOps(), triton_ops.TritonOps()):
         out = []
         for x, y0, layer_pool in layers:
             z = ops.lora_shrink(x, layer_pool, lora, mods)
@@ -276,72 +259,84 @@ def test_ops_on_a_mixed_step_split_decode_rows_from_prompts(decode: str, device)
     rows = {"distinct": [0, 1, -1, 2, 3, 3, 4, 5], "shared": [2] * 50, "base": [-1] * 5}[decode]
     prompts = [5] * 19 + [-1] * 7 + [1] * 33
     lora = lora_batch(rows + prompts, adapters, False, device, decode_tokens=len(rows))
-    split = ops_triton._mixed_split(lora)
+    split = triton_ops._mixed_split(lora)
     assert (split is None) == (decode != "distinct")
     if split is not None:
         assert split.token_slots.shape[0] == len(rows) and split.seg_lens.tolist() == [19, 33]
     _check_ops_agree(adapters.pool, lora, gen, device)
 
 
+def _args(lora: LoraBatch, **changed) -> LoraArgs:
+    """The batch's LoraArgs with some tables replaced."""
+    fields = dict(ranks=lora.ranks, a_offsets=lora.a_offsets, b_offsets=lora.b_offsets,
+                  scalings=lora.scalings, token_slots=lora.token_slots,
+                  seg_starts=lora.seg_starts, seg_lens=lora.seg_lens, seg_slots=lora.seg_slots,
+                  max_seg_len=lora.max_seg_len)
+    fields.update(changed)
+    return LoraArgs(**fields)
+
+
 def test_lora_launchers_reject_bad_arguments(device) -> None:
     adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "decode", device, 7)
-    pool, slots = adapters.pool, lora.token_slots
+    pool, args = adapters.pool, lora.kernel_args
     x = torch.randn(DECODE_SEQS, 128).half().to(device)
-    args = (lora.ranks, lora.a_offsets)
     with pytest.raises(ValueError, match="pool has dtype"):
-        lora_shrink_decode(x, pool.float(), slots, *args, (0,))
+        lora_shrink_decode(x, pool.float(), args, (0,))
     with pytest.raises(ValueError, match="x must have stride 1"):
-        lora_shrink_decode(x.t().contiguous().t(), pool, slots, *args, (0,))
+        lora_shrink_decode(x.t().contiguous().t(), pool, args, (0,))
     with pytest.raises(ValueError, match="modules must list 1 to 3"):
-        lora_shrink_decode(x, pool, slots, *args, (0, 1, 2, 3))
+        lora_shrink_decode(x, pool, args, (0, 1, 2, 3))
     with pytest.raises(ValueError, match="distinct indices"):
-        lora_shrink_decode(x, pool, slots, *args, (0, 7))
+        lora_shrink_decode(x, pool, args, (0, 7))
     with pytest.raises(ValueError, match="token_slots has dtype"):
-        lora_shrink_decode(x, pool, slots.long(), *args, (0,))
+        lora_shrink_decode(x, pool, _args(lora, token_slots=lora.token_slots.long()), (0,))
+    with pytest.raises(ValueError, match="token_slots has 6 entries, expected 5"):
+        lora_shrink_decode(x[:5], pool, args, (0,))
     with pytest.raises(ValueError, match="a_offsets has dtype"):
-        lora_shrink_decode(x, pool, slots, lora.ranks, lora.a_offsets.int(), (0,))
-    z = lora_shrink_decode(x, pool, slots, *args, (0, 1))
+        lora_shrink_decode(x, pool, _args(lora, a_offsets=lora.a_offsets.int()), (0,))
+    with pytest.raises(ValueError, match="b_offsets has shape .* they must match"):
+        _args(lora, b_offsets=lora.b_offsets[:, :, :4])
+    z = lora_shrink_decode(x, pool, args, (0, 1))
     y = torch.zeros(DECODE_SEQS, 256).half().to(device)
-    expand = (pool, slots, lora.ranks, lora.b_offsets, lora.scalings, (0, 1))
     with pytest.raises(ValueError, match="does not fit"):
-        lora_expand_decode(y, z, *expand, (0, 200), (128, 128))
+        lora_expand_decode(y, z, pool, args, (0, 1), (0, 200), (128, 128))
     with pytest.raises(ValueError, match="one entry per module"):
-        lora_expand_decode(y, z, *expand, (0,), (128,))
+        lora_expand_decode(y, z, pool, args, (0, 1), (0,), (128,))
     with pytest.raises(ValueError, match="z has size"):
-        lora_expand_decode(y, z[:, :1], *expand, (0, 128), (128, 128))
+        lora_expand_decode(y, z[:, :1], pool, args, (0, 1), (0, 128), (128, 128))
     with pytest.raises(ValueError, match="scalings has dtype"):
-        lora_expand_decode(y, z, pool, slots, lora.ranks, lora.b_offsets,
-                           lora.scalings.half(), (0, 1), (0, 128), (128, 128))
+        lora_expand_decode(y, z, pool, _args(lora, scalings=lora.scalings.half()), (0, 1),
+                           (0, 128), (128, 128))
     with pytest.raises(ValueError, match="max_seg_len"):
-        lora_shrink_prefill(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, *args,
-                            (0,), 0)
+        lora_shrink_prefill(x, pool, _args(lora, max_seg_len=0), (0,))
+    with pytest.raises(ValueError, match="no segment tables"):
+        lora_shrink_prefill(x, pool, _args(lora, seg_starts=None, seg_lens=None, seg_slots=None),
+                            (0,))
 
 
 def test_a_prepared_launch_rejects_tensors_of_another_layout(device) -> None:
     """A step's prepared launches check each layer's tensors against the first layer's."""
     adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "prefill", device, 7)
-    pool, tokens = adapters.pool, lora.token_slots.shape[0]
+    pool, tokens, args = adapters.pool, lora.token_slots.shape[0], lora.kernel_args
     x = torch.randn(tokens, 128).half().to(device)
-    seg = (lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks)
-    shrink = SgmvShrink(x, pool, *seg, lora.a_offsets, (0, 1), lora.max_seg_len)
+    shrink = SgmvShrink(x, pool, args, (0, 1))
     z = shrink(x, pool)
     with pytest.raises(ValueError, match=r"x has shape \[.*; this launch was prepared for"):
         shrink(x[1:], pool)
     with pytest.raises(ValueError, match="pool has shape"):
         shrink(x, pool[:-8])
     y = torch.zeros(tokens, 256).half().to(device)
-    expand = SgmvExpand(y, z, pool, *seg, lora.b_offsets, lora.scalings, (0, 1), (0, 128),
-                        (128, 128), lora.max_seg_len)
+    expand = SgmvExpand(y, z, pool, args, (0, 1), (0, 128), (128, 128))
     with pytest.raises(ValueError, match="y has shape .* torch.float32"):
         expand(y.float(), z, pool)
-    rows = BgmvShrink(x, pool, lora.token_slots, lora.ranks, lora.a_offsets, (0,))
+    rows = BgmvShrink(x, pool, args, (0,))
     with pytest.raises(ValueError, match="x has shape"):
         rows(x.t().contiguous().t(), pool)  # same shape, other strides
 
 
-def test_tables_that_passed_are_remembered_and_bad_ones_never_are(device) -> None:
-    """A step's tables are checked once, not in every layer; a failing table is not remembered
-    (it fails again), and a wrong one of the same shape but another object is still caught."""
+def test_tables_are_checked_once_when_built_and_bad_ones_always_fail(device) -> None:
+    """A step's tables are checked once, when its LoraArgs is built, not in every layer; a
+    failing table fails every time it is given, and a wrong one of the same kind is caught."""
     from slora_kernels import lora_args
 
     adapters, lora, gen = _make_case("llama2", torch.float16, 8, "distinct", "decode", device, 8)
@@ -350,8 +345,9 @@ def test_tables_that_passed_are_remembered_and_bad_ones_never_are(device) -> Non
     original = lora_args.check_tensor
     lora_args.check_tensor = lambda name, *a, **k: (checked.append(name), original(name, *a, **k))[1]
     try:
+        args = _args(lora)
         for _ in range(3):
-            lora_shrink_decode(x, adapters.pool, lora.token_slots, lora.ranks, lora.a_offsets, (0,))
+            lora_shrink_decode(x, adapters.pool, args, (0,))
     finally:
         lora_args.check_tensor = original
     assert checked.count("a_offsets") == 1 and checked.count("ranks") == 1
@@ -359,7 +355,17 @@ def test_tables_that_passed_are_remembered_and_bad_ones_never_are(device) -> Non
     bad = lora.a_offsets.int()
     for _ in range(2):
         with pytest.raises(ValueError, match="a_offsets has dtype"):
-            lora_shrink_decode(x, adapters.pool, lora.token_slots, lora.ranks, bad, (0,))
+            lora_shrink_decode(x, adapters.pool, _args(lora, a_offsets=bad), (0,))
     narrow = lora.ranks[:, :3].contiguous()  # same kind of tensor, wrong shape
     with pytest.raises(ValueError, match="a_offsets has size"):
-        lora_shrink_decode(x, adapters.pool, lora.token_slots, narrow, lora.a_offsets, (0,))
+        lora_shrink_decode(x, adapters.pool, _args(lora, ranks=narrow), (0,))
+
+
+def test_tables_on_another_device_than_x_are_refused(device) -> None:
+    adapters, lora, gen = _make_case("llama2", torch.float32, 8, "distinct", "decode", device, 9)
+    meta = LoraArgs(*(t.to("meta") for t in (lora.ranks, lora.a_offsets, lora.b_offsets,
+                                              lora.scalings)),
+                    token_slots=lora.token_slots.to("meta"))
+    x = torch.randn(DECODE_SEQS, 128).to(device)
+    with pytest.raises(ValueError, match="the LoRA tables on meta"):
+        lora_shrink_decode(x, adapters.pool, meta, (0,))

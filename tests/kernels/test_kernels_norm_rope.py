@@ -15,7 +15,7 @@ from slora_kernels.norm_rope_reference import (
 )
 
 from slora_backend.ops import TorchOps
-from slora_backend.ops_triton import TritonOps
+from slora_backend.ops.triton_ops import TritonOps
 
 HIDDEN = [64, 100, 576]  # SmolLM2's 576 is not a power of two; 100 is odd-sized
 

@@ -1,5 +1,4 @@
-"""``TritonOps``: the ops of ``TorchOps`` (same methods, same semantics) run by the Triton-lang
-kernels of ``slora_kernels``.
+"""``TritonOps``: every op of ``Ops`` run by a Triton-lang kernel of ``slora_kernels``.
 
 On CUDA these are the engine's fast path. On a machine without CUDA they run in Triton's
 interpreter (``slora_kernels`` switches it on when imported there), which is exact but slow:
@@ -9,9 +8,9 @@ for tests only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+from slora_kernels.lora_args import LoraArgs
 from slora_kernels.lora_decode import (
     BgmvExpand,
     BgmvShrink,
@@ -22,13 +21,13 @@ from slora_kernels.lora_prefill import SgmvExpand, SgmvShrink
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.paged_attention import paged_attention, write_kv
 
-from .batch import AttentionBatch, LoraBatch
-from .ops import TorchOps
+from ..batch import AttentionBatch, LoraBatch
+from .base import Ops
 
 # A decode batch takes the segment (SGMV) kernels once its tokens share adapters this much on
 # average: each adapter's weights are then read once per segment instead of once per token.
-# Measured on the H200 (qkv, one shared rank-64 adapter, docs/benchmarks.md): per-token
-# 22 / 32 / 48 us vs segment 38 / 39 / 41 us at 8 / 32 / 64 tokens; the lines cross near 48.
+# The H200's times of the two kernel kinds (qkv, one shared rank-64 adapter, docs/benchmarks.md)
+# cross near 48 tokens per segment.
 _SEGMENT_KERNEL_MIN_AVG_LEN = 48
 
 
@@ -39,37 +38,31 @@ def _use_segments(lora: LoraBatch, num_tokens: int) -> bool:
     return num_segs > 0 and num_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * num_segs
 
 
-@dataclass(frozen=True)
-class _MixedSplit:
-    """A mixed step cut in two: its decode rows (tokens 0 .. D - 1), run by the decode
-    (per-token) kernels, and its prompts' segments, by the segment kernels. Built once per
-    step, used by every layer."""
-
-    token_slots: torch.Tensor  # the decode rows' slots [D]
-    seg_starts: torch.Tensor  # the prompts' segments (absolute token indices)
-    seg_lens: torch.Tensor
-    seg_slots: torch.Tensor
-
-
-def _mixed_split(lora: LoraBatch) -> _MixedSplit | None:
+def _mixed_split(lora: LoraBatch) -> LoraArgs | None:
     """How to run a mixed step's LoRA, or None to run all of it with the segment kernels.
+
+    The split is the step's tables with two parts: ``token_slots`` of its decode rows (tokens
+    0 .. D - 1), run by the per-token kernels, and its prompts' segments, run by the segment
+    kernels. Built once per step, used by every layer.
 
     The segment kernels give a one-token segment a whole tile of BLOCK_M rows, and a mixed
     step of the S1 workload has ~250 of them beside a few prompts. Their decode rows go to the
     decode kernels instead (two more launches per call) - unless they share adapters as much
-    as a decode batch that takes the segment kernels would. Measured on the H200 (250 rows +
-    1434 prompt tokens, rank 8, ``bench_kernels --only lora_mixed_step``): q/k/v shrink +
-    expand 110 us this way, 282 us when the segment launch ran the rows too, as per-token
-    programs of 128 columns (the engine's way while launches were costly on the host)."""
+    as a decode batch that takes the segment kernels would. On the H200 (250 rows + 1434
+    prompt tokens, rank 8, ``bench_kernels --only lora_mixed_step``) this takes 2.5x less GPU
+    time than running the rows in the segment launch."""
     if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
         return None
     split = lora.scratch.get("mixed_split")
     if split is None:
-        d, k = lora.decode_tokens, lora.decode_segments
-        split = lora.scratch["mixed_split"] = _MixedSplit(
-            lora.token_slots[:d], lora.seg_starts[k:], lora.seg_lens[k:], lora.seg_slots[k:])
+        d, k, args = lora.decode_tokens, lora.decode_segments, lora.kernel_args
+        split = lora.scratch["mixed_split"] = LoraArgs(
+            args.ranks, args.a_offsets, args.b_offsets, args.scalings,
+            token_slots=lora.token_slots[:d], seg_starts=lora.seg_starts[k:],
+            seg_lens=lora.seg_lens[k:], seg_slots=lora.seg_slots[k:],
+            max_seg_len=lora.max_seg_len)
     return split
 
 
@@ -77,13 +70,12 @@ class _MixedShrink:
     """A mixed step's shrink: the decode rows' by the decode kernel into the first rows of z,
     the prompts' by the segment kernel."""
 
-    def __init__(self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, split: _MixedSplit,
+    def __init__(self, x: torch.Tensor, pool: torch.Tensor, split: LoraArgs,
                  modules: Sequence[int]) -> None:
         self.rows = int(split.token_slots.shape[0])
-        self.prompts = SgmvShrink(x, pool, split.seg_starts, split.seg_lens, split.seg_slots,
-                                  lora.ranks, lora.a_offsets, modules, lora.max_seg_len)
-        self.decode = BgmvShrink(x[:self.rows], pool, split.token_slots, lora.ranks,
-                                 lora.a_offsets, modules, out=self.prompts.z[:self.rows])
+        self.prompts = SgmvShrink(x, pool, split, modules)
+        self.decode = BgmvShrink(x[:self.rows], pool, split, modules,
+                                 out=self.prompts.z[:self.rows])
 
     def __call__(self, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
         self.decode(x[:self.rows], pool)
@@ -93,29 +85,28 @@ class _MixedShrink:
 class _MixedExpand:
     """A mixed step's expand, split as ``_MixedShrink``."""
 
-    def __init__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, lora: LoraBatch,
-                 split: _MixedSplit, modules: Sequence[int], out_starts: Sequence[int],
+    def __init__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, split: LoraArgs,
+                 modules: Sequence[int], out_starts: Sequence[int],
                  out_dims: Sequence[int]) -> None:
         self.rows = d = int(split.token_slots.shape[0])
-        self.decode = BgmvExpand(y[:d], z[:d], pool, split.token_slots, lora.ranks,
-                                 lora.b_offsets, lora.scalings, modules, out_starts, out_dims)
-        self.prompts = SgmvExpand(y, z, pool, split.seg_starts, split.seg_lens, split.seg_slots,
-                                  lora.ranks, lora.b_offsets, lora.scalings, modules, out_starts,
-                                  out_dims, lora.max_seg_len)
+        self.decode = BgmvExpand(y[:d], z[:d], pool, split, modules, out_starts, out_dims)
+        self.prompts = SgmvExpand(y, z, pool, split, modules, out_starts, out_dims)
 
     def __call__(self, y: torch.Tensor, z: torch.Tensor, pool: torch.Tensor) -> None:
         self.decode(y[:self.rows], z[:self.rows], pool)
         self.prompts(y, z, pool)
 
 
-class TritonOps(TorchOps):
-    """Triton kernels behind the ``TorchOps`` interface. Host-side metadata (``max_rank``,
-    ``max_seg_len``, ``max_query_len``, ``max_context_len``) sizes the grids: no device syncs."""
+class TritonOps(Ops):
+    """The Triton kernels behind ``Ops``; every op is a kernel (no torch fallback). Host-side
+    metadata (``max_rank``, ``max_seg_len``, ``max_query_len``, ``max_context_len``) sizes the
+    grids, so no op syncs with the device and decode steps can be captured in CUDA graphs."""
 
     name = "triton"
     # The kernels index the adapter tables by slot: the runner's device tables (one row per
     # pool page) serve every step as they are.
     global_slots = True
+    graph_capturable = True
 
     def lora_shrink(
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
@@ -125,18 +116,16 @@ class TritonOps(TorchOps):
         if lora.is_decode and not _use_segments(lora, x.shape[0]):
             # (not prepared: a decode step replays a CUDA graph; eager ones are the rare steps
             # no graph fits)
-            return lora_shrink_decode(x, pool, lora.token_slots, lora.ranks, lora.a_offsets,
-                                      modules)
+            return lora_shrink_decode(x, pool, lora.kernel_args, modules)
         # A step's segment launches are prepared by its first layer, reused by the others.
         key = ("shrink", tuple(modules), x.shape)
         launch = lora.scratch.get(key)
         if launch is None:
             split = _mixed_split(lora)
             if split is not None:
-                launch = _MixedShrink(x, pool, lora, split, modules)
+                launch = _MixedShrink(x, pool, split, modules)
             else:
-                launch = SgmvShrink(x, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots,
-                                    lora.ranks, lora.a_offsets, modules, lora.max_seg_len)
+                launch = SgmvShrink(x, pool, lora.kernel_args, modules)
             lora.scratch[key] = launch
         return launch(x, pool)
 
@@ -152,20 +141,16 @@ class TritonOps(TorchOps):
     ) -> None:
         """y[:, module columns] += scaling * z @ B^T, in place."""
         if lora.is_decode and not _use_segments(lora, y.shape[0]):
-            lora_expand_decode(y, z, pool, lora.token_slots, lora.ranks, lora.b_offsets,
-                               lora.scalings, modules, out_starts, out_dims)
+            lora_expand_decode(y, z, pool, lora.kernel_args, modules, out_starts, out_dims)
             return
         key = ("expand", tuple(modules), tuple(out_starts), tuple(out_dims), y.shape)
         launch = lora.scratch.get(key)
         if launch is None:
             split = _mixed_split(lora)
             if split is not None:
-                launch = _MixedExpand(y, z, pool, lora, split, modules, out_starts, out_dims)
+                launch = _MixedExpand(y, z, pool, split, modules, out_starts, out_dims)
             else:
-                launch = SgmvExpand(
-                    y, z, pool, lora.seg_starts, lora.seg_lens, lora.seg_slots, lora.ranks,
-                    lora.b_offsets, lora.scalings, modules, out_starts, out_dims,
-                    lora.max_seg_len)
+                launch = SgmvExpand(y, z, pool, lora.kernel_args, modules, out_starts, out_dims)
             lora.scratch[key] = launch
         launch(y, z, pool)
 
