@@ -133,13 +133,12 @@ class Engine:
         self.copier = AdapterCopier(self.runner.copy_adapter, self.host_reads.record_failure,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
-        self.eos_ids = self._eos_ids()
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._inbox_lock = threading.Lock()
         self._wakeup = threading.Condition(self._inbox_lock)
-        self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer, self.eos_ids,
-                                       self._inbox_lock, self.abort)
+        self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer,
+                                       self._eos_ids(), self._inbox_lock, self.abort)
         self._step_lock = threading.RLock()
         self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
         self._registry_lock = threading.Lock()
@@ -159,6 +158,15 @@ class Engine:
 
     def _warm_up(self) -> None:
         warm_up(self)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a request (unless it ignores EOS)."""
+        return self.outputs.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.outputs.eos_ids = ids
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -38,14 +38,19 @@ def run_split_on_failure(items: Sequence[T], run: Callable[[list[T]], R],
     result: SplitResult[T, R] = SplitResult()
     budget = max_failures(len(items))
     work: list[tuple[list[T], bool]] = [(list(items), False)]  # (part, retried already)
+    last: BaseException | None = None
     while work:
         part, retried = work.pop(0)
+        if result.failures >= budget:  # out of attempts: what has not run fails as the last did
+            result.failed += [(item, last) for item in part]
+            continue
         try:
             result.done.append((part, run(part)))
         except Exception as error:  # noqa: BLE001 - any failure of a step is handled alike
+            last = error
             result.failures += 1
             recover(error)
-            if result.failures >= budget or (len(part) == 1 and retried):
+            if len(part) == 1 and retried:
                 result.failed += [(item, error) for item in part]
             elif len(part) == 1:
                 work.insert(0, (part, True))
