@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -34,43 +33,16 @@ from .model_runner import ModelRunner, PendingTokens
 from .ops import make_ops
 from .output_stream import OutputCallback
 from .outputs import OutputProcessor
-from .page_pool import ADAPTER, KV, PagePool
+from .page_pool import PagePool
 from .request import Request, RequestOutput
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
+from .stats import EngineStats, engine_stats
 from .step_in_flight import StepInFlight
 from .step_retry import run_split_on_failure
 from .warm_up import warm_up
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    pool_pages_total: int
-    pool_pages_free: int
-    pool_pages_kv: int
-    pool_pages_adapter: int
-    adapter_partition_pages: int  # 0 with unified paging
-    adapters_registered: int
-    adapters_gpu: int
-    adapters_host: int
-    adapter_loads: int
-    adapter_evictions: int
-    adapter_hits: int
-    adapter_misses: int
-    adapter_prefetches: int
-    generated_tokens: int
-    finished_requests: int
-    preemptions: int
-    steps: int
-    decode_graphs: int  # CUDA graphs captured so far (one per batch/rank/context bucket)
-    graph_steps: int  # decode steps replayed from a graph
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class Engine:
@@ -564,27 +536,4 @@ class Engine:
 
     def stats(self) -> EngineStats:
         self._check_open()
-        graphs = self.runner.graphs
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
-            pool_pages_total=self.pool.num_pages,
-            pool_pages_free=self.pool.num_free,
-            pool_pages_kv=self.pool.used_by[KV],
-            pool_pages_adapter=self.adapters.pool.used_by[ADAPTER],
-            adapter_partition_pages=0 if self.scheduler.unified else self.adapters.pool.num_pages,
-            adapters_registered=len(self.store),
-            adapters_gpu=len(self.adapters),
-            adapters_host=self.store.num_in_host,
-            adapter_loads=self.adapters.loads,
-            adapter_evictions=self.adapters.evictions,
-            adapter_hits=self.adapters.hits,
-            adapter_misses=self.adapters.misses,
-            adapter_prefetches=self.adapters.prefetches,
-            generated_tokens=self.outputs.generated_tokens,
-            finished_requests=self.outputs.finished_requests,
-            preemptions=self.scheduler.num_preemptions,
-            steps=self.steps,
-            decode_graphs=graphs.num_graphs if graphs else 0,
-            graph_steps=graphs.replays if graphs else 0,
-        )
+        return engine_stats(self)
