@@ -185,9 +185,9 @@ def size_pool(config: EngineConfig, runner_args: dict[str, Any], start: DeviceSn
     engine's share of the device measured since ``start`` (the weights are loaded by now)."""
     layout: PoolLayout = runner_args["layout"]
     page_bytes = layout.spec.num_layers * layout.page_size * torch.finfo(runner_args["dtype"]).bits // 8
+    if start is None:  # (a CPU pool may be smaller than one full context: requests are checked)
+        return cpu_pool_pages(config.cpu_pool_bytes, page_bytes)
     min_pages = layout.kv_pages(max_model_len)
-    if start is None:
-        return cpu_pool_pages(config.cpu_pool_bytes, page_bytes, min_pages)
     device = runner_args["device"]
     weights = torch.cuda.memory_allocated(device) - start.allocated_bytes
     peak = profile_peak_step(runner_args, layout, config.max_num_seqs, config.max_batched_tokens,
