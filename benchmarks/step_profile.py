@@ -63,7 +63,7 @@ class StepProfile:
             self._wrap(engine.runner.ops, attr, phase)
         self._wrap(engine.adapters, "prefetch_for", "prefetch")
         self._wrap(engine.sampler, "sample_on_device", "sample")
-        self._wrap(engine, "_read_tokens", "read")
+        self._wrap(engine.outputs, "process", "read")
         self._wrap(engine, "step", "step")
         if self.profile is not None:
             loop, profile = engine._loop, self.profile

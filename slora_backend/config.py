@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+# The lowest temperature sampled as asked: vLLM's floor (``_MAX_TEMP = 1e-2`` in its
+# sampling_params.py). Below it, fp32 logits divided by the temperature overflow to inf and the
+# softmax gives NaN; vLLM raises such temperatures to the floor with a warning, and so do we.
+MIN_TEMPERATURE = 1e-2
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,8 +27,10 @@ class EngineConfig:
 
     ``base_model``: a Hugging Face directory (config.json + *.safetensors), a ``.gguf`` file, or
     ``random:<shape>`` (see ``model_loader.RANDOM_SHAPES``) for throughput work.
-    ``pool_pages``: pages in the unified pool; None sizes it from ``pool_memory_fraction`` of free
-    device memory (CUDA) or ``cpu_pool_bytes`` (CPU).
+    ``pool_pages``: pages in the unified pool; None sizes it (``memory.py``) on CUDA from this
+    engine's share of the device, ``gpu_memory_utilization`` x its total memory (vLLM's rule:
+    weights, a profiled peak step, CUDA graphs and per-page tables come out of the share, the
+    pool gets the rest; that share must be free at start-up), on CPU from ``cpu_pool_bytes``.
     """
 
     base_model: str
@@ -29,7 +40,7 @@ class EngineConfig:
     kernel_backend: str | None = None  # None: "triton" on CUDA, "torch" on CPU
     tokenizer: str | None = None  # defaults to the base model directory
     pool_pages: int | None = None
-    pool_memory_fraction: float = 0.85
+    gpu_memory_utilization: float = 0.9
     cpu_pool_bytes: int = 512 * 2**20
     block_tokens: int = 16
     max_num_seqs: int = 256
@@ -80,9 +91,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pool_pages is not None and self.pool_pages < 1:
             raise ValueError(f"pool_pages must be >= 1, got {self.pool_pages}")
-        if not 0.0 < self.pool_memory_fraction <= 1.0:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
-                f"pool_memory_fraction must be in (0, 1], got {self.pool_memory_fraction}"
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.lora_ops not in (None, "bmm"):
             raise ValueError(f"lora_ops must be None or 'bmm', got {self.lora_ops!r}")
@@ -114,7 +125,9 @@ class EngineConfig:
 class SamplingParams:
     """How one request samples. temperature 0 is greedy; top_k 0 disables top-k.
 
-    Raises ``InvalidRequestError`` (a ValueError) naming the parameter and its allowed range.
+    A temperature in (0, ``MIN_TEMPERATURE``) = (0, 0.01) is raised to 0.01 with a warning, as
+    vLLM does: lower ones overflow the logits. Raises ``InvalidRequestError`` (a ValueError)
+    naming the parameter and its allowed range.
     """
 
     max_tokens: int = 16
@@ -130,21 +143,39 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if math.isnan(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or math.isnan(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if math.isinf(self.temperature):
             raise InvalidRequestError("temperature must be finite, got inf")
-        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning("temperature %s is below %s, where the logits overflow; sampling at %s",
+                           self.temperature, MIN_TEMPERATURE, MIN_TEMPERATURE)
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
+        if not _is_real(self.top_p) or math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k):
+            raise InvalidRequestError(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise InvalidRequestError(f"seed must be in [0, 2^64), got {self.seed}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name, kind in (("max_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))  # (numpy scalars from a client)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -4,61 +4,43 @@ Thread model: ``add_request`` and ``abort`` may be called from any thread; they 
 into an inbox. The engine loop (``start()``, or ``generate()`` inline) is the only code that
 touches the scheduler and the pool. Adapters (names, host copies, pool residency) live in
 ``adapters.AdapterManager``; unloading one takes the step lock, so it never runs in the middle of
-a step.
+a step. ``close()`` (or leaving ``with Engine(...) as engine:``) stops the loop and
+gives the engine's GPU memory back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 
 from .adapters import AdapterInfo, AdapterManager
+from .adapters.host_store import AdapterStore
 from .config import EngineConfig, SamplingParams
-from .errors import EngineOverloadedError, InvalidRequestError
+from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
+from .memory import DeviceSnapshot, size_pool
 from .model_loader import load_model, load_tokenizer
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingTokens
 from .ops import make_ops
-from .output_stream import OutputCallback, OutputStream
-from .page_pool import KV, PagePool
+from .output_stream import OutputCallback
+from .outputs import OutputProcessor
+from .page_pool import PagePool
 from .request import Request, RequestOutput
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
+from .stats import EngineStats, engine_stats
 from .step_in_flight import StepInFlight
+from .step_retry import run_split_on_failure
+from .warm_up import warm_up
 
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    pool_pages_total: int
-    pool_pages_free: int
-    pool_pages_kv: int
-    pool_pages_adapter: int
-    adapter_partition_pages: int  # 0 with unified paging
-    adapters_registered: int
-    adapters_gpu: int
-    adapters_host: int
-    adapter_loads: int
-    adapter_evictions: int
-    adapter_hits: int
-    adapter_misses: int
-    adapter_prefetches: int
-    generated_tokens: int
-    finished_requests: int
-    preemptions: int
-    steps: int
-    decode_graphs: int  # CUDA graphs captured so far (one per batch/rank/context bucket)
-    graph_steps: int  # decode steps replayed from a graph
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -67,6 +49,10 @@ class Engine:
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
         torch.manual_seed(config.seed)
+        self._closed = False
+        # (before the weights load: they come out of this engine's share)
+        start = (DeviceSnapshot.take(self.device, config.gpu_memory_utilization)
+                 if config.pool_pages is None and self.device.type == "cuda" else None)
         self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
         self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed,
                                            min_vocab=len(self.tokenizer) if self.tokenizer else 0)
@@ -80,7 +66,15 @@ class Engine:
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
         self.layout = PoolLayout(self.spec, config.block_tokens)
-        num_pages = config.pool_pages or self._auto_pool_pages(dtype)
+        ops = make_ops(config.resolved_kernel_backend, config.lora_ops)
+        # Graphs need ops that never sync with the host (a capability of the ops, not a name).
+        graphable = config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
+        runner_args = dict(model=self.model, layout=self.layout, ops=ops, device=self.device,
+                           dtype=dtype)
+        # (the profiled dummy step reads no adapter: it gets an empty store of its own)
+        num_pages = config.pool_pages or size_pool(
+            config, {**runner_args, "store": AdapterStore(self.layout, dtype, 0, False)}, start,
+            graphable, self.max_model_len)
         adapter_pages = config.adapter_pool_pages
         if adapter_pages is not None and adapter_pages >= num_pages:
             raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
@@ -101,8 +95,6 @@ class Engine:
             preload=config.preload_adapters, prefetch=config.prefetch_adapters,
             max_prefetch=config.max_num_seqs,
             active_counts=self._active_counts, between_steps=self._between_steps)
-        ops = make_ops(config.resolved_kernel_backend, config.lora_ops)
-        graphable = config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters.cache, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
@@ -110,24 +102,20 @@ class Engine:
                                    adapter_ready=self.adapters.ready,
                                    admit_wait_steps=(8 if graphable else 0) if admit_wait is None
                                    else admit_wait)
-        self.runner = ModelRunner(
-            self.model, self.layout, num_pages,
-            ops, self.adapters.store, self.device, dtype,
-            graphs_for=(config.max_num_seqs, self.max_model_len) if graphable else None,
-        )
+        self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,
+                                  graphs_for=((config.max_num_seqs, self.max_model_len)
+                                              if graphable else None))
         # Adapters are copied into their pages off the engine thread on CUDA.
         self.adapters.attach_runner(self.runner.copy_adapter, self.runner.lora_tables,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
-        self.eos_ids = self._eos_ids()
-        self._streams: dict[str, OutputStream] = {}  # every request from add_request to its end
         self._aborts: list[str] = []
         self._wakeup = threading.Condition(self._inbox_lock)
+        self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer,
+                                       self._eos_ids(), self._inbox_lock, self.abort)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.generated_tokens = 0
-        self.finished_requests = 0
         self.steps = 0
         self._in_flight: StepInFlight | None = None  # launched, its tokens not read yet
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
@@ -137,42 +125,16 @@ class Engine:
         self.adapters.start_preloads()
 
     def _warm_up(self) -> None:
-        """Compile the kernels' variants before serving: for the base model and one adapter of
-        each registered rank (the batch's largest rank picks LoRA tiles), prompts short and long
-        enough for each prefill tile, joining a batch that already decodes (a mixed step)."""
-        by_rank = self.adapters.one_per_rank()
-        params = SamplingParams(max_tokens=4, ignore_eos=True)
-        vocab = self.spec.vocab_size
-        lengths = [n for n in (8, 24, 100) if n + params.max_tokens <= self.max_model_len]
-        for name in [None, *(by_rank[r] for r in sorted(by_rank))]:
-            ids = []
-            for length in lengths:
-                prompt = [1 + (7 * i) % (vocab - 1) for i in range(length)]
-                try:
-                    ids.append(self.add_request(prompt, params, name))
-                except InvalidRequestError:  # a pool too small for it: that variant waits
-                    continue
-                self.step()
-            while any(i in self._streams for i in ids):
-                self.step()
-                self._idle_while_reading()
-            if name is not None:
-                self.adapters.store.get(name).total_requests -= len(ids)  # not a user's requests
-        self.generated_tokens = self.finished_requests = self.steps = 0
+        warm_up(self)
 
-    # ---- sizing -------------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a request (unless it ignores EOS)."""
+        return self.outputs.eos_ids
 
-    def _auto_pool_pages(self, dtype: torch.dtype) -> int:
-        page_bytes = self.spec.num_layers * self.layout.page_size * torch.finfo(dtype).bits // 8
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations of the largest step (a few hundred MB at most here).
-            budget = int(free * self.config.pool_memory_fraction) - 2 * 2**30
-        else:
-            budget = self.config.cpu_pool_bytes
-        if budget < page_bytes:
-            raise ValueError(f"no memory for the page pool: one page needs {page_bytes} bytes")
-        return budget // page_bytes
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.outputs.eos_ids = ids
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -240,6 +202,7 @@ class Engine:
         on_output: OutputCallback | None = None,
     ) -> str:
         """Validate and enqueue one request; returns its id. Raises on bad input, enqueues nothing."""
+        self._check_open()
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
@@ -274,9 +237,9 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, token_ids, params, adapter)
         with self._wakeup:
-            if request_id in self._streams:
+            if request_id in self.outputs:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = OutputStream(request, self.tokenizer, on_output)
+            self.outputs.open(request, on_output)
             self._inbox.append(request)
             self._wakeup.notify()
         return request_id
@@ -347,6 +310,7 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._check_open()
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
@@ -374,18 +338,53 @@ class Engine:
             while self._step_lock_waiters:
                 time.sleep(1e-4)
         with self._step_lock:  # a stopped engine leaves nothing behind
-            if self._in_flight is not None:
-                self._in_flight.read()  # (its requests end below, as aborted)
-                self._in_flight = None
-            self._drain_inbox()
-            for stream in list(self._streams.values()):
-                self._finish(stream.request, "abort")
+            self._end_all()
+
+    def _end_all(self) -> None:
+        """End every request the engine holds, as aborted (the step lock held)."""
+        if self._in_flight is not None:
+            self._in_flight.read()  # (its requests end below)
+            self._in_flight = None
+        self._drain_inbox()
+        for request in self.outputs.live_requests():
+            self._finish(request, "abort")
+
+    # ---- closing ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loop, end every open request (aborted) and give back the engine's memory:
+        pool, weights, CUDA graphs, LoRA tables, copy stream. Idempotent; afterwards the engine
+        refuses new work (``EngineClosedError``)."""
+        if self._closed:
+            return
+        self.stop()
+        with self._step_lock:
+            self._end_all()
+            self._closed = True
+            # (the objects that hold device memory; the host-side registry stays readable)
+            del self.runner, self.model
+            self.adapters.detach_runner()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed (close() was called); start a new Engine")
 
     def step(self) -> list[RequestOutput]:
         """Admit new work, launch one forward over the scheduled batch, emit the outputs of the
         step launched before it (``step_in_flight``: the GPU runs one step while the host
         prepares the next and finishes the last)."""
         with self._step_lock:
+            self._check_open()
             outputs = self._drain_inbox()
             # Pages freed while the step in flight runs may still be written by it: copies into
             # free pages wait for it on the GPU.
@@ -405,41 +404,52 @@ class Engine:
             # (overlaps the step just launched, on CUDA)
             self.adapters.prefetch_for(self.scheduler.waiting, len(self.scheduler.running), fence)
             if self._in_flight is not None:
-                outputs += self._read_tokens(self._in_flight)
+                outputs += self.outputs.process(self._in_flight)
             self._in_flight = launched
             return [o for o in outputs if o is not None]
 
     def _launch(self, scheduled: list[ScheduledRequest],
                 outputs: list[RequestOutput | None]) -> StepInFlight | None:
-        """Run the forward and sample on the device; the tokens are read by the next step."""
-        residents = {r.adapter: self.adapters.cache.get(r.adapter)
-                     for r in (s.request for s in scheduled) if r.adapter is not None}
+        """Run the forward and sample on the device; the tokens are read by the next step.
+
+        A failed attempt is retried in halves (``step_retry``): a request whose own attempt
+        still fails ends with the error, its batch-mates go on. A failed attempt needs no undoing:
+        it wrote only its requests' own KV slots (written again by the retry), and the requests'
+        progress moves only once their part has run.
+        """
         pending = self._in_flight.pending() if self._in_flight is not None else None
-        sampling = [s.request for s in scheduled if s.samples]
-        try:
-            logits = self.runner.execute(scheduled, residents, pending)
-            tokens = self.sampler.sample_on_device(
-                logits, [r.request_id for r in sampling], [r.params for r in sampling])
-        except Exception as e:  # a failed step must not strand requests or pages
-            if self.device.type == "cuda":
-                # (what it launched may still write the pages freed below, and no event of
-                # this step will fence the copies into them)
-                torch.cuda.synchronize(self.device)
-            for s in scheduled:
-                outputs.append(self._finish(s.request, "error", error=f"engine step failed: {e}"))
+        ran = run_split_on_failure(scheduled, lambda part: self._forward(part, pending),
+                                   self._recover)
+        for s, error in ran.failed:
+            outputs.append(self._finish(s.request, "error", error=f"engine step failed: {error}"))
+        if not ran.done:
             return None
         self.steps += 1
-        for s in scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-        return StepInFlight(sampling, tokens)
+        sampling, tokens = [], []
+        for part, part_tokens in ran.done:
+            sampling += [s.request for s in part if s.samples]
+            tokens.append(part_tokens)
+            for s in part:
+                s.request.num_computed_tokens += s.num_new_tokens
+        return StepInFlight(sampling, tokens[0] if len(tokens) == 1 else torch.cat(tokens))
 
-    def _read_tokens(self, step: StepInFlight) -> list[RequestOutput | None]:
-        """Append a launched step's tokens (waiting for the GPU to finish it); a request that
-        ended meanwhile (stop, abort, error) drops its row: that row was speculative."""
-        tokens = step.read()
-        now = time.monotonic()
-        return [self._append_token(r, slot, token, now)
-                for r, slot, token in zip(step.requests, step.slots, tokens) if not r.finished]
+    def _forward(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> torch.Tensor:
+        """One attempt: the forward over ``scheduled`` and the tokens of those that sample."""
+        residents = {r.adapter: self.adapters.cache.get(r.adapter)
+                     for r in (s.request for s in scheduled) if r.adapter is not None}
+        sampling = [s.request for s in scheduled if s.samples]
+        logits = self.runner.execute(scheduled, residents, pending)
+        return self.sampler.sample_on_device(
+            logits, [r.request_id for r in sampling], [r.params for r in sampling])
+
+    def _recover(self, error: BaseException) -> None:
+        """After a failed attempt: let what it launched end (it may still write pages that its
+        requests free if they fail), and give cached blocks back after running out of memory."""
+        logger.warning("engine step failed, retrying smaller: %s", error)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:
@@ -454,9 +464,9 @@ class Engine:
                 continue
             self.scheduler.add(request)
         for request_id in aborts:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                outputs.append(self._finish(stream.request, "abort"))
+            request = self.outputs.request(request_id)
+            if request is not None:
+                outputs.append(self._finish(request, "abort"))
         return outputs
 
     def _idle_while_reading(self) -> None:
@@ -465,62 +475,12 @@ class Engine:
         if not self.scheduler.running and self.adapters.reading:
             time.sleep(1e-3)
 
-    def _append_token(self, request: Request, slot: int, token: int,
-                      now: float) -> RequestOutput | None:
-        """``token`` read for the placeholder at ``output_token_ids[slot]``."""
-        if request.first_token_time is None:
-            request.first_token_time = now
-        params = request.params
-        if token in self.eos_ids and not params.ignore_eos:
-            return self._finish(request, "stop")  # (drops the placeholder)
-        request.output_token_ids[slot] = token
-        request.num_pending_tokens -= 1
-        self.generated_tokens += 1
-        if self._streams[request.request_id].add_token(token):
-            return self._finish(request, "stop", delta_tokens=[token])
-        if slot + 1 >= params.max_tokens:
-            return self._finish(request, "length", delta_tokens=[token])
-        return self._emit(request, [token])
-
-    def _finish(
-        self, request: Request, reason: str, delta_tokens: list[int] | None = None,
-        error: str | None = None,
-    ) -> RequestOutput:
-        self.scheduler.finish(request, reason)
-        self.sampler.forget(request.request_id)
-        self.finished_requests += 1
-        # tokens still being sampled for it will not be read: their placeholders go
-        del request.output_token_ids[len(request.output_token_ids) - request.num_pending_tokens:]
-        request.num_pending_tokens = 0
-        out = self._emit(request, delta_tokens or [], error)
-        with self._inbox_lock:
-            del self._streams[request.request_id]
-        return out
-
-    def _emit(self, request: Request, delta_tokens: list[int], error: str | None = None) -> RequestOutput:
-        stream = self._streams[request.request_id]
-        out = stream.emit(delta_tokens, error)
-        if stream.broken and not out.finished:
-            with self._inbox_lock:
-                self._aborts.append(request.request_id)
-        return out
+    def _finish(self, request: Request, reason: str, delta_tokens: list[int] | None = None,
+                error: str | None = None) -> RequestOutput:
+        return self.outputs.finish(request, reason, delta_tokens, error)
 
     # ---- introspection ------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        graphs = self.runner.graphs
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + len(self._inbox),
-            pool_pages_total=self.pool.num_pages,
-            pool_pages_free=self.pool.num_free,
-            pool_pages_kv=self.pool.used_by[KV],
-            adapter_partition_pages=0 if self.scheduler.unified else self.adapters.pool.num_pages,
-            **self.adapters.stats(),
-            generated_tokens=self.generated_tokens,
-            finished_requests=self.finished_requests,
-            preemptions=self.scheduler.num_preemptions,
-            steps=self.steps,
-            decode_graphs=graphs.num_graphs if graphs else 0,
-            graph_steps=graphs.replays if graphs else 0,
-        )
+        self._check_open()
+        return engine_stats(self)

@@ -32,3 +32,7 @@ class AdapterBusyError(SLoRAError, RuntimeError):
 
 class EngineOverloadedError(SLoRAError, RuntimeError):
     """The request queue is full; try again later (UNAVAILABLE)."""
+
+
+class EngineClosedError(SLoRAError, RuntimeError):
+    """The engine was closed; it takes no more work (UNAVAILABLE)."""

@@ -1,10 +1,19 @@
-"""Token choice per request: greedy, or temperature / top-k / top-p with a per-request seed."""
+"""Token choice per request: greedy, or temperature / top-k / top-p with a per-request seed.
+
+No parameter combination can give NaN probabilities: temperatures are at least
+``MIN_TEMPERATURE`` (``SamplingParams``), and a row's logits are shifted so their maximum is 0
+before the division, so the softmax always has one term of exp(0). A row whose logits are
+themselves not finite (a numerical fault of the model for that sequence) samples
+``NON_FINITE`` instead of a token: that request ends with an error, its batch-mates go on.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .config import SamplingParams
+
+NON_FINITE = -1  # the "token" of a row whose logits hold NaN or inf
 
 
 class Sampler:
@@ -19,18 +28,22 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
     ) -> list[int]:
-        """logits: fp32 [rows, vocab]; returns one token id per row."""
+        """logits: fp32 [rows, vocab]; returns one token id (or ``NON_FINITE``) per row."""
         return self.sample_on_device(logits, request_ids, params).tolist()
 
     def sample_on_device(
         self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
     ) -> torch.Tensor:
         """As ``sample``, but the tokens stay on logits' device (int64 [rows]): no host sync."""
+        finite = torch.isfinite(logits).all(dim=-1)
         tokens = torch.argmax(logits, dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         for i in sampled_rows:
-            tokens[i] = self._sample_row(logits[i], params[i], self._generator(request_ids[i], params[i]))
-        return tokens
+            # (a non-finite row samples from zeros instead: multinomial must never see NaN,
+            # which on CUDA is a device-side assert that ends the process)
+            row = logits[i].masked_fill(~finite[i], 0.0)
+            tokens[i] = self._sample_row(row, params[i], self._generator(request_ids[i], params[i]))
+        return torch.where(finite, tokens, NON_FINITE)
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -47,7 +60,7 @@ class Sampler:
 
     @staticmethod
     def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-        logits = logits / p.temperature
+        logits = (logits - logits.max()) / p.temperature  # <= 0, the maximum exactly 0
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

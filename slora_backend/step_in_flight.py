@@ -28,16 +28,18 @@ from .request import PENDING, Request
 
 class StepInFlight:
     def __init__(self, sampling: list[Request], tokens: torch.Tensor) -> None:
-        """``tokens``: the device tokens of ``sampling`` (one per request, in order), just
-        sampled on the compute stream. Appends each request's placeholder and starts the copy
-        of the tokens to the host."""
+        """``tokens``: the device tokens of ``sampling`` (one per request, in order, or
+        ``sampler.NON_FINITE``), just sampled on the compute stream. Appends each request's
+        placeholder and starts the copy of the tokens to the host."""
         self.requests = sampling
         self.slots = []  # each request's placeholder index in its output_token_ids
         for r in sampling:
             self.slots.append(len(r.output_token_ids))
             r.output_token_ids.append(PENDING)
             r.num_pending_tokens += 1
-        self.tokens = tokens
+        # (the next step's inputs: a NON_FINITE row's input must still be a valid token id; that
+        # row is dropped once the host reads it)
+        self.tokens = tokens.clamp(min=0)
         self.done: torch.cuda.Event | None = None
         if tokens.is_cuda:
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

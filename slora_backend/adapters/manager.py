@@ -74,6 +74,12 @@ class AdapterManager:
         self.copier = AdapterCopier(copy, self.reads.record_failure, background)
         self._tables = tables
 
+    def detach_runner(self) -> None:
+        """Drop the references to the model runner (``Engine.close``: its memory goes back);
+        later copies fail with a clear error."""
+        self.copier = AdapterCopier(_not_attached, self.reads.record_failure, False)
+        self._tables = None
+
     @property
     def pool(self) -> PagePool:
         """The pages adapters live in: the KV pool (unified paging) or their own partition."""

@@ -318,7 +318,7 @@ def run_engine_process(config: EngineConfig, conn: Any) -> None:
     except (EOFError, OSError):
         pass  # the stub is gone: stop serving
     calls.shutdown(wait=True)
-    engine.stop()  # ends what is in flight as aborted; those outputs go out first
+    engine.close()  # ends what is in flight as aborted (those outputs go out first), frees memory
     outbox.put(None)
     writer.join()
     try:

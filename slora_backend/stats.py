@@ -1,0 +1,59 @@
+"""What an engine reports about itself (``Engine.stats``; the serving layer's metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .page_pool import KV
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    pool_pages_total: int
+    pool_pages_free: int
+    pool_pages_kv: int
+    pool_pages_adapter: int
+    adapter_partition_pages: int  # 0 with unified paging
+    adapters_registered: int
+    adapters_gpu: int
+    adapters_host: int
+    adapter_loads: int
+    adapter_evictions: int
+    adapter_hits: int
+    adapter_misses: int
+    adapter_prefetches: int
+    generated_tokens: int
+    finished_requests: int
+    preemptions: int
+    steps: int
+    decode_graphs: int  # CUDA graphs captured so far (one per batch/rank/context bucket)
+    graph_steps: int  # decode steps replayed from a graph
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def engine_stats(engine: Engine) -> EngineStats:
+    """The engine's counters and pool occupancy now."""
+    graphs = engine.runner.graphs
+    return EngineStats(
+        num_running=len(engine.scheduler.running),
+        num_waiting=len(engine.scheduler.waiting) + len(engine._inbox),
+        pool_pages_total=engine.pool.num_pages,
+        pool_pages_free=engine.pool.num_free,
+        pool_pages_kv=engine.pool.used_by[KV],
+        adapter_partition_pages=0 if engine.scheduler.unified else engine.adapters.pool.num_pages,
+        **engine.adapters.stats(),
+        generated_tokens=engine.outputs.generated_tokens,
+        finished_requests=engine.outputs.finished_requests,
+        preemptions=engine.scheduler.num_preemptions,
+        steps=engine.steps,
+        decode_graphs=graphs.num_graphs if graphs else 0,
+        graph_steps=graphs.replays if graphs else 0,
+    )
