@@ -2,7 +2,7 @@
 
 A step of a 7B model launches each kernel 32-128 times with arguments that differ only in their
 pointers. ``JITFunction.run`` re-derives the kernel's specialization for every launch (binds the
-arguments, builds and hashes a key of strings, checks globals): ~30-75 us of host time per
+arguments, builds and hashes a key of strings, checks globals): tens of microseconds of host time per
 launch on the H200's host, more than the GPU work of most launches in a step that prefills.
 
 ``CachedLaunch`` keys each launch by a tuple that is at least as fine as Triton's own

@@ -79,7 +79,7 @@ def _segment_adapter(seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module
 
 
 # num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
-# variants mid-serving (seen on the H200: 8 compiles, ~1 s each, in the S1 replay). The same
+# variants mid-serving (each new variant is a ~1 s compile inside a serving step). The same
 # holds for the segment tables' alignment: a mixed step passes its prompts' segment tables from
 # an offset (they follow the decode rows'), 16-byte aligned or not from step to step.
 _SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]

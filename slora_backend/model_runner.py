@@ -25,8 +25,7 @@ from .scheduler import ScheduledRequest
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a tensor on ``device``, without waiting for the compute stream: a blocking
     copy would hold the host until the step in flight has finished - the very time it should
-    spend building the next step (measured on the H200: a decode step's host part then could
-    not overlap its predecessor at all)."""
+    spend building the next step."""
     tensor = torch.tensor(values, dtype=dtype)
     return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 

@@ -2,8 +2,8 @@
 
 The engine builds and launches step n+1 while the GPU still runs step n, and reads step n's
 tokens only then: the host's part of a step (scheduling, batch metadata, detokenizing, emitting
-outputs) overlaps the GPU's instead of leaving it idle. On the H200 that host part was a third
-of a decode step (8-10 ms of ~27 ms at batch ~250; docs/benchmarks.md, eighth session).
+outputs) overlaps the GPU's instead of leaving it idle (at batch ~250 on the H200 that host part
+is about a third of a decode step).
 
 What that asks of the rest of the engine:
 

@@ -6,9 +6,7 @@ per placement. Two keepers:
 
 - ``SlotTables`` (the Triton kernels): device tables with a row per pool page; an adapter's
   row is its first page's, so a step's token slots index the tables directly and a step
-  uploads nothing else. Gathering the rows per step cost ~1 ms of host time per decode step of
-  ~240 adapters on the H200 (plus copying them into the decode graph's inputs), about half of
-  what an adapter batch's host work added over the base model's.
+  uploads nothing else (no per-step gather of table rows on the host).
 - ``LoraTables`` (the torch references and the bmm baseline, which expect dense batch slots):
   host tables, a step gathers the rows of its adapters with one ``index_select`` per table.
 """

@@ -101,9 +101,8 @@ class AdapterNames:
     adapter directory inside the root (the engine registers it on first use); ``check`` raises
     NOT_FOUND for anything else, and the adapter model then asks the engine, whose answer is
     final. The engine step still validates the adapter itself (a corrupt file, another base
-    model) and answers such a request with its own error. Asking the engine for every request
-    instead (then a BLS call each) crashed the adapter model's stub under load on the H200
-    (docs/serving.md).
+    model) and answers such a request with its own error. The check stays local: a BLS call per
+    request crashes the adapter model's stub under load (docs/serving.md).
     """
 
     def __init__(self, root: Path) -> None:

@@ -1,11 +1,10 @@
 """The control channel between ``slora_adapters`` and the engine's process: a UNIX socket.
 
 Adapter management (``list``, ``load``, ``unload``, ``describe``, ``resolve``, ``stats``,
-``abort``) runs where the engine lives, in ``slora_engine``'s stub process. It used to travel
-there as a BLS request into the decoupled engine model; on the H200 under load the
-``slora_adapters`` stubs then segfaulted inside the Python backend's BLS path (Triton 2.51, see
-docs/serving.md), and a dead ``slora_adapters`` takes the ``slora`` ensemble down with it. A
-local socket keeps Triton's C++ out of this path: one JSON line asks, one JSON line answers.
+``abort``) runs where the engine lives, in ``slora_engine``'s stub process, reached over a local
+socket rather than BLS: Triton 2.51's Python-backend BLS path crashes the ``slora_adapters`` stub
+under load (docs/serving.md), and a dead ``slora_adapters`` takes the ``slora`` ensemble down with
+it. One JSON line asks, one JSON line answers.
 
 The socket lives in a directory of the temp directory that only its owner can enter, under a
 name derived from the model repository's path (both models know it), and is removed at shutdown.

@@ -1,11 +1,9 @@
 """The engine in a process of its own, behind the part of ``Engine``'s API that serving uses.
 
-Why: inside the Triton stub the engine loop shared one GIL with the threads that parse requests
-and send responses. Each response is a round trip to the server (~230 us on the H200's host, a
-third of it holding the GIL), so in the S1 replay the engine thread kept waiting for the GIL and
-the served throughput was 0.60x of the same engine in-process (docs/benchmarks.md, sixth
-session). In a process of its own (vLLM's engine-core split) the loop has a GIL to itself; the
-stub only moves requests in and outputs out.
+Why: inside the Triton stub the engine loop would share one GIL with the threads that parse
+requests and send responses (each response a ~230 us round trip to the server, a third of it
+holding the GIL). In a process of its own (vLLM's engine-core split) the loop has a GIL to itself;
+the stub only moves requests in and outputs out.
 
 Wire: one duplex pipe carrying pickled tuples.
 

@@ -72,12 +72,8 @@ class StreamRouter:
     ``stream_interval``: a streaming request's text goes out once it has that many new tokens
     (the first token at once, the rest with the final response). Each response is a round trip
     to the server process that holds the GIL for part of it (~75 of ~230 us on the H200's
-    host). While the engine ran on a thread of the same process this thread held that GIL ~30%
-    of the time at one response per token, and an interval of 4 raised the served throughput
-    from 0.60x to 0.68-0.74x of the in-process engine's; with the engine in its own process
-    (``EngineProcess``) it was 0.84-0.96x at 1 and 0.90x at 4, and 0.98-0.99x at 1 once the
-    engine overlapped its host work with the GPU (docs/benchmarks.md). Like vLLM's
-    ``--stream-interval``.
+    host); raise the interval when many streams run at once and not every token needs a
+    response of its own. Like vLLM's ``--stream-interval``.
     """
 
     CANCEL_POLL_S = 0.1
