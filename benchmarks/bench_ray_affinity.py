@@ -57,8 +57,8 @@ def run_setting(args, affinity: bool, adapter_root: Path, trace, work: Path) -> 
     import ray
     from ray import serve
 
-    from slora_backend.ray_serve import LaunchOptions, RayServeOptions, build_app
     from slora_backend.launcher.server import free_ports
+    from slora_backend.ray_serve import LaunchOptions, RayServeOptions, build_app
 
     state = work / f"state-{'on' if affinity else 'off'}"
     launcher = ["--device", "cpu", "--dtype", "float32", "--kernel-backend", "torch"]

@@ -1,14 +1,15 @@
 """Adapter weights copied into their pool pages off the engine thread.
 
 A host-to-device copy from pageable memory holds the calling thread for the whole copy (about
-1.5 ms for a Llama-2-7B rank-8 adapter, 17 MB, on the H200). On CUDA the copies therefore run on one helper thread, on the
-runner's side stream, in submission order, while the engine thread samples, schedules and builds
-the next batch (torch releases the GIL during a copy).
+1.5 ms for a Llama-2-7B rank-8 adapter, 17 MB, on the H200). On CUDA the copies therefore run
+on one helper thread, on the runner's side stream, in submission order, while the engine thread
+samples, schedules and builds the next batch (torch releases the GIL during a copy).
 
 A step waits only for the copies of the adapters it reads (``wait(names)``); prefetches for
-queued requests keep running behind it. Page reuse stays ordered: every copy that has finished on the host side has
-its event waited on by the compute stream at the next ``wait``, and an adapter whose copy is
-still in flight is not evictable (``in_flight``), so its pages cannot change hands under a copy.
+queued requests keep running behind it. Page reuse stays ordered: every copy that has finished
+on the host side has its event waited on by the compute stream at the next ``wait``, and an
+adapter whose copy is still in flight is not evictable (``in_flight``), so its pages cannot
+change hands under a copy.
 """
 
 from __future__ import annotations

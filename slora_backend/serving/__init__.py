@@ -45,8 +45,9 @@ _EXPORTS = {
     "ResponsePayload": ".router", "StreamRouter": ".router",
     "ServingSettings": ".settings", "settings_from_json": ".settings",
 }
-_SUBMODULES = ("control", "control_channel", "engine_json", "engine_process", "errors", "gateway_metrics", "inputs",
-               "metrics", "router", "settings", "supervisor", "triton_stub")
+_SUBMODULES = ("control", "control_channel", "engine_json", "engine_process", "errors",
+               "gateway_metrics", "inputs", "metrics", "router", "settings", "supervisor",
+               "triton_stub")
 
 __all__ = sorted(_EXPORTS)
 
