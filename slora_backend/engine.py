@@ -71,9 +71,19 @@ class Engine:
         dtype = config.torch_dtype
         torch.manual_seed(config.seed)
         self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
-        self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed,
-                                           min_vocab=len(self.tokenizer) if self.tokenizer else 0)
-        self.spec = self.model.spec
+        min_vocab = len(self.tokenizer) if self.tokenizer else 0
+        # Tensor parallelism: this process is rank 0 and holds rank 0's shard of everything.
+        self.tp = None
+        if config.tensor_parallel_size > 1:
+            from .parallel import TensorParallelDriver
+
+            self.tp = TensorParallelDriver(config, min_vocab)
+            self.model, model_dir = self.tp.load_model(dtype)
+            self.spec = self.tp.shard.spec  # the whole model's shape
+        else:
+            self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed,
+                                               min_vocab=min_vocab)
+            self.spec = self.model.spec
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(model_dir, optional=True)
         if self.tokenizer is not None and len(self.tokenizer) > self.spec.vocab_size:
@@ -82,24 +92,28 @@ class Engine:
             )
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
-        self.layout = PoolLayout(self.spec, config.block_tokens)
+        self.layout = (self.tp.layout(config.block_tokens) if self.tp
+                       else PoolLayout(self.spec, config.block_tokens))
         num_pages = config.pool_pages or self._auto_pool_pages(dtype)
         adapter_pages = config.adapter_pool_pages
         if adapter_pages is not None and adapter_pages >= num_pages:
             raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
                              f"{num_pages} pages")
-        self.pool = PagePool(num_pages - (adapter_pages or 0))
+        new_pool = self.tp.page_pool if self.tp else PagePool
+        self.pool = new_pool(num_pages - (adapter_pages or 0))
         # Unified paging: adapters take pages from the same pool as KV. The ablation gives them
         # a fixed partition at the end of the pool tensor instead.
-        adapter_pool = self.pool if adapter_pages is None else PagePool(
+        adapter_pool = self.pool if adapter_pages is None else new_pool(
             adapter_pages, first_page=num_pages - adapter_pages)
-        self.store = AdapterStore(self.layout, dtype, config.host_adapter_bytes,
-                                  config.pin_host_memory and self.device.type == "cuda")
+        self.store = (self.tp.adapter_store if self.tp else AdapterStore)(
+            self.layout, dtype, config.host_adapter_bytes,
+            config.pin_host_memory and self.device.type == "cuda")
         self.adapters = AdapterCache(adapter_pool, self.store,
                                      copying=lambda name: self.copier.in_flight(name))
         self.registry = AdapterRegistry(config.adapter_root, self.store, self.adapters)
         # Graphs need ops that never sync with the host: the Triton kernels, not the references.
-        graphable = (config.cuda_graphs and self.device.type == "cuda"
+        # (not yet under tensor parallelism: the decode graphs would capture the collectives)
+        graphable = (config.cuda_graphs and self.device.type == "cuda" and self.tp is None
                      and config.resolved_kernel_backend == "triton" and not config.lora_ops)
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters, self.layout.block_tokens,
@@ -116,6 +130,8 @@ class Engine:
         # Reads adapters of queued requests from disk into host memory off the engine thread,
         # and copies them into their pages (on CUDA) off it too.
         self.host_reads = HostReads(self.store)
+        if self.tp is not None:  # every rank's runner over the same pages; rank 0's sends them work
+            self.runner = self.tp.attach(self.runner, num_pages, self.host_reads.record_failure)
         self.copier = AdapterCopier(self.runner.copy_adapter, self.host_reads.record_failure,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
@@ -176,6 +192,8 @@ class Engine:
         page_bytes = self.spec.num_layers * self.layout.page_size * torch.finfo(dtype).bits // 8
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            if self.tp is not None:
+                free = self.tp.min_free_bytes(free)
             # Leave room for activations of the largest step (a few hundred MB at most here).
             budget = int(free * self.config.pool_memory_fraction) - 2 * 2**30
         else:
@@ -214,8 +232,7 @@ class Engine:
         with self._registry_lock, self._between_steps():
             self.copier.wait([name])  # its pages go back to the pool: no copy may still write them
             self.registry.unload(name, self._active_counts())
-            if self.runner.lora_tables is not None:  # (device slot rows need no freeing)
-                self.runner.lora_tables.forget(name)
+            self.runner.forget_adapter(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self._registry_lock:
@@ -264,6 +281,8 @@ class Engine:
     ) -> str:
         """Validate and enqueue one request; returns its id. Raises on bad input, enqueues nothing."""
         params = params or SamplingParams()
+        if self.tp is not None:
+            self.tp.check()  # a dead rank: refused, naming it
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
             if len(token_ids) >= self.max_model_len:
@@ -387,6 +406,12 @@ class Engine:
             self._thread = None
         self.host_reads.shutdown()  # no read outlives the loop
         self.copier.wait()
+
+    def close(self) -> None:
+        """Stop the loop and, under tensor parallelism, the worker processes."""
+        self.stop()
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _loop(self) -> None:
         while True:
