@@ -464,6 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-pages", type=int, help="pages in the unified pool (default: sized "
                                                      "from free memory)")
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs one engine spans (tensor parallelism; default 1)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-tokens-limit", type=int,
                    help="largest max_tokens a request may ask for (default: the context length)")
@@ -488,6 +490,8 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         if not sep or not key:
             raise SystemExit(f"--engine-param expects KEY=VALUE, got {item!r}")
         extra[key] = value
+    if args.tensor_parallel_size != 1:
+        extra["tensor_parallel_size"] = str(args.tensor_parallel_size)
     return ServeOptions(
         base_model=args.base_model, tokenizer=args.tokenizer, adapter_root=args.adapter_root,
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,

@@ -15,10 +15,11 @@ is); workers exit when the engine process goes.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -52,6 +53,23 @@ from .shards import TensorParallelShard
 from .worker import rank_device, worker_main
 
 
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Let a daemonic process (the serving layer runs the engine in one) start the workers.
+
+    ``multiprocessing`` forbids daemonic processes to have children because they could not
+    clean them up; the workers clean up after themselves (each exits when its parent is gone,
+    see ``worker``), so the rule is lifted for their start only."""
+    config = mp.current_process()._config
+    daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            config["daemon"] = daemon
+
+
 class TensorParallelError(SLoRAError, RuntimeError):
     """A tensor-parallel rank died or failed; the engine cannot serve (UNAVAILABLE)."""
 
@@ -82,7 +100,8 @@ class TensorParallelDriver:
             proc = context.Process(
                 target=worker_main, name=f"slora-tp-rank{rank}", daemon=True,
                 args=(config, rank, world, store.port, theirs, os.getpid(), min_vocab))
-            proc.start()
+            with _children_allowed():
+                proc.start()
             theirs.close()
             self.conns.append(mine)
             self.procs.append(proc)
@@ -273,9 +292,10 @@ class TensorParallelDriver:
 
     def _describe_death(self, error: Exception) -> str:
         """Which rank took the group down: wait briefly for a worker to be seen dead."""
-        sentinels = [p.sentinel for p in self.procs]
-        wait(sentinels, timeout=5.0)
+        ended = wait([p.sentinel for p in self.procs], timeout=5.0)
         for rank, proc in enumerate(self.procs, start=1):
+            if proc.sentinel in ended:
+                proc.join(5)  # (its sockets and sentinel close a moment before it can be reaped)
             if proc.exitcode is not None:
                 return f"{self._exit_message(rank)}: {error}"
         return f"tensor-parallel group failed: {error}"

@@ -76,6 +76,15 @@ def models(tmp_path_factory, smollm2):
     return out
 
 
+@pytest.fixture(scope="module")
+def tp_engines():
+    """Tensor-parallel engines by shape, started once per module (each start spawns processes)."""
+    engines: dict[str, Engine] = {}
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
 def _engine(model_dir, adapter_root, tp: int) -> Engine:
     engine = Engine(EngineConfig(base_model=str(model_dir), adapter_root=str(adapter_root),
                                  kernel_backend="torch", pool_pages=512, tensor_parallel_size=tp))
@@ -92,37 +101,37 @@ def _greedy(engine: Engine) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("shape, tp", [("mha", 2), ("gqa", 2), ("gqa-replicated", 4)])
-def test_tensor_parallel_matches_one_rank_and_peft(models, shape, tp):
+def test_tensor_parallel_matches_one_rank_and_peft(models, tp_engines, shape, tp):
     model_dir, adapter_root, adapters = models[shape]
     single = _engine(model_dir, adapter_root, 1)
     want = _greedy(single)
-    engine = _engine(model_dir, adapter_root, tp)
-    try:
-        got = _greedy(engine)
-        assert got == want
-        ref = PeftReference(model_dir, adapters)
-        for prompt, lora, tokens in zip(PROMPTS, LORAS, got):
-            assert tokens == ref.greedy(engine.tokenizer.encode(prompt), lora, MAX_TOKENS), (prompt, lora)
-        # Every rank's pool drained: no KV page held, the resident adapters' pages only, and
-        # each worker's view of its pool is rank 0's.
-        pool = engine.pool
-        assert pool.used_by["kv"] == 0
-        assert pool.num_free + pool.used_by["adapter"] == pool.num_pages
-        reports = engine.tp.pool_reports()
-        assert [r.rank for r in reports] == list(range(1, tp))
-        for report in reports:
-            assert (report.num_free, report.used_by) == (pool.num_free, dict(pool.used_by))
-            assert report.resident_adapters == len(engine.adapters)
-        # Unloading an adapter frees its pages on every rank, and the rest still serves alike.
-        engine.unload_adapter("r32-mlp")
-        assert all(r.num_free == engine.pool.num_free for r in engine.tp.pool_reports())
-    finally:
-        engine.close()
+    engine = tp_engines[shape] = _engine(model_dir, adapter_root, tp)
+    got = _greedy(engine)
+    assert got == want
+    ref = PeftReference(model_dir, adapters)
+    for prompt, lora, tokens in zip(PROMPTS, LORAS, got):
+        assert tokens == ref.greedy(engine.tokenizer.encode(prompt), lora, MAX_TOKENS), (prompt, lora)
+    # Every rank's pool drained: no KV page held, the resident adapters' pages only, and
+    # each worker's view of its pool is rank 0's.
+    pool = engine.pool
+    assert pool.used_by["kv"] == 0
+    assert pool.num_free + pool.used_by["adapter"] == pool.num_pages
+    reports = engine.tp.pool_reports()
+    assert [r.rank for r in reports] == list(range(1, tp))
+    for report in reports:
+        assert (report.num_free, report.used_by) == (pool.num_free, dict(pool.used_by))
+        assert report.resident_adapters == len(engine.adapters)
+    # Unloading an adapter frees its pages on every rank, and the rest still serves alike.
+    engine.unload_adapter("r32-mlp")
+    assert all(r.num_free == engine.pool.num_free for r in engine.tp.pool_reports())
+    engine.load_adapter("r32-mlp", "r32-mlp")
+    assert _greedy(engine) == want
 
 
-def test_a_killed_rank_fails_the_requests_and_the_engine_refuses_more(models):
+def test_a_killed_rank_fails_the_requests_and_the_engine_refuses_more(models, tp_engines):
     model_dir, adapter_root, _ = models["mha"]
-    engine = _engine(model_dir, adapter_root, 2)
+    engine = tp_engines.get("mha") or _engine(model_dir, adapter_root, 2)
+    tp_engines["mha"] = engine  # (reused from the equivalence test: its last use)
     finished: dict[str, object] = {}
     started = threading.Event()
     all_done = threading.Event()
@@ -151,7 +160,7 @@ def test_a_killed_rank_fails_the_requests_and_the_engine_refuses_more(models):
         with pytest.raises(TensorParallelError, match="tensor-parallel rank 1 .* killed by signal 9"):
             engine.add_request("more", params)
     finally:
-        engine.close()
+        engine.stop()
 
 
 def test_workers_exit_with_the_engine_process(models, tmp_path):
