@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from slora_backend import Engine, EngineConfig, SamplingParams
+from slora_backend.errors import EngineClosedError
 from slora_backend.parallel import TensorParallelError
 from tests.conftest import TOKENIZER_FILES, make_adapter
 from tests.engine.peft_reference import PeftReference
@@ -126,6 +127,31 @@ def test_tensor_parallel_matches_one_rank_and_peft(models, tp_engines, shape, tp
     assert all(r.num_free == engine.pool.num_free for r in engine.tp.pool_reports())
     engine.load_adapter("r32-mlp", "r32-mlp")
     assert _greedy(engine) == want
+
+
+def test_every_rank_sizes_its_pool_all_get_the_least_and_close_stops_the_workers(models, monkeypatch):
+    from slora_backend.parallel import driver
+
+    model_dir, _, _ = models["mha"]
+    measured = driver.size_pool
+    # Rank 0 (this process; the workers are spawned, unpatched) claims more room than it has:
+    # every pool must get the worker's count, the least.
+    monkeypatch.setattr(driver, "size_pool", lambda *args: measured(*args) + 1000)
+    engine = Engine(EngineConfig(base_model=str(model_dir), kernel_backend="torch",
+                                 cpu_pool_bytes=4 * 2**20, tensor_parallel_size=2))
+    try:
+        # A page: 16 tokens x (K, V) x 2 of the 4 KV heads x head_dim 16; 2 layers of fp32.
+        assert engine.layout.page_size == 16 * 2 * 2 * 16
+        assert engine.pool.num_pages == 4 * 2**20 // (2 * 1024 * 4)
+        assert [r.num_free for r in engine.tp.pool_reports()] == [engine.pool.num_pages]
+        out = engine.generate(PROMPTS[:2], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert [o.finish_reason for o in out] == ["length", "length"]
+        workers = engine.tp.procs
+    finally:
+        engine.close()
+    assert all(p.exitcode is not None for p in workers), "close() left a worker running"
+    with pytest.raises(EngineClosedError):
+        engine.add_request("more")
 
 
 def test_a_killed_rank_fails_the_requests_and_the_engine_refuses_more(models, tp_engines):
