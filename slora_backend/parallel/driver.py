@@ -167,8 +167,14 @@ class TensorParallelDriver:
         collectives), each from its own device's memory; every pool gets the least of their
         page counts, since a page id means the same page on every rank."""
         self._send(SizePool(graphable, max_model_len))
-        own = self.collective(lambda: size_pool(config, runner_args, start, graphable,
-                                                max_model_len))
+        try:
+            own = size_pool(config, runner_args, start, graphable, max_model_len)
+        except ValueError:  # a setting leaves no room (the message has the numbers)
+            self.shutdown()
+            raise
+        except Exception as e:  # the profiled step's collectives: a rank died
+            self._fail(self._describe_death(e))
+            raise TensorParallelError(self._failure) from e
         pages = [own]
         for rank in range(1, self.world):
             reply = self._recv(rank)

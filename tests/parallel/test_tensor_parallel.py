@@ -3,6 +3,7 @@ rank's and transformers + PEFT's; every rank's pool drains; a dead rank fails re
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -152,6 +153,15 @@ def test_every_rank_sizes_its_pool_all_get_the_least_and_close_stops_the_workers
     assert all(p.exitcode is not None for p in workers), "close() left a worker running"
     with pytest.raises(EngineClosedError):
         engine.add_request("more")
+
+
+def test_a_pool_too_small_is_refused_and_no_worker_stays(models):
+    model_dir, _, _ = models["mha"]
+    before = set(multiprocessing.active_children())  # (the module's engines keep theirs)
+    with pytest.raises(ValueError, match="cpu_pool_bytes 1000 holds 0 pages of 8192 bytes"):
+        Engine(EngineConfig(base_model=str(model_dir), kernel_backend="torch",
+                            cpu_pool_bytes=1000, tensor_parallel_size=2))
+    assert set(multiprocessing.active_children()) <= before, "a worker outlived the failed start"
 
 
 def test_a_killed_rank_fails_the_requests_and_the_engine_refuses_more(models, tp_engines):
