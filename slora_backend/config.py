@@ -73,6 +73,10 @@ class EngineConfig:
     slo_ttft_s: float | None = None
     early_abort: bool = False
     max_waiting: int | None = None
+    # Devices one engine spans (tensor parallelism, ``slora_backend/parallel``): the engine
+    # process is rank 0 and starts a worker process per further rank; CUDA ranks take the devices
+    # following ``device``. Must divide the attention heads, hidden and intermediate sizes.
+    tensor_parallel_size: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,6 +111,9 @@ class EngineConfig:
             raise ValueError(f"slo_ttft_s must be > 0, got {self.slo_ttft_s}")
         if self.early_abort and self.slo_ttft_s is None:
             raise ValueError("early_abort needs slo_ttft_s")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

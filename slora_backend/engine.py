@@ -32,6 +32,7 @@ from .ops import make_ops
 from .output_stream import OutputCallback
 from .outputs import OutputProcessor
 from .page_pool import PagePool
+from .parallel import TensorParallelDriver
 from .request import Request, RequestOutput
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
@@ -54,9 +55,12 @@ class Engine:
         start = (DeviceSnapshot.take(self.device, config.gpu_memory_utilization)
                  if config.pool_pages is None and self.device.type == "cuda" else None)
         self.tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
-        self.model, model_dir = load_model(config.base_model, dtype, self.device, config.seed,
-                                           min_vocab=len(self.tokenizer) if self.tokenizer else 0)
-        self.spec = self.model.spec
+        min_vocab = len(self.tokenizer) if self.tokenizer else 0
+        # Tensor parallelism: this process is rank 0 and holds rank 0's shard of everything.
+        self.tp = TensorParallelDriver(config, min_vocab) if config.tensor_parallel_size > 1 else None
+        self.model, model_dir = (self.tp.load_model(dtype) if self.tp else load_model(
+            config.base_model, dtype, self.device, config.seed, min_vocab=min_vocab))
+        self.spec = self.tp.shard.spec if self.tp else self.model.spec  # (the whole model's shape)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(model_dir, optional=True)
         if self.tokenizer is not None and len(self.tokenizer) > self.spec.vocab_size:
@@ -65,24 +69,29 @@ class Engine:
             )
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
-        self.layout = PoolLayout(self.spec, config.block_tokens)
+        self.layout = (self.tp.layout(config.block_tokens) if self.tp
+                       else PoolLayout(self.spec, config.block_tokens))
         ops = make_ops(config.resolved_kernel_backend, config.lora_ops)
-        # Graphs need ops that never sync with the host (a capability of the ops, not a name).
-        graphable = config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
+        # Graphs need ops that never sync with the host (a capability of the ops, not a name);
+        # not yet under tensor parallelism (the graphs would capture the collectives).
+        graphable = (config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable
+                     and self.tp is None)
         runner_args = dict(model=self.model, layout=self.layout, ops=ops, device=self.device,
                            dtype=dtype)
         # (the profiled dummy step reads no adapter: it gets an empty store of its own)
-        num_pages = config.pool_pages or size_pool(
+        # (under tensor parallelism every rank sizes its own pool; all get the least)
+        num_pages = config.pool_pages or (self.tp.size_pool if self.tp else size_pool)(
             config, {**runner_args, "store": AdapterStore(self.layout, dtype, 0, False)}, start,
             graphable, self.max_model_len)
         adapter_pages = config.adapter_pool_pages
         if adapter_pages is not None and adapter_pages >= num_pages:
             raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
                              f"{num_pages} pages")
-        self.pool = PagePool(num_pages - (adapter_pages or 0))
+        new_pool = self.tp.page_pool if self.tp else PagePool
+        self.pool = new_pool(num_pages - (adapter_pages or 0))
         # Unified paging: adapters take pages from the same pool as KV. The ablation gives them
         # a fixed partition at the end of the pool tensor instead.
-        adapter_pool = self.pool if adapter_pages is None else PagePool(
+        adapter_pool = self.pool if adapter_pages is None else new_pool(
             adapter_pages, first_page=num_pages - adapter_pages)
         self._inbox: list[Request] = []
         self._inbox_lock = threading.Lock()
@@ -93,7 +102,7 @@ class Engine:
             host_budget_bytes=config.host_adapter_bytes,
             pin_memory=config.pin_host_memory and self.device.type == "cuda",
             preload=config.preload_adapters, prefetch=config.prefetch_adapters,
-            max_prefetch=config.max_num_seqs,
+            max_prefetch=config.max_num_seqs, store_type=self.tp.store_type if self.tp else AdapterStore,
             active_counts=self._active_counts, between_steps=self._between_steps)
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters.cache, self.layout.block_tokens,
@@ -105,8 +114,10 @@ class Engine:
         self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,
                                   graphs_for=((config.max_num_seqs, self.max_model_len)
                                               if graphable else None))
+        if self.tp is not None:  # every rank's runner over the same pages; rank 0's sends them work
+            self.runner = self.tp.attach(self.runner, num_pages, self.adapters.reads.record_failure)
         # Adapters are copied into their pages off the engine thread on CUDA.
-        self.adapters.attach_runner(self.runner.copy_adapter, self.runner.lora_tables,
+        self.adapters.attach_runner(self.runner.copy_adapter, self.runner.forget_adapter,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
         self._aborts: list[str] = []
@@ -203,6 +214,8 @@ class Engine:
     ) -> str:
         """Validate and enqueue one request; returns its id. Raises on bad input, enqueues nothing."""
         self._check_open()
+        if self.tp is not None:
+            self.tp.check()  # a dead rank: refused, naming it
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
         if len(token_ids) + params.max_tokens > self.max_model_len:
@@ -358,9 +371,9 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        """Stop the loop, end every open request (aborted) and give back the engine's memory:
-        pool, weights, CUDA graphs, LoRA tables, copy stream. Idempotent; afterwards the engine
-        refuses new work (``EngineClosedError``)."""
+        """Stop the loop, end every open request (aborted), stop the tensor-parallel workers and
+        give back the engine's memory: pool, weights, CUDA graphs, LoRA tables, copy stream.
+        Idempotent; afterwards the engine refuses new work (``EngineClosedError``)."""
         if self._closed:
             return
         self.stop()
@@ -370,6 +383,8 @@ class Engine:
             # (the objects that hold device memory; the host-side registry stays readable)
             del self.runner, self.model
             self.adapters.detach_runner()
+        if self.tp is not None:
+            self.tp.shutdown()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -36,6 +36,17 @@ class PlannedRow:
 
 
 @dataclass(frozen=True)
+class AdapterRows:
+    """The rows of one module of one adapter that a pool holds: ``a_rows`` rows of A of
+    ``a_length`` elements and ``b_rows`` rows of B^T of ``b_length`` elements."""
+
+    a_rows: int
+    a_length: int
+    b_rows: int
+    b_length: int
+
+
+@dataclass(frozen=True)
 class AdapterPlan:
     """Page plan of one adapter: its page count and every row's place, ordered by (page,
     offset).
@@ -63,12 +74,24 @@ class PoolLayout:
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.spec = spec
-        kv_token = 2 * spec.num_kv_heads * spec.head_dim
-        longest_row = max(max(dims) for dims in self.module_dims.values())
+        kv_token = 2 * self.kv_heads * spec.head_dim
+        longest_row = max(max(shape.a_length, shape.b_length)
+                          for shape in (self.row_shape(m, 1) for m in self.module_dims))
         while block_tokens * kv_token < longest_row:
             block_tokens *= 2
         self.block_tokens = block_tokens
         self.page_size = block_tokens * kv_token
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads whose cache one pool holds (all of them; a tensor-parallel shard holds fewer)."""
+        return self.spec.num_kv_heads
+
+    def row_shape(self, module: str, rank: int) -> AdapterRows:
+        """How many rows of A and B^T a rank-``rank`` adapter keeps of ``module`` in one pool, and
+        their lengths: all ``rank`` rows of the full A (``in_dim``) and B^T (``out_dim``)."""
+        in_dim, out_dim = self.module_dims[module]
+        return AdapterRows(rank, in_dim, rank, out_dim)
 
     @property
     def module_dims(self) -> dict[str, tuple[int, int]]:
@@ -91,13 +114,11 @@ class PoolLayout:
 
     def plan_adapter(self, ranks: dict[str, int]) -> AdapterPlan:
         """Pack an adapter's rows (``ranks``: module -> rank) into as few pages as first-fit allows."""
-        dims = self.module_dims
         rows: list[tuple[int, str, str, int]] = []  # (length, module, "a"/"b", row index)
         for module, rank in ranks.items():
-            in_dim, out_dim = dims[module]
-            for j in range(rank):
-                rows.append((in_dim, module, "a", j))
-                rows.append((out_dim, module, "b", j))
+            shape = self.row_shape(module, rank)
+            rows += [(shape.a_length, module, "a", j) for j in range(shape.a_rows)]
+            rows += [(shape.b_length, module, "b", j) for j in range(shape.b_rows)]
         rows.sort(key=lambda r: (-r[0], LORA_MODULES.index(r[1]), r[2], r[3]))
         fill: list[int] = []  # elements used in each page so far
         placed: list[PlannedRow] = []

@@ -51,7 +51,7 @@ class ModelRunner:
         self.ops = ops
         self.store = store
         self.device = device
-        spec = layout.spec
+        spec = model.spec  # (a tensor-parallel rank's own shape: its KV heads)
         self.pool = torch.zeros(spec.num_layers, num_pages, layout.page_size, dtype=dtype, device=device)
         self.kv_shape = (2, layout.block_tokens, spec.num_kv_heads, spec.head_dim)
         # Every resident adapter's rows of the LoRA tables: on the device, indexed by the
@@ -104,6 +104,12 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record(self.copy_stream)
             return event
+
+    def forget_adapter(self, name: str) -> None:
+        """``name`` was unloaded: free its row of the host LoRA tables (device slot rows need
+        no freeing)."""
+        if self.lora_tables is not None:
+            self.lora_tables.forget(name)
 
     # ---- one step -----------------------------------------------------------------------------
 

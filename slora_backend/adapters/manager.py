@@ -32,7 +32,6 @@ from .gpu_cache import AdapterCache
 from .host_reads import HostReads
 from .host_store import AdapterStore
 from .registry import AdapterInfo, AdapterRegistry
-from .tables import LoraTables
 from .validation import AdapterEntry
 
 if TYPE_CHECKING:
@@ -44,7 +43,8 @@ T = TypeVar("T")
 class AdapterManager:
     """Owns the adapter tiers (``registry``, ``store``, ``reads``, ``cache``, ``copier``) and
     their locks. ``active_counts()`` (requests per adapter name, queued or running) and
-    ``between_steps()`` (a context holding the engine's step lock) come from the engine."""
+    ``between_steps()`` (a context holding the engine's step lock) come from the engine;
+    ``store_type`` reads weights into host memory (a tensor-parallel rank reads its shard)."""
 
     def __init__(
         self, layout: PoolLayout, pool: PagePool, dtype: torch.dtype, *,
@@ -52,8 +52,9 @@ class AdapterManager:
         preload: bool, prefetch: bool, max_prefetch: int,
         active_counts: Callable[[], dict[str, int]],
         between_steps: Callable[[], contextlib.AbstractContextManager[None]],
+        store_type: type[AdapterStore] = AdapterStore,
     ) -> None:
-        self.store = AdapterStore(layout, dtype, host_budget_bytes, pin_memory)
+        self.store = store_type(layout, dtype, host_budget_bytes, pin_memory)
         self.cache = AdapterCache(pool, self.store, copying=lambda name: self.copier.in_flight(name))
         self.registry = AdapterRegistry(adapter_root, self.store, self.cache)
         self.reads = HostReads(self.store)
@@ -63,22 +64,23 @@ class AdapterManager:
         self.max_prefetch = max_prefetch
         self._active_counts = active_counts
         self._between_steps = between_steps
-        self._tables: LoraTables | None = None
+        self._forget: Callable[[str], None] = _nothing_to_forget
         self._lock = threading.Lock()  # the registry lock
         self.registry.restore()
 
-    def attach_runner(self, copy: CopyFn, tables: LoraTables | None, background: bool) -> None:
+    def attach_runner(self, copy: CopyFn, forget: Callable[[str], None], background: bool) -> None:
         """Connect the model runner, which is built after the manager (it reads the store):
         ``copy`` writes an adapter's weights into its pages (on a helper thread when
-        ``background``), ``tables`` is its host table keeper (None with device tables)."""
+        ``background``), ``forget(name)`` drops what the runner keeps of an unloaded adapter
+        (its host table rows; under tensor parallelism, every rank's copy)."""
         self.copier = AdapterCopier(copy, self.reads.record_failure, background)
-        self._tables = tables
+        self._forget = forget
 
     def detach_runner(self) -> None:
         """Drop the references to the model runner (``Engine.close``: its memory goes back);
         later copies fail with a clear error."""
         self.copier = AdapterCopier(_not_attached, self.reads.record_failure, False)
-        self._tables = None
+        self._forget = _nothing_to_forget
 
     @property
     def pool(self) -> PagePool:
@@ -107,8 +109,7 @@ class AdapterManager:
         with self._lock, self._between_steps():
             self.copier.wait([name])  # its pages go back to the pool: no copy may still write them
             self.registry.unload(name, self._active_counts())
-            if self._tables is not None:  # (device slot rows need no freeing)
-                self._tables.forget(name)
+            self._forget(name)
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
@@ -219,6 +220,10 @@ class AdapterManager:
             adapter_misses=cache.misses,
             adapter_prefetches=cache.prefetches,
         )
+
+
+def _nothing_to_forget(name: str) -> None:
+    """No runner attached: nothing holds table rows."""
 
 
 def _not_attached(resident: object, after: object) -> None:

@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-pages", type=int, help="pages in the unified pool (default: sized "
                                                      "from free memory)")
     p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="GPUs one engine spans, from --device on (tensor parallelism; default 1)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-tokens-limit", type=int,
                    help="largest max_tokens a request may ask for (default: the context length)")
@@ -106,6 +108,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
         host=args.host, device=args.device, dtype=args.dtype, kernel_backend=args.kernel_backend,
         pool_pages=args.pool_pages, max_num_seqs=args.max_num_seqs,
+        tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=args.max_model_len, max_tokens_limit=args.max_tokens_limit,
         engine_params=extra, admin_token=args.admin_token, work_dir=args.work_dir,
         source_repository=args.model_repository,

@@ -34,6 +34,7 @@ class ServeOptions:
     kernel_backend: str | None = None
     pool_pages: int | None = None
     max_num_seqs: int | None = None
+    tensor_parallel_size: int | None = None
     max_model_len: int | None = None
     max_tokens_limit: int | None = None
     engine_params: dict[str, Any] = field(default_factory=dict)  # any other engine.json key
@@ -54,6 +55,7 @@ class ServeOptions:
             "kernel_backend": self.kernel_backend,
             "pool_pages": self.pool_pages,
             "max_num_seqs": self.max_num_seqs,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "max_model_len": self.max_model_len,
             "max_tokens_limit": self.max_tokens_limit,
         }

@@ -42,17 +42,23 @@ def test_write_repository_keeps_values_as_given_and_adds_new_keys(tmp_path):
 
 def test_flags_reach_engine_json_typed(tmp_path):
     args = parse_args(["--base-model", "random:tiny-gqa", "--adapter-root", str(tmp_path / "ad"),
-                       "--kernel-backend", "torch", "--pool-pages", "64",
+                       "--kernel-backend", "torch", "--pool-pages", "64", "--tensor-parallel-size", "2",
                        "--engine-param", "engine_process=false", "--engine-param", "seed=7",
                        "--engine-param", "lora_ops=bmm"])
     settings = options_from_args(args).engine_settings()
     assert settings["kernel_backend"] == "torch" and settings["pool_pages"] == 64
     assert settings["engine_process"] is False and settings["seed"] == 7
     assert settings["lora_ops"] == "bmm" and settings["max_num_seqs"] is None
+    assert settings["tensor_parallel_size"] == 2
     repo = write_repository(tmp_path / "repo", settings)
     parsed = settings_from_json(read_engine_json(engine_json_path(repo)), tmp_path)
     assert parsed.engine.kernel_backend == "torch" and parsed.engine.pool_pages == 64
     assert parsed.engine_process is False and parsed.engine.adapter_root == str(tmp_path / "ad")
+    assert parsed.engine.tensor_parallel_size == 2
+    # without the flag: null, the engine's default of one device
+    default = settings_from_json(options_from_args(parse_args(
+        ["--base-model", "random:tiny-gqa"])).engine_settings(), tmp_path)
+    assert default.engine.tensor_parallel_size == 1
     assert [json_value(v) for v in ("32", "null", "x y", "0.5")] == [32, None, "x y", 0.5]
 
 
