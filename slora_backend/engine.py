@@ -25,15 +25,17 @@ from .adapters.host_store import AdapterStore
 from .config import EngineConfig, SamplingParams
 from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
-from .memory import DeviceSnapshot, size_pool
+from .memory import DeviceSnapshot, size_pool, split_pool
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner, PendingTokens
+from .offline import generate
 from .ops import make_ops
 from .output_stream import OutputCallback
-from .outputs import OutputProcessor
+from .outputs import OutputProcessor, eos_token_ids
 from .page_pool import PagePool
 from .parallel import TensorParallelDriver
 from .request import Request, RequestOutput
+from .request_check import RequestChecker
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
 from .stats import EngineStats, engine_stats
@@ -83,16 +85,8 @@ class Engine:
         num_pages = config.pool_pages or (self.tp.size_pool if self.tp else size_pool)(
             config, {**runner_args, "store": AdapterStore(self.layout, dtype, 0, False)}, start,
             graphable, self.max_model_len)
-        adapter_pages = config.adapter_pool_pages
-        if adapter_pages is not None and adapter_pages >= num_pages:
-            raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
-                             f"{num_pages} pages")
-        new_pool = self.tp.page_pool if self.tp else PagePool
-        self.pool = new_pool(num_pages - (adapter_pages or 0))
-        # Unified paging: adapters take pages from the same pool as KV. The ablation gives them
-        # a fixed partition at the end of the pool tensor instead.
-        adapter_pool = self.pool if adapter_pages is None else new_pool(
-            adapter_pages, first_page=num_pages - adapter_pages)
+        self.pool, adapter_pool = split_pool(num_pages, config.adapter_pool_pages,
+                                             self.tp.page_pool if self.tp else PagePool)
         self._inbox: list[Request] = []
         self._inbox_lock = threading.Lock()
         self._step_lock = threading.RLock()
@@ -120,10 +114,13 @@ class Engine:
         self.adapters.attach_runner(self.runner.copy_adapter, self.runner.forget_adapter,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
+        self.checker = RequestChecker(self.tokenizer, self.spec.vocab_size, self.max_model_len,
+                                      self.layout, self.pool, adapter_pool)
         self._aborts: list[str] = []
         self._wakeup = threading.Condition(self._inbox_lock)
         self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer,
-                                       self._eos_ids(), self._inbox_lock, self.abort)
+                                       eos_token_ids(self.tokenizer, self.spec.hf_config),
+                                       self._inbox_lock, self.abort)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -146,18 +143,6 @@ class Engine:
     @eos_ids.setter
     def eos_ids(self, ids: set[int]) -> None:
         self.outputs.eos_ids = ids
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        cfg = self.spec.hf_config
-        eos = getattr(cfg, "eos_token_id", None)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(eos)
-        return ids
 
     # ---- adapters (the serving layer's API; ``AdapterManager`` does the work) ---------------
 
@@ -217,38 +202,15 @@ class Engine:
         if self.tp is not None:
             self.tp.check()  # a dead rank: refused, naming it
         params = params or SamplingParams()
-        token_ids = self._tokenize(prompt)
-        if len(token_ids) + params.max_tokens > self.max_model_len:
-            if len(token_ids) >= self.max_model_len:
-                raise InvalidRequestError(
-                    f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len}"
-                )
-            raise InvalidRequestError(
-                f"max_tokens {params.max_tokens} is above the limit: the prompt has "
-                f"{len(token_ids)} tokens, so at most {self.max_model_len - len(token_ids)} can follow "
-                f"within the {self.max_model_len}-token context"
-            )
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer; this model has none")
+        token_ids = self.checker.token_ids(prompt)
         entry = self.adapters.entry_for(lora_name) if lora_name else None
-        adapter = entry.name if entry is not None else None
-        worst = self.layout.kv_pages(len(token_ids) + params.max_tokens)
-        adapter_pages = entry.plan.num_pages if entry is not None else 0
-        if self.scheduler.unified:
-            worst += adapter_pages
-        elif adapter_pages > self.adapters.pool.num_pages:
-            raise InvalidRequestError(f"adapter {adapter!r} needs {adapter_pages} pages, the "
-                                      f"adapter partition has {self.adapters.pool.num_pages}")
-        if worst > self.pool.num_pages:
-            raise InvalidRequestError(
-                f"request needs up to {worst} pages but the pool has {self.pool.num_pages}"
-            )
+        self.checker.check(token_ids, params, entry)
         limit = self.config.max_waiting
         if limit is not None and len(self.scheduler.waiting) + len(self._inbox) >= limit:
             raise EngineOverloadedError(
                 f"{limit} requests are already waiting (max_waiting); try again later")
         request_id = request_id or f"req-{next(self._ids)}"
-        request = Request(request_id, token_ids, params, adapter)
+        request = Request(request_id, token_ids, params, entry.name if entry is not None else None)
         with self._wakeup:
             if request_id in self.outputs:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -256,24 +218,6 @@ class Engine:
             self._inbox.append(request)
             self._wakeup.notify()
         return request_id
-
-    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer: give prompts as token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise InvalidRequestError("prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})"
-            )
-        return ids
 
     def abort(self, request_id: str) -> None:
         with self._wakeup:
@@ -289,36 +233,17 @@ class Engine:
         lora_names: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (one adapter name, or None, per prompt); results in order."""
-        n = len(prompts)
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            params = [sampling_params or SamplingParams()] * n
-        else:
-            params = list(sampling_params)
-        names = list(lora_names) if lora_names is not None else [None] * n
-        if len(params) != n or len(names) != n:
-            raise InvalidRequestError(
-                f"{n} prompts need {n} sampling params and lora names, got {len(params)} and {len(names)}"
-            )
-        results: dict[str, RequestOutput] = {}
-        done = threading.Event()
+        return generate(self, prompts, sampling_params, lora_names)
 
-        def collect(out: RequestOutput) -> None:
-            if out.finished:
-                results[out.request_id] = out
-                if len(results) == n:
-                    done.set()
-
-        ids = [self.add_request(p, sp, name, on_output=collect)
-               for p, sp, name in zip(prompts, params, names)]
-        if n == 0:
-            return []
+    def run_until(self, done: threading.Event) -> None:
+        """Drive the engine until ``done`` is set: wait for the loop thread if it runs, else step
+        on this thread."""
         if self._thread is not None:
             done.wait()
-        else:
-            while not done.is_set():
-                self.step()
-                self._idle_while_reading()
-        return [results[i] for i in ids]
+            return
+        while not done.is_set():
+            self.step()
+            self._idle_while_reading()
 
     # ---- the loop -----------------------------------------------------------------------------
 

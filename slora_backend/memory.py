@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from .config import EngineConfig, SamplingParams
 from .cuda_graphs import BATCH_BUCKETS, RANK_BUCKETS
 from .layout import PoolLayout
 from .model_runner import ModelRunner
+from .page_pool import PagePool
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest
 
@@ -206,3 +208,18 @@ def size_pool(config: EngineConfig, runner_args: dict[str, Any], start: DeviceSn
                      graph_bytes=graphs, other_bytes=other, min_pages=min_pages)
     logger.info("page pool: %s", plan.describe())
     return plan.pages
+
+
+def split_pool(num_pages: int, adapter_pages: int | None,
+               new_pool: Callable[..., PagePool] = PagePool) -> tuple[PagePool, PagePool]:
+    """The KV pool and the adapters' pool. Unified paging (``adapter_pages`` None): adapters take
+    pages from the same pool as KV. The paper's ablation gives them a fixed partition at the end
+    of the pool tensor instead."""
+    if adapter_pages is None:
+        pool = new_pool(num_pages)
+        return pool, pool
+    if adapter_pages >= num_pages:
+        raise ValueError(f"adapter_pool_pages ({adapter_pages}) must be below the pool's "
+                         f"{num_pages} pages")
+    return (new_pool(num_pages - adapter_pages),
+            new_pool(adapter_pages, first_page=num_pages - adapter_pages))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .output_stream import OutputCallback, OutputStream
 from .request import Request, RequestOutput
@@ -104,3 +105,16 @@ class OutputProcessor:
         if stream.broken and not out.finished:
             self._abort(request.request_id)
         return out
+
+
+def eos_token_ids(tokenizer: Any | None, hf_config: Any) -> set[int]:
+    """Token ids that end a request: the tokenizer's EOS and the model config's (one or a list)."""
+    ids: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    eos = getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(eos)
+    return ids

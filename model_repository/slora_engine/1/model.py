@@ -180,6 +180,9 @@ class TritonPythonModel:
         self._metrics_stop.set()
         self.control_server.close()
         self.router.stop()
-        self.engine.stop()
+        if isinstance(self.engine, serving.EngineSupervisor):
+            self.engine.stop()
+        else:  # (the engine on a thread of this process: its memory and workers go too)
+            self.engine.close()
         self._metrics_thread.join(timeout=5)
         self.logger.log_info("slora_engine stopped")
