@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name, fs_path, real_path
-from .errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE, ServingError, error_from_exception
 from . import vllm_format
+from .errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 
 if TYPE_CHECKING:
