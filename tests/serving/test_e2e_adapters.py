@@ -192,8 +192,7 @@ def test_openai_frontend_requests(holder, kind):
         assert whole.prompt_tokens == streamed.prompt_tokens > 0
     assert answers["r32-all", False].text != answers[None, False].text  # the adapter's effect
     with connect(holder) as client:  # the same adapter by the native inputs answers the same
-        native = client.complete(prompt, lora_name="r32-all", max_tokens=10, ignore_eos=True,
-                                 exclude_input_in_output=True)
+        native = client.complete(prompt, lora_name="r32-all", max_tokens=10, ignore_eos=True)
     assert native.text == answers["r32-all", False].text
 
 
