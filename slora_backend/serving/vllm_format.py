@@ -11,7 +11,9 @@ Rules:
 - a ``NEUTRAL`` key (one vLLM supports and this engine does not) passes only at its neutral value
   (``n`` 1, ``presence_penalty`` 0, ``logprobs`` unset/false, ...); any other value is refused
   with a message naming the key, its value and the value that would pass;
-- a key given both here and as a tensor of its own must agree, else INVALID_ARG.
+- a key given both here and as a tensor of its own must agree, else INVALID_ARG;
+- numbers and booleans may come as JSON strings ("64", "0.5", "true"), as genai-perf sends
+  them and the vLLM backend accepts them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ SUPPORTED: Mapping[str, str] = {
     "stop": "stop_words",
     "ignore_eos": "ignore_eos",
     "lora_name": "lora_name",
+    # genai-perf's --output-tokens-mean-deterministic sends min_tokens = max_tokens: read as
+    # TensorRT-LLM's min_length (>= max_tokens: exactly max_tokens; a smaller positive value is
+    # refused).
+    "min_tokens": "min_length",
 }
 
 
@@ -61,7 +67,6 @@ NEUTRAL: Mapping[str, tuple[Any, str]] = {
     "frequency_penalty": (_unset_or(0), "0"),
     "repetition_penalty": (_unset_or(1), "1"),
     "min_p": (_unset_or(0), "0"),
-    "min_tokens": (_unset_or(0), "0"),
     "logprobs": (_unset_or(False, 0), "unset, false or 0"),
     "top_logprobs": (_unset_or(0), "unset or 0"),
     "prompt_logprobs": (_unset_or(0), "unset or 0"),
@@ -107,10 +112,14 @@ class SamplingParameters:
 
 def _as_array(key: str, tensor: str, value: Any) -> np.ndarray:
     """``value`` as the array the tensor ``tensor`` would hold, or INVALID_ARG naming ``key``."""
+    given = value
+
     def wrong(kind: str) -> ServingError:
         return ServingError(INVALID_ARG, f"{SAMPLING_PARAMETERS_INPUT}: {key} must be {kind}, "
-                                         f"got {value!r}")
-    if tensor in ("max_tokens", "top_k", "seed"):
+                                         f"got {given!r}")
+    if isinstance(value, str) and tensor not in ("stop_words", "lora_name"):
+        value = _from_string(value)
+    if tensor in ("max_tokens", "top_k", "seed", "min_length"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("an integer")
         if tensor == "seed" and not 0 <= value < 2**64:
@@ -134,6 +143,19 @@ def _as_array(key: str, tensor: str, value: Any) -> np.ndarray:
     if not isinstance(value, str):  # lora_name
         raise wrong("a string")
     return np.array([value.encode()], dtype=np.object_)
+
+
+def _from_string(text: str) -> Any:
+    """A number or boolean written as a string, else the string (refused by its type check)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(lowered)
+        except ValueError:
+            pass
+    return text
 
 
 def overlay(get: TensorGetter) -> TensorGetter:

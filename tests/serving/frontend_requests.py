@@ -1,7 +1,8 @@
 """Requests as Triton's OpenAI frontend builds them with ``--backend vllm`` (its
-``engine/utils/triton.py``: ``_create_vllm_inference_request``), sent over gRPC, and the
-responses read back as it reads them (``text_output``; the UINT32 ``num_input_tokens`` once,
-``num_output_tokens`` summed over the responses)."""
+``engine/utils/triton.py``: ``_create_vllm_inference_request``) and as genai-perf's vLLM
+converter builds them, sent over gRPC, and the responses read back as the frontend reads them
+(``text_output``; the UINT32 ``num_input_tokens`` once, ``num_output_tokens`` summed over the
+responses)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ class FrontendAnswer:
     responses: int
 
 
+def tensor(name: str, datatype: str, value) -> grpcclient.InferInput:
+    """A [1] BYTES or BOOL input."""
+    t = grpcclient.InferInput(name, [1], datatype)
+    t.set_data_from_numpy(np.array([value], dtype=np.object_ if datatype == "BYTES" else np.bool_))
+    return t
+
+
 def frontend_inputs(prompt: str, stream: bool, sampling: dict, echo: bool | None = None) -> list:
     """The six tensors the frontend sends: shapes [1], BYTES / BOOL."""
-    def tensor(name: str, datatype: str, value) -> grpcclient.InferInput:
-        t = grpcclient.InferInput(name, [1], datatype)
-        t.set_data_from_numpy(np.array([value], dtype=np.object_ if datatype == "BYTES" else np.bool_))
-        return t
-
     return [
         tensor("text_input", "BYTES", prompt.encode()),
         tensor("stream", "BOOL", stream),
@@ -46,6 +49,17 @@ def completion_sampling(max_tokens: int, lora_name: str | None = None, **fields)
     if lora_name is not None:
         sampling["lora_name"] = lora_name
     return sampling
+
+
+def genai_perf_vllm_inputs(prompt: str, max_tokens: int, **extra_inputs: str) -> list:
+    """genai-perf ``--backend vllm --streaming --output-tokens-mean N
+    --output-tokens-mean-deterministic [--extra-inputs k:v]``: numbers as JSON strings, no
+    ``return_num_*`` inputs, each extra input a [1] BYTES tensor of its own."""
+    sampling = {"max_tokens": str(max_tokens), "min_tokens": str(max_tokens)}
+    return [tensor("text_input", "BYTES", prompt.encode()),
+            tensor("exclude_input_in_output", "BOOL", True), tensor("stream", "BOOL", True),
+            tensor("sampling_parameters", "BYTES", json.dumps(sampling).encode()),
+            *(tensor(k, "BYTES", v.encode()) for k, v in extra_inputs.items())]
 
 
 def send(grpc_url: str, inputs: list, model: str = "slora", timeout: float = 120) -> FrontendAnswer:

@@ -222,3 +222,16 @@ def test_multi_lora_json_follows_the_registry(holder):
         client.complete(PROMPT, lora_name="r8-qv", max_tokens=2)  # registered on first use
         wait_for(lambda: "r8-qv" in listed(), what="r8-qv in multi_lora.json")
         assert set(listed()) == {a["name"] for a in client.list_adapters()}
+
+
+def test_genai_perf_vllm_requests(holder):
+    """What genai-perf's vLLM converter sends (it cannot run here: docs/serving.md)."""
+    url = holder.server.grpc_url
+    base = frontend_requests.send(url, frontend_requests.genai_perf_vllm_inputs(PROMPT, 9))
+    lora = frontend_requests.send(url, frontend_requests.genai_perf_vllm_inputs(PROMPT, 9,
+                                                                               lora_name="r4-mlp"))
+    # No return_num_output_tokens: the counts are running totals, the last one is the length.
+    with connect(holder) as client:
+        want = client.complete(PROMPT, max_tokens=9, ignore_eos=True)
+        want_lora = client.complete(PROMPT, lora_name="r4-mlp", max_tokens=9, ignore_eos=True)
+    assert (base.text, lora.text) == (want.text, want_lora.text) and base.text != lora.text

@@ -45,7 +45,9 @@ def test_sampling_parameters_map_onto_the_engine_params():
     (dict(max_tokens=4, frequency_penalty=1), "frequency_penalty=1 is not supported"),
     (dict(max_tokens=4, logprobs=True), "logprobs=True is not supported"),
     (dict(max_tokens=4, logit_bias={"5": 1}), "logit_bias={'5': 1} is not supported"),
-    (dict(max_tokens="4"), "max_tokens must be an integer, got '4'"),
+    (dict(max_tokens="four"), "max_tokens must be an integer, got 'four'"),
+    (dict(max_tokens="4.5"), "max_tokens must be an integer, got '4.5'"),
+    (dict(max_tokens=8, min_tokens=3), "min_length 3 below max_tokens 8 is not supported"),
     (dict(max_tokens=4, temperature="hot"), "temperature must be a number, got 'hot'"),
     (dict(max_tokens=4, stop=[1]), "stop must be a string or a list of strings"),
     (dict(max_tokens=4, lora_name=3), "lora_name must be a string, got 3"),
@@ -58,6 +60,16 @@ def test_bad_sampling_parameters_are_refused_by_name(sampling, problem):
     with pytest.raises(ServingError) as e:
         parse_generate(vllm_getter(**sampling), max_tokens_limit=100)
     assert e.value.code == "INVALID_ARG" and problem in str(e.value)
+
+
+def test_genai_perf_vllm_payload_numbers_as_strings():
+    """genai-perf's vLLM converter: max_tokens (and min_tokens when deterministic) as strings."""
+    req = parse_generate(getter(text_input="hi", stream=True, exclude_input_in_output=True,
+                                sampling_parameters=json.dumps({"max_tokens": "12", "min_tokens": "12"})),
+                         100)
+    assert req.params.max_tokens == 12 and req.params.ignore_eos and not req.per_response_counts
+    strings = parse_generate(vllm_getter(max_tokens="3", temperature="0.5", ignore_eos="true"), 100)
+    assert strings.params == SamplingParams(max_tokens=3, temperature=0.5, ignore_eos=True)
 
 
 def test_sampling_parameters_that_are_not_an_object_or_disagree_are_refused():
