@@ -235,3 +235,33 @@ def test_genai_perf_vllm_requests(holder):
         want = client.complete(PROMPT, max_tokens=9, ignore_eos=True)
         want_lora = client.complete(PROMPT, lora_name="r4-mlp", max_tokens=9, ignore_eos=True)
     assert (base.text, lora.text) == (want.text, want_lora.text) and base.text != lora.text
+
+
+def _cli_json(holder, *args: str) -> tuple[int, dict, dict]:
+    """``slora-client --json ...``: (exit status, stdout JSON, stderr JSON or {})."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "slora_client.cli", "--url", holder.server.grpc_url,
+                          "--json", *args], capture_output=True, text=True, timeout=120)
+    out = json.loads(run.stdout) if run.stdout.strip() else {}
+    err = json.loads(run.stderr) if run.returncode else {}
+    return run.returncode, out, err
+
+
+def test_cli_json_output(holder):
+    rc, base, _ = _cli_json(holder, "generate", PROMPT, "--raw", "--max-tokens", "6", "--ignore-eos")
+    assert rc == 0 and base["num_output_tokens"] == 6 and base["finish_reason"] == "length"
+    assert base["lora_name"] is None and base["num_input_tokens"] > 0
+    rc, lora, _ = _cli_json(holder, "generate", PROMPT, "--raw", "--max-tokens", "6", "--ignore-eos",
+                            "--lora", "r32-all")
+    assert rc == 0 and lora["lora_name"] == "r32-all" and lora["text"] != base["text"]
+    with connect(holder) as client:
+        assert client.complete(PROMPT, max_tokens=6, ignore_eos=True).text == base["text"]
+    rc, described, _ = _cli_json(holder, "adapters", "describe", "r32-all")
+    assert rc == 0 and described["name"] == "r32-all" and described["rank"] == 32
+    rc, listed, _ = _cli_json(holder, "adapters", "list")
+    assert rc == 0 and "r32-all" in {a["name"] for a in listed}
+    rc, out, err = _cli_json(holder, "generate", PROMPT, "--lora", "no-such-adapter")
+    assert rc == 1 and out == {} and err["error"]["code"] == "NOT_FOUND"
+    assert "no-such-adapter" in err["error"]["message"]
