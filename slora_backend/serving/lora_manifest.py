@@ -5,8 +5,9 @@ only when ``<repository>/<model>/<version>/model.json`` has ``"enable_lora": tru
 ``multi_lora.json`` beside it lists the adapter's name (as a key; the value is its path);
 any other adapter name is dropped without a word and the base model answers. The engine model
 writes both into the public model's newest version directory: ``model.json`` once, at start,
-and ``multi_lora.json`` whenever the registered adapters change (after a load or unload, and
-when a check finds the registry changed, e.g. by a first use of an adapter directory). Each
+and ```multi_lora.json`` whenever the registered adapters change: after a load or unload, and when
+``registry.json`` under the adapter root changed (a first use of an adapter directory registers
+it), which the periodic ``refresh`` notices without asking the engine. Each
 file is replaced atomically (written beside it, then renamed), so a reader never sees half.
 """
 
@@ -18,8 +19,12 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from ..adapters.names import REGISTRY_FILE
+
+__all__ = ["LORA_FILE", "MODEL_FILE", "PUBLIC_MODEL", "REGISTRY_FILE", "LoraManifest"]
 
 MODEL_FILE = "model.json"
 LORA_FILE = "multi_lora.json"
@@ -60,6 +65,7 @@ class LoraManifest:
         self.version_dir = version_dir
         self._written: dict[str, str] | None = None
         self._lock = threading.Lock()  # control threads and the metrics thread both sync
+        self._registry_stamp: tuple[int, int] | None = None
 
     @classmethod
     def for_repository(cls, repository_root: Path, model: str = PUBLIC_MODEL) -> LoraManifest | None:
@@ -79,3 +85,17 @@ class LoraManifest:
             write_atomically(self.version_dir / LORA_FILE, wanted)
             self._written = wanted
             return True
+
+    def refresh(self, registry_file: Path | None, adapters: Callable[[], Mapping[str, str]]) -> bool:
+        """``sync(adapters())`` when ``registry_file`` changed since the last refresh (mtime and
+        size), else nothing: asking the engine for its whole adapter list every metrics tick
+        would cost a round trip per tick with thousands of adapters."""
+        try:
+            st = os.stat(registry_file) if registry_file is not None else None
+        except OSError:
+            st = None
+        stamp = (st.st_mtime_ns, st.st_size) if st is not None else None
+        if stamp == self._registry_stamp:
+            return False
+        self._registry_stamp = stamp
+        return self.sync(adapters())

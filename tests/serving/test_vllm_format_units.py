@@ -139,6 +139,22 @@ def test_manifest_files_are_what_the_frontend_reads(tmp_path):
     assert LoraManifest.for_repository(tmp_path / "missing") is None
 
 
+def test_manifest_refresh_asks_for_the_list_only_when_the_registry_file_changed(tmp_path):
+    manifest, registry, asked = LoraManifest(tmp_path), tmp_path / "registry.json", []
+
+    def adapters():
+        asked.append(1)
+        return json.loads(registry.read_text())["adapters"] if registry.exists() else {}
+
+    assert not manifest.refresh(registry, adapters) and asked == []  # no file yet: nothing to do
+    registry.write_text(json.dumps({"adapters": {"a": "/r/a"}}))
+    assert manifest.refresh(registry, adapters) and len(asked) == 1
+    assert not manifest.refresh(registry, adapters) and len(asked) == 1  # unchanged: not asked
+    registry.write_text(json.dumps({"adapters": {"a": "/r/a", "bb": "/r/bb"}}))
+    assert manifest.refresh(registry, adapters) and len(asked) == 2
+    assert json.loads((tmp_path / LORA_FILE).read_text()) == {"a": "/r/a", "bb": "/r/bb"}
+
+
 def test_manifest_readers_never_see_a_partial_file(tmp_path):
     manifest = LoraManifest(tmp_path)
     big = {f"adapter-{i}": f"/root/adapter-{i}" * 20 for i in range(2000)}

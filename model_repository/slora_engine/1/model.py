@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -80,6 +81,8 @@ class TritonPythonModel:
                 "max_tokens_limit": self.max_tokens_limit,
                 **self._engine_health(),
             })
+        root = settings.engine.adapter_root
+        self._registry_file = Path(root) / serving.lora_manifest.REGISTRY_FILE if root else None
         self.manifest = self._start_manifest(repository_root)
         self.control_server = serving.control_channel.ControlServer(
             serving.control_channel.channel_path(repository_root), self._handle_control)
@@ -120,12 +123,15 @@ class TritonPythonModel:
         self._sync_manifest(manifest)
         return manifest
 
+    def _registered_adapters(self) -> dict:
+        return {a.name: a.path for a in self.engine.list_adapters()}
+
     def _sync_manifest(self, manifest=None) -> None:
         manifest = manifest or self.manifest
         if manifest is None:
             return
         try:
-            manifest.sync({a.name: a.path for a in self.engine.list_adapters()})
+            manifest.sync(self._registered_adapters())
         except Exception as e:  # the list must never take the model down
             self.logger.log_warn(f"multi_lora.json update failed: {e}")
 
@@ -188,7 +194,8 @@ class TritonPythonModel:
             try:
                 self.metrics.update(self.engine.stats().to_dict())
                 self.lora_info.update(self.router.adapter_activity(), time.time())
-                self._sync_manifest()  # adapters registered on first use
+                if self.manifest is not None:  # adapters registered on first use
+                    self.manifest.refresh(self._registry_file, self._registered_adapters)
             except Exception as e:  # metrics must never take the model down
                 self.logger.log_warn(f"slora_engine metrics update failed: {e}")
 
