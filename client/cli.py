@@ -6,6 +6,11 @@
     slora-client adapters unload my-adapter
     slora-client adapters describe pirate
     slora-client stats
+    slora-client --json generate "Hi" --lora pirate     # one JSON object, for scripts
+
+``--json`` (before the command): every result is one JSON object on stdout (``generate``: the
+text, finish reason and token counts at the end, nothing streamed), and an error is one JSON
+object ``{"error": {"code": ..., "message": ...}}`` on stderr, with exit status 1.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token", default=os.environ.get("SLORA_ADMIN_TOKEN") or None,
                    help="the server's admin token, for adapters load / unload "
                         "(default $SLORA_ADMIN_TOKEN)")
+    p.add_argument("--json", dest="json_output", action="store_true",
+                   help="machine-readable output: one JSON object per command (errors too)")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream an answer")
@@ -74,17 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name", nargs="?")
     a.add_argument("path", nargs="?", help="for load: directory under the adapter root "
                                            "(default: the name)")
-    a.add_argument("--json", action="store_true", help="print the raw JSON result")
+    a.add_argument("--json", action="store_true", help="print the raw JSON result (as the "
+                                                           "global --json)")
 
     sub.add_parser("stats", help="engine, pool and adapter statistics (JSON)")
     return p
+
+
+def _print_json(value: Any, stream=None) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False), file=stream or sys.stdout)
+
+
+def _generate_json(generation, lora_name: str | None) -> dict[str, Any]:
+    completion = generation.result()
+    return {"text": completion.text, "finish_reason": completion.finish_reason,
+            "num_input_tokens": completion.num_input_tokens,
+            "num_output_tokens": completion.num_output_tokens, "lora_name": lora_name}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = SLoRAClient(args.url, timeout=args.timeout, admin_token=args.admin_token)
     try:
-        if args.command == "generate":
+        if args.command == "generate" and args.json_output:
+            generation = client.generate(
+                args.prompt, lora_name=args.lora_name, max_tokens=args.max_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                stop=args.stop, ignore_eos=args.ignore_eos, chat=not args.raw, model=args.model)
+            _print_json(_generate_json(generation, args.lora_name))
+        elif args.command == "generate":
             generation = client.generate(
                 args.prompt, lora_name=args.lora_name, max_tokens=args.max_tokens,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if args.action == "list":
                 result: Any = client.list_adapters()
-                if not args.json:
+                if not (args.json or args.json_output):
                     _print_adapters(result)
                     return 0
             elif args.action == "load":
@@ -118,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = client.unload_adapter(args.name)
             else:
                 result = client.describe_adapter(args.name)
-            print(json.dumps(result, indent=2, sort_keys=True))
+            _print_json(result)
         elif args.command == "stats":
-            print(json.dumps(client.stats(), indent=2, sort_keys=True))
+            _print_json(client.stats())
     except SLoRAClientError as e:
-        print(f"error ({e.code}): {e.message}", file=sys.stderr)
+        if args.json_output:
+            _print_json({"error": {"code": e.code, "message": e.message}}, sys.stderr)
+        else:
+            print(f"error ({e.code}): {e.message}", file=sys.stderr)
         return 1
     finally:
         client.close()

@@ -35,6 +35,9 @@ class EngineConfig:
 
     base_model: str
     adapter_root: str | None = None
+    # A Hugging Face hub cache directory: set, a lora_name like "org/name" resolves from it
+    # (adapters/hf_cache.py: confined to it, safetensors only, nothing downloaded). None: off.
+    hf_hub_cache: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
     kernel_backend: str | None = None  # None: "triton" on CUDA, "torch" on CPU

@@ -93,6 +93,7 @@ class Engine:
         self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
         self.adapters = AdapterManager(
             self.layout, adapter_pool, dtype, adapter_root=config.adapter_root,
+            hf_hub_cache=config.hf_hub_cache,
             host_budget_bytes=config.host_adapter_bytes,
             pin_memory=config.pin_host_memory and self.device.type == "cuda",
             preload=config.preload_adapters, prefetch=config.prefetch_adapters,

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
 from ..layout import PoolLayout
+from .hf_cache import is_hf_id
 from .names import WEIGHTS_FILE, check_adapter_name
 from .reader import AdapterFileReader
 from .validation import AdapterEntry, AdapterValidator
@@ -54,9 +55,11 @@ class AdapterStore:
         except KeyError:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered") from None
 
-    def register(self, name: str, path: Path) -> AdapterEntry:
-        """Validate the adapter at ``path`` and register it as ``name`` (weights stay on disk)."""
-        check_adapter_name(name)
+    def register(self, name: str, path: Path, hf_id: bool = False) -> AdapterEntry:
+        """Validate the adapter at ``path`` and register it as ``name`` (weights stay on disk).
+        ``hf_id``: ``name`` is a Hugging Face id (``org/name``, ``hf_cache``), not a directory name."""
+        if not (hf_id and is_hf_id(name)):
+            check_adapter_name(name)
         if name in self._entries:
             raise AdapterExistsError(f"adapter {name!r} is already registered with path "
                                      f"{str(self._entries[name].path)!r}; unload it first")

@@ -29,6 +29,7 @@ from ..layout import PoolLayout
 from ..page_pool import ADAPTER, PagePool
 from .copier import AdapterCopier, CopyFn
 from .gpu_cache import AdapterCache
+from .hf_cache import HfAdapterCache
 from .host_reads import HostReads
 from .host_store import AdapterStore
 from .registry import AdapterInfo, AdapterRegistry
@@ -48,7 +49,7 @@ class AdapterManager:
 
     def __init__(
         self, layout: PoolLayout, pool: PagePool, dtype: torch.dtype, *,
-        adapter_root: str | None, host_budget_bytes: int, pin_memory: bool,
+        adapter_root: str | None, host_budget_bytes: int, hf_hub_cache: str | None = None, pin_memory: bool,
         preload: bool, prefetch: bool, max_prefetch: int,
         active_counts: Callable[[], dict[str, int]],
         between_steps: Callable[[], contextlib.AbstractContextManager[None]],
@@ -56,7 +57,8 @@ class AdapterManager:
     ) -> None:
         self.store = store_type(layout, dtype, host_budget_bytes, pin_memory)
         self.cache = AdapterCache(pool, self.store, copying=lambda name: self.copier.in_flight(name))
-        self.registry = AdapterRegistry(adapter_root, self.store, self.cache)
+        self.registry = AdapterRegistry(adapter_root, self.store, self.cache,
+                                        HfAdapterCache(hf_hub_cache) if hf_hub_cache else None)
         self.reads = HostReads(self.store)
         self.copier: AdapterCopier = AdapterCopier(_not_attached, self.reads.record_failure, False)
         self.preload = preload

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import AdapterBusyError, AdapterExistsError, AdapterLoadError, AdapterNotFoundError
 from .gpu_cache import AdapterCache
+from .hf_cache import HfAdapterCache, is_hf_id
 from .host_store import AdapterStore
 from .names import REGISTRY_FILE, check_adapter_name, resolve_under_root
 
@@ -43,10 +44,12 @@ class AdapterInfo:
 
 
 class AdapterRegistry:
-    def __init__(self, root: str | None, store: AdapterStore, cache: AdapterCache) -> None:
+    def __init__(self, root: str | None, store: AdapterStore, cache: AdapterCache,
+                 hf_cache: HfAdapterCache | None = None) -> None:
         self.root = Path(root).resolve() if root else None
         self.store = store
         self.cache = cache
+        self.hf_cache = hf_cache  # "org/name" ids resolve here when set (hf_cache.py)
 
     @property
     def _file(self) -> Path | None:
@@ -70,8 +73,9 @@ class AdapterRegistry:
     def _save(self) -> None:
         if self._file is None:
             return
-        adapters = {
+        adapters = {  # (Hugging Face ids are not kept: they resolve again by id)
             name: os.path.relpath(self.store.get(name).path, self.root) for name in self.store.names()
+            if not is_hf_id(name)
         }
         tmp = self._file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"adapters": adapters}, indent=1, sort_keys=True), encoding="utf-8")
@@ -105,6 +109,9 @@ class AdapterRegistry:
         self._save()
 
     def resolve(self, name: str, active: dict[str, int]) -> AdapterInfo:
+        if name not in self.store and self.hf_cache is not None and is_hf_id(name):
+            self.store.register(name, self.hf_cache.snapshot(name), hf_id=True)
+            return self.describe(name, active)
         if name not in self.store:
             check_adapter_name(name, AdapterNotFoundError)
             if self.root is None:

@@ -173,8 +173,8 @@ class Worker:
         name = message.name
         if name in self.store and self.store.get(name).path != message.path:
             self.forget(name)  # re-registered from elsewhere since
-        if name not in self.store:
-            self.store.register(name, message.path)
+        if name not in self.store:  # (rank 0 resolved and confined the path; an id may be org/name)
+            self.store.register(name, message.path, hf_id=True)
         resident = self.residents[name] = ResidentAdapter(name, list(message.pages))
         try:
             event = self.runner.copy_adapter(resident, after=self._last_step)

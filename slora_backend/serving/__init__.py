@@ -17,6 +17,9 @@ get typed results back. ``triton_python_backend_utils`` is imported only by the 
   ``AdapterNames``, the ensemble's per-request adapter check run in the adapter model's, and
   ``AdminToken``, the check that guards the management actions.
 - ``control_channel``: the UNIX socket that carries those actions from ``slora_adapters``.
+- ``vllm_format``: the vLLM backend's ``sampling_parameters`` (Triton's OpenAI frontend,
+  genai-perf) read onto this server's inputs; ``lora_manifest``: ``model.json`` and
+  ``multi_lora.json``, where that frontend learns which adapters it may pass on.
 - ``metrics``: engine statistics -> gauges and counters.
 - ``gateway_metrics``: the metric names a Kubernetes inference gateway routes by, and the LoRA
   info gauge (adapters of running and waiting requests).
@@ -44,10 +47,11 @@ _EXPORTS = {
     "TTFT_NAME": ".metrics", "MetricsPublisher": ".metrics",
     "ResponsePayload": ".router", "StreamRouter": ".router",
     "ServingSettings": ".settings", "settings_from_json": ".settings",
+    "LoraManifest": ".lora_manifest", "SamplingParameters": ".vllm_format",
 }
 _SUBMODULES = ("control", "control_channel", "engine_json", "engine_process", "errors",
-               "gateway_metrics", "inputs", "metrics", "router", "settings", "supervisor",
-               "triton_stub")
+               "gateway_metrics", "inputs", "lora_manifest", "metrics", "router", "settings",
+               "supervisor", "triton_stub", "vllm_format")
 
 __all__ = sorted(_EXPORTS)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters.names import REGISTRY_FILE, adapter_dir, check_adapter_name, fs_path, real_path
+from . import vllm_format
 from .errors import INVALID_ARG, NOT_FOUND, UNAVAILABLE, ServingError, error_from_exception
 from .inputs import TensorGetter, get_str
 
@@ -53,6 +54,8 @@ def parse_adapter_action(get: TensorGetter) -> ControlRequest:
     """Inputs of ``slora_adapters`` -> a control request. A missing action means ``resolve``
     (what the ``slora`` ensemble's adapter step asks)."""
     action = get_str(get, "action") or "resolve"
+    if action == "resolve":  # the ensemble's step: lora_name may come inside sampling_parameters
+        get = vllm_format.overlay(get)
     if action not in ADAPTER_ACTIONS:
         raise ServingError(
             INVALID_ARG, f"unknown action {action!r}; expected one of {', '.join(ADAPTER_ACTIONS)}"

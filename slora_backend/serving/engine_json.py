@@ -20,7 +20,7 @@ ENGINE_MODEL = "slora_engine"
 ENGINE_VERSION = "1"
 ENGINE_JSON = "engine.json"
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see default_model.py)
-PATH_KEYS = ("base_model", "tokenizer", "adapter_root")
+PATH_KEYS = ("base_model", "tokenizer", "adapter_root", "hf_hub_cache")
 
 # The serving layer's keys: (type, default, meaning). Types as EngineConfig's fields spell them.
 SERVING_KEYS: dict[str, tuple[str, Any, str]] = {

@@ -81,10 +81,19 @@ class GenerateRequest:
     stream: bool
     exclude_input_in_output: bool
     apply_chat_template: bool
+    # The vLLM format's ``return_num_output_tokens``: each streamed response then carries the
+    # tokens of that response only (the OpenAI frontend sums them), not the running total.
+    per_response_counts: bool = False
 
 
 def parse_generate(get: TensorGetter, max_tokens_limit: int) -> GenerateRequest:
-    """Read the generation inputs (names as in ``model_repository/slora/config.pbtxt``)."""
+    """Read the generation inputs (names as in ``model_repository/slora/config.pbtxt``), in either
+    format: separate tensors or the vLLM format's ``sampling_parameters`` (``vllm_format``)."""
+    from .vllm_format import overlay  # (vllm_format reads its tensors with this module's helpers)
+
+    get = overlay(get)
+    if get_bool(get, "return_logprobs", False):
+        raise ServingError(INVALID_ARG, "return_logprobs: this server does not return logprobs")
     prompt = get_str(get, "text_input", required=True)
     assert prompt is not None
     if not prompt:
@@ -140,6 +149,7 @@ def parse_generate(get: TensorGetter, max_tokens_limit: int) -> GenerateRequest:
         stream=get_bool(get, "stream", False),
         exclude_input_in_output=get_bool(get, "exclude_input_in_output", False),
         apply_chat_template=get_bool(get, "apply_chat_template", False),
+        per_response_counts=get_bool(get, "return_num_output_tokens", False),
     )
 
 

@@ -53,6 +53,7 @@ class _Stream:
     cancelled: bool = False
     sent_final: bool = False
     responses: int = 0
+    tokens_sent: int = 0  # output tokens counted in the responses sent so far
 
 
 @dataclass
@@ -284,11 +285,15 @@ class StreamRouter:
 
     @staticmethod
     def _payload(s: _Stream, out: RequestOutput, text: str) -> ResponsePayload:
+        """Counts: the running total, or (``per_response_counts``) this response's own tokens."""
+        total = len(out.token_ids)
+        count = total - s.tokens_sent if s.request.per_response_counts else total
+        s.tokens_sent = total
         return ResponsePayload(
             text=text,
             finish_reason=(out.finish_reason or "") if out.finished else "",
             num_input_tokens=out.num_prompt_tokens,
-            num_output_tokens=len(out.token_ids),
+            num_output_tokens=count,
         )
 
     def _send(self, s: _Stream, payload: ResponsePayload | None, error: ServingError | None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -42,9 +43,10 @@ class _SenderSink:
             response = pb_utils.InferenceResponse(output_tensors=[
                 triton_stub.bytes_tensor("text_output", payload.text),
                 triton_stub.bytes_tensor("finish_reason", payload.finish_reason),
-                pb_utils.Tensor("num_input_tokens", np.array([payload.num_input_tokens], np.int32)),
+                pb_utils.Tensor("num_input_tokens", np.array([payload.num_input_tokens], np.uint32)),
+                # UINT32, as the vLLM backend's: the OpenAI frontend reads the counts only as such.
                 pb_utils.Tensor("num_output_tokens",
-                                np.array([payload.num_output_tokens], np.int32)),
+                                np.array([payload.num_output_tokens], np.uint32)),
             ])
         self.sender.send(response, flags=flags)
 
@@ -79,8 +81,11 @@ class TritonPythonModel:
                 "max_tokens_limit": self.max_tokens_limit,
                 **self._engine_health(),
             })
+        root = settings.engine.adapter_root
+        self._registry_file = Path(root) / serving.lora_manifest.REGISTRY_FILE if root else None
+        self.manifest = self._start_manifest(repository_root)
         self.control_server = serving.control_channel.ControlServer(
-            serving.control_channel.channel_path(repository_root), self.control.handle)
+            serving.control_channel.channel_path(repository_root), self._handle_control)
         cfg = settings.engine
         self.logger.log_info(
             f"slora_engine ready: base_model={cfg.base_model} device={cfg.device} "
@@ -101,6 +106,41 @@ class TritonPythonModel:
         engine = Engine(settings.engine)
         engine.start()
         return engine
+
+    # ---- the adapter list Triton's OpenAI frontend reads -------------------------------------------
+
+    def _start_manifest(self, repository_root):
+        manifest = serving.LoraManifest.for_repository(repository_root)
+        if manifest is None:
+            self.logger.log_warn(f"no version directory of model '{serving.lora_manifest.PUBLIC_MODEL}'"
+                                 f" in {repository_root}: no model.json / multi_lora.json written")
+            return None
+        try:
+            manifest.enable()
+        except OSError as e:  # a read-only repository: serving works, the frontend sees no adapters
+            self.logger.log_warn(f"cannot write {manifest.version_dir}/model.json: {e}")
+            return None
+        self._sync_manifest(manifest)
+        return manifest
+
+    def _registered_adapters(self) -> dict:
+        return {a.name: a.path for a in self.engine.list_adapters()}
+
+    def _sync_manifest(self, manifest=None) -> None:
+        manifest = manifest or self.manifest
+        if manifest is None:
+            return
+        try:
+            manifest.sync(self._registered_adapters())
+        except Exception as e:  # the list must never take the model down
+            self.logger.log_warn(f"multi_lora.json update failed: {e}")
+
+    def _handle_control(self, request) -> dict:
+        try:
+            return self.control.handle(request)
+        finally:
+            if request.action in ("load", "unload", "resolve"):  # resolve may register on first use
+                self._sync_manifest()
 
     def _log_engine_event(self, message: str) -> None:
         pb_utils.Logger.log_error(message)
@@ -154,6 +194,8 @@ class TritonPythonModel:
             try:
                 self.metrics.update(self.engine.stats().to_dict())
                 self.lora_info.update(self.router.adapter_activity(), time.time())
+                if self.manifest is not None:  # adapters registered on first use
+                    self.manifest.refresh(self._registry_file, self._registered_adapters)
             except Exception as e:  # metrics must never take the model down
                 self.logger.log_warn(f"slora_engine metrics update failed: {e}")
 
