@@ -3,6 +3,7 @@
     slora-client generate "What is the capital of France?" --lora pirate
     slora-client adapters list
     slora-client adapters load my-adapter [relative/path/under/root]
+    slora-client adapters load-dir team-a --adapter-root /srv/adapters   # every adapter in it
     slora-client adapters unload my-adapter
     slora-client adapters describe pirate
     slora-client stats
@@ -19,8 +20,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from .bulk import load_directory, with_progress
 from .client import SLoRAClient
 from .errors import SLoRAClientError
 
@@ -77,13 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print finish reason and token counts to stderr at the end")
 
     a = sub.add_parser("adapters", help="list / load / unload / describe adapters")
-    a.add_argument("action", choices=("list", "load", "unload", "describe"))
-    a.add_argument("name", nargs="?")
+    a.add_argument("action", choices=("list", "load", "load-dir", "unload", "describe"))
+    a.add_argument("name", nargs="?", help="the adapter; for load-dir: a directory under the "
+                   "adapter root ('.' for the root itself)")
     a.add_argument("path", nargs="?", help="for load: directory under the adapter root "
                                            "(default: the name)")
     a.add_argument("--json", action="store_true", help="print the raw JSON result (as the "
                                                            "global --json)")
 
+    a.add_argument("--adapter-root", type=Path,
+                   default=Path(os.environ.get("SLORA_ADAPTER_ROOT", "demo_adapters")),
+                   help="for load-dir: the server's adapter root as this machine sees it "
+                        "(default $SLORA_ADAPTER_ROOT or ./demo_adapters)")
     sub.add_parser("stats", help="engine, pool and adapter statistics (JSON)")
     return p
 
@@ -138,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                     _print_adapters(result)
                     return 0
             elif args.action == "load":
-                result = client.load_adapter(args.name, args.path)
+                result = with_progress(f"loading {args.name}",
+                                       lambda: client.load_adapter(args.name, args.path), sys.stderr)
+            elif args.action == "load-dir":
+                results = load_directory(client.load_adapter, args.adapter_root, args.name,
+                                         sys.stderr)
+                if args.json or args.json_output:
+                    _print_json(results)
+                return 0 if all(r["ok"] for r in results) else 1
             elif args.action == "unload":
                 result = client.unload_adapter(args.name)
             else:
