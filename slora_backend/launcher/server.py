@@ -8,10 +8,12 @@ group of its own; ``wait_ready()`` polls ``/v2/health/ready``; ``stop()`` ends t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -21,6 +23,15 @@ from pathlib import Path
 from .options import ADMIN_TOKEN_ENV, ServeOptions
 from .repository import write_repository
 from .triton_install import TritonInstall, build_backend_dir, find_tritonserver, stub_environment
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` (Linux): the child gets SIGTERM when the thread that started it exits, so a
+    launcher killed outright (SIGKILL, or a Ray replica's process torn down) leaves no server
+    behind; the server runs in a session of its own, which no group signal of the parent's
+    reaches. Start servers from a thread that lives as long as they should."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -122,7 +133,8 @@ class TritonServer:
         out = open(self.log_file, "ab") if self.log_file else None
         try:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT
-                                            if out else None, start_new_session=True)
+                                            if out else None, start_new_session=True,
+                                            preexec_fn=die_with_parent)
         finally:
             if out:
                 out.close()

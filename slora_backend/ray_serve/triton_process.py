@@ -9,7 +9,6 @@ tritonserver when it does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from ..launcher.server import die_with_parent
 
 ADAPTERS_MODEL = "slora_adapters"
 GENERATE_MODEL = "slora"
@@ -62,11 +63,6 @@ def _free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class TritonProcess:
     """A tritonserver started by the launcher CLI, with its URLs."""
 
@@ -88,7 +84,7 @@ class TritonProcess:
             args += ["--log-file", str(self.log_path)]
 
         env = {**os.environ, **options.extra_env}
-        self.process = subprocess.Popen(args, env=env, preexec_fn=_die_with_parent,
+        self.process = subprocess.Popen(args, env=env, preexec_fn=die_with_parent,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ready(self) -> None:
