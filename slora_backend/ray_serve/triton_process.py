@@ -8,11 +8,9 @@ tritonserver when it does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..launcher.server import die_with_parent
+from ..launcher.server import die_with_parent, free_ports
 
 ADAPTERS_MODEL = "slora_adapters"
 GENERATE_MODEL = "slora"
@@ -55,20 +53,12 @@ class LaunchOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def _free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 class TritonProcess:
     """A tritonserver started by the launcher CLI, with its URLs."""
 
     def __init__(self, options: LaunchOptions, name: str) -> None:
         self.options = options
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         args = [sys.executable, "-m", "slora_backend.serve", "--base-model", options.base_model,

@@ -21,6 +21,7 @@ from slora_backend.errors import EngineClosedError
 from slora_backend.parallel import TensorParallelError
 from tests.conftest import TOKENIZER_FILES, make_adapter
 from tests.engine.peft_reference import PeftReference
+from tests.engine.test_peft_equivalence import PROMPTS as EQUIVALENCE_PROMPTS
 
 # Ranks 4-64 (6 is not divisible by 4 ranks: zero-padded rows of A), attention and MLP targets,
 # one rsLoRA; plus base-model prompts.
@@ -31,14 +32,7 @@ ADAPTERS = {
     "r32-mlp": dict(rank=32, targets=["gate_proj", "up_proj", "down_proj"], alpha=32),
     "r64-all": dict(rank=64, targets=ALL, alpha=64),
 }
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time, in a land far away,",
-    "def fibonacci(n):",
-    "Paris is the capital of",
-    "1, 2, 3, 4,",
-    "The weather today is",
-]
+PROMPTS = EQUIVALENCE_PROMPTS[:6]
 LORAS = ["r4-qv", "r6-all-rs", None, "r32-mlp", "r64-all", None]
 MAX_TOKENS = 8
 # (heads, KV heads, hidden, intermediate): MHA; GQA with KV heads split; GQA with each KV head
