@@ -103,6 +103,15 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 4) if values else None
 
 
+def _pct_of_sent(ttft: list[float], sent: int, q: float) -> float | None:
+    """The time within which ``q`` percent of the ``sent`` requests had their first token; a
+    request that got none counts as never. None when fewer than q percent got one."""
+    need = int(np.ceil(q / 100 * sent))
+    if sent == 0 or need > len(ttft):
+        return None
+    return round(float(sorted(ttft)[max(need, 1) - 1]), 4)
+
+
 def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
               slo_s: float = DEFAULT_SLO_S) -> dict[str, Any]:
     """Throughput, first-token latency and SLO attainment of one replay.
@@ -114,6 +123,14 @@ def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
     capacity; on a run cut at a time limit there is no drain tail either.
     ``slo_attainment`` is the share of the ``planned`` requests whose first token came within
     ``slo_s`` of their arrival (requests never submitted, rejected or aborted count as misses).
+
+    First-token latency is given two ways. ``ttft_p*_s`` are percentiles over the requests that
+    got a first token (the usual figure, exact when every request is served). On a run cut at a
+    time limit they leave out the requests still queued at the end, so a system that serves fewer
+    requests is measured on fewer, earlier ones and looks faster. ``ttft_sent_p*_s`` are over every
+    request sent, one that got no first token counting as never: the time within which that share
+    of all requests was answered (None: fewer than that share got a first token at all).
+    ``first_token_share`` is the share of sent requests that got one.
     """
     records = list(recorder.records.values())
     wall = max(end - start, 1e-9)
@@ -145,6 +162,9 @@ def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
         "ttft_p50_s": _pct(ttft, 50),
         "ttft_p90_s": _pct(ttft, 90),
         "ttft_p99_s": _pct(ttft, 99),
+        "first_token_share": round(len(ttft) / len(records), 4) if records else None,
+        "ttft_sent_p50_s": _pct_of_sent(ttft, len(records), 50),
+        "ttft_sent_p90_s": _pct_of_sent(ttft, len(records), 90),
         "latency_avg_s": round(float(np.mean(e2e)), 4) if e2e else None,
         "tpot_avg_s": round(float(np.mean(tpot)), 5) if tpot else None,
         "slo_s": slo_s,
@@ -216,7 +236,9 @@ TABLE_COLUMNS = [
     ("system", "system"), ("req/s", "throughput_req_s"),
     ("steady req/s", "throughput_steady_req_s"), ("out tok/s", "throughput_out_tok_s"),
     ("TTFT avg s", "ttft_avg_s"), ("p50", "ttft_p50_s"), ("p90", "ttft_p90_s"),
-    ("p99", "ttft_p99_s"), ("SLO att.", "slo_attainment"), ("hit ratio", "adapter_hit_ratio"),
+    ("p99", "ttft_p99_s"), ("got 1st token", "first_token_share"),
+    ("TTFT p50 (all sent)", "ttft_sent_p50_s"), ("p90 (all sent)", "ttft_sent_p90_s"),
+    ("SLO att.", "slo_attainment"), ("hit ratio", "adapter_hit_ratio"),
     ("queue avg", "waiting_avg"), ("pool occ. avg", "pool_occupancy_avg"),
     ("GPU mem GiB", "gpu_max_allocated_gib"),
     ("done/planned", "done_planned"), ("note", "note"),
@@ -234,7 +256,9 @@ def markdown_row(row: dict[str, Any]) -> str:
     cells = []
     for _, key in TABLE_COLUMNS:
         v = row.get(key)
-        if v is None:
+        if v is None and key.startswith("ttft_sent_") and row.get("first_token_share") is not None:
+            cells.append("not reached")  # (fewer than that share of the requests got a token)
+        elif v is None:
             cells.append("-")
         elif isinstance(v, float):
             cells.append(f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")

@@ -306,7 +306,7 @@ def comparisons(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for metric, suffix in (("throughput_req_s", ""), ("throughput_steady_req_s", "_steady")):
             if a.get(metric) and b.get(metric):
                 out[key + suffix] = round(a[metric] / b[metric], 3)
-        for q in ("p50", "p90"):
+        for q in ("p50", "p90", "sent_p50", "sent_p90"):  # (sent: None where never reached)
             if a.get(f"ttft_{q}_s") is not None and b.get(f"ttft_{q}_s"):
                 out[f"{mine}_ttft_{q}_over_{theirs}"] = round(a[f"ttft_{q}_s"] / b[f"ttft_{q}_s"], 3)
     return out
