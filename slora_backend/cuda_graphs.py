@@ -92,6 +92,9 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, frozenset[int] | None], _Graph] = {}
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        # Warm-ups run on one side stream: torch gives each stream that runs a matmul a cuBLAS
+        # workspace of its own (32 MiB) for the life of the process.
+        self._warm_up_stream = torch.cuda.Stream(self.device) if capture else None
         self.replays = 0
         self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
 
@@ -218,7 +221,7 @@ class DecodeGraphs:
             logits = torch.empty(batch, self.model.spec.vocab_size, device=dev)
             replay = _EagerReplay(lambda: logits.copy_(self.model(ids, ctx, rows)))
             return _Graph(replay, ids, attn, lora, rows, logits)
-        side = torch.cuda.Stream(dev)
+        side = self._warm_up_stream
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator
             for _ in range(2):

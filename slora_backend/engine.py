@@ -25,7 +25,7 @@ from .adapters.host_store import AdapterStore
 from .config import EngineConfig, SamplingParams
 from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
-from .memory import DeviceSnapshot, size_pool, split_pool
+from .memory import CudaTenants, DeviceSnapshot, size_pool, split_pool
 from .model_loader import load_model, load_tokenizer
 from .model_runner import ModelRunner, PendingTokens
 from .offline import generate
@@ -132,6 +132,8 @@ class Engine:
         if config.warm_up and self.device.type == "cuda":
             self._warm_up()
         self.adapters.start_preloads()
+        if self.device.type == "cuda":
+            CudaTenants.opened(self.device)  # (close() gives back what this process keeps)
 
     def _warm_up(self) -> None:
         warm_up(self)
@@ -313,8 +315,7 @@ class Engine:
             self.tp.shutdown()
         gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+            CudaTenants.closed(self.device)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -223,3 +224,31 @@ def split_pool(num_pages: int, adapter_pages: int | None,
                          f"{num_pages} pages")
     return (new_pool(num_pages - adapter_pages),
             new_pool(adapter_pages, first_page=num_pages - adapter_pages))
+
+
+class CudaTenants:
+    """The engines open on each CUDA device of this process, so that the last one to close can
+    give back what torch keeps per process: cuBLAS workspaces (32 MiB per (handle, stream) that
+    ran a matmul, held by torch's allocator until cleared). They may not go while another engine
+    lives: its CUDA graphs replay matmuls that write into the workspaces they were captured with."""
+
+    _lock = threading.Lock()
+    _open: dict[int, int] = {}
+
+    @classmethod
+    def opened(cls, device: torch.device) -> None:
+        with cls._lock:
+            cls._open[device.index or 0] = cls._open.get(device.index or 0, 0) + 1
+
+    @classmethod
+    def closed(cls, device: torch.device) -> None:
+        """One engine on ``device`` closed: free torch's cached blocks, and the cuBLAS
+        workspaces too once no engine is left on any device (torch clears them all at once)."""
+        with cls._lock:
+            cls._open[device.index or 0] -= 1
+            last = not any(cls._open.values())
+        torch.cuda.synchronize(device)
+        if last:
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+

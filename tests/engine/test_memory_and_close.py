@@ -102,3 +102,27 @@ def test_close_ends_open_requests_of_a_running_loop():
     engine.close()
     assert ended.wait(5) and finals[0].finish_reason in ("abort", "length")
     assert engine.pool.check_empty()
+
+
+def test_cublas_workspaces_go_only_when_the_last_engine_closes(monkeypatch):
+    """Another engine's CUDA graphs write into the workspaces they were captured with: they are
+    cleared when no engine is left, and cached blocks are given back at every close."""
+    import torch
+
+    from slora_backend.memory import CudaTenants
+
+    calls: list[str] = []
+    monkeypatch.setattr(CudaTenants, "_open", {})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: calls.append("workspaces"),
+                        raising=False)
+    first, second = torch.device("cuda", 0), torch.device("cuda", 1)
+    CudaTenants.opened(first)
+    CudaTenants.opened(first)
+    CudaTenants.opened(second)
+    CudaTenants.closed(first)
+    CudaTenants.closed(second)
+    assert calls == ["empty_cache", "empty_cache"]
+    CudaTenants.closed(first)
+    assert calls == ["empty_cache", "empty_cache", "workspaces", "empty_cache"]
