@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="for --step-metadata")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    from .harness import run_metadata
+    from .run_metadata import run_metadata
 
     result: dict[str, Any] = {"meta": run_metadata()}
     if args.launches:
