@@ -38,7 +38,7 @@ from .adapter_sets import DEFAULT_CACHE
 from .baselines import vllm_peer
 from .harness_run import run
 from .harness_systems import BASELINES
-from .step_profile import parse_step_kind
+from .kernel_window import parse_step_kind
 from .metrics import DEFAULT_SLO_S
 
 

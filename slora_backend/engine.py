@@ -89,8 +89,9 @@ class Engine:
         self._aborts: list[str] = []
         self._inbox_lock = threading.Lock()
         self._wakeup = threading.Condition(self._inbox_lock)
-        self.loop = EngineLoop(self.step, self._idle_while_reading, self._has_work, self._wakeup,
-                               self._end_all)
+        # (``step`` looked up at each call: a profiler may wrap it on the instance)
+        self.loop = EngineLoop(lambda: self.step(), self._idle_while_reading, self._has_work,
+                               self._wakeup, self._end_all)
         self.adapters = AdapterManager(
             self.layout, adapter_pool, dtype, adapter_root=config.adapter_root,
             hf_hub_cache=config.hf_hub_cache,
