@@ -213,6 +213,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """End ``request_id`` (aborted) at the next step; an unknown or finished id is ignored,
         and so is every id once the engine is closed (close() ended every request)."""
+        if self._closed:
+            return
         with self._wakeup:
             self._aborts.append(request_id)
             self._wakeup.notify()
