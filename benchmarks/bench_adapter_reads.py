@@ -24,7 +24,7 @@ from slora_backend.adapters.host_store import AdapterStore
 from slora_backend.layout import PoolLayout
 
 from .adapter_sets import model_spec
-from .harness import run_metadata
+from .run_metadata import run_metadata
 from .synthetic_adapters import write_random_adapter
 
 

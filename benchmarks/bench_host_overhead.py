@@ -90,7 +90,7 @@ def launches() -> dict[str, float]:
     from slora_kernels.lora_prefill import lora_shrink_prefill
     from slora_kernels.norm_rope import rms_norm
 
-    from . import bench_kernels as bk
+    from .kernel_bench import shapes as bk
 
     b, dev, dt = 256, "cuda", torch.float16
     ad = bk.Adapters(b, (8,), torch.Generator().manual_seed(0))
@@ -332,7 +332,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="for --step-metadata")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    from .harness import run_metadata
+    from .run_metadata import run_metadata
 
     result: dict[str, Any] = {"meta": run_metadata()}
     if args.launches:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import vllm_peer
-from .harness import comparisons, markdown_table
+from .harness_run import comparisons, markdown_table
 
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:

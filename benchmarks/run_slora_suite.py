@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import harness
+from . import harness, harness_run, harness_systems, run_metadata
 from .adapter_sets import adapter_bytes, ensure_adapter_set, fitting_prefix, model_spec, set_dir
 from .workload import adapter_specs, generate, get_setting
 
@@ -205,9 +205,9 @@ class Suite:
             self.run_decode(job, root)
             return
         args = self.harness_args(job, n)
-        workload = generate(harness.workload_config(args))
+        workload = generate(harness_run.workload_config(args))
         t = time.perf_counter()
-        rows = harness.run_systems(args, workload, adapter_root=root, log=self.log)
+        rows = harness_systems.run_systems(args, workload, adapter_root=root, log=self.log)
         replays = len(rows)
         busy = sum(r.get("wall_s", 0) for r in rows)
         self.overhead_s = max(10.0, (time.perf_counter() - t - busy) / max(replays, 1))
@@ -261,18 +261,18 @@ class Suite:
 
     def write(self) -> dict[str, Any]:
         report = {
-            "meta": harness.run_metadata(),
+            "meta": run_metadata.run_metadata(),
             "suite_args": {k: (str(v) if isinstance(v, Path) else v)
                            for k, v in vars(self.args).items()},
             "results": self.rows,
-            "comparisons": harness.comparisons(self.rows),
+            "comparisons": harness_run.comparisons(self.rows),
             **self.extra,
             "elapsed_s": round(time.perf_counter() - self.t0, 1),
         }
         (self.args.out / "suite.json").write_text(json.dumps(report, indent=1, default=str))
         md = [f"S-LoRA suite part `{self.args.part}`, {report['meta']['date']}, "
               f"{report['meta'].get('gpu', 'cpu')}: `{report['meta']['command']}`", "",
-              harness.markdown_table(self.rows), ""]
+              harness_run.markdown_table(self.rows), ""]
         for d in self.extra["decode_step"]:
             lo, ba = d["lora"], d["base"]
             md.append(f"Decode step at batch {lo['batch']} over {lo['distinct_adapters']} "

@@ -1,33 +1,33 @@
 """The S-LoRA engine: wires model, pool, adapters, scheduler, sampler; offline and streaming APIs.
 
 Thread model: ``add_request`` and ``abort`` may be called from any thread; they only put work
-into an inbox. The engine loop (``start()``, or ``generate()`` inline) is the only code that
-touches the scheduler and the pool. Adapters (names, host copies, pool residency) live in
+into an inbox. The engine loop (``EngineLoop``: ``start()``, or ``generate()`` inline) is the only
+code that touches the scheduler and the pool. Adapters (names, host copies, pool residency) live in
 ``adapters.AdapterManager``; unloading one takes the step lock, so it never runs in the middle of
 a step. ``close()`` (or leaving ``with Engine(...) as engine:``) stops the loop and
-gives the engine's GPU memory back.
+gives the engine's GPU memory back; every call that would use the engine afterwards raises
+``EngineClosedError``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
-import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .adapters import AdapterInfo, AdapterManager
 from .adapters.host_store import AdapterStore
 from .config import EngineConfig, SamplingParams
+from .engine_loop import EngineLoop
 from .errors import EngineClosedError, EngineOverloadedError, InvalidRequestError
 from .layout import PoolLayout
 from .memory import CudaTenants, DeviceSnapshot, size_pool, split_pool
 from .model_loader import load_model, load_tokenizer
-from .model_runner import ModelRunner, PendingTokens
+from .model_runner import ModelRunner
 from .offline import generate
 from .ops import make_ops
 from .output_stream import OutputCallback
@@ -40,10 +40,8 @@ from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
 from .stats import EngineStats, engine_stats
 from .step_in_flight import StepInFlight
-from .step_retry import run_split_on_failure
+from .step_launch import StepLauncher
 from .warm_up import warm_up
-
-logger = logging.getLogger(__name__)
 
 
 class Engine:
@@ -88,9 +86,12 @@ class Engine:
         self.pool, adapter_pool = split_pool(num_pages, config.adapter_pool_pages,
                                              self.tp.page_pool if self.tp else PagePool)
         self._inbox: list[Request] = []
+        self._aborts: list[str] = []
         self._inbox_lock = threading.Lock()
-        self._step_lock = threading.RLock()
-        self._step_lock_waiters = 0  # threads in _between_steps(); the loop yields to them
+        self._wakeup = threading.Condition(self._inbox_lock)
+        # (``step`` looked up at each call: a profiler may wrap it on the instance)
+        self.loop = EngineLoop(lambda: self.step(), self._idle_while_reading, self._has_work,
+                               self._wakeup, self._end_all)
         self.adapters = AdapterManager(
             self.layout, adapter_pool, dtype, adapter_root=config.adapter_root,
             hf_hub_cache=config.hf_hub_cache,
@@ -98,7 +99,7 @@ class Engine:
             pin_memory=config.pin_host_memory and self.device.type == "cuda",
             preload=config.preload_adapters, prefetch=config.prefetch_adapters,
             max_prefetch=config.max_num_seqs, store_type=self.tp.store_type if self.tp else AdapterStore,
-            active_counts=self._active_counts, between_steps=self._between_steps)
+            active_counts=self._active_counts, between_steps=self.loop.between_steps)
         admit_wait = config.admit_wait_steps
         self.scheduler = Scheduler(self.pool, self.adapters.cache, self.layout.block_tokens,
                                    config.max_num_seqs, config.max_batched_tokens,
@@ -115,16 +116,13 @@ class Engine:
         self.adapters.attach_runner(self.runner.copy_adapter, self.runner.forget_adapter,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
+        self.launcher = StepLauncher(self.runner, self.sampler, self.adapters.cache, self.device)
         self.checker = RequestChecker(self.tokenizer, self.spec.vocab_size, self.max_model_len,
                                       self.layout, self.pool, adapter_pool)
-        self._aborts: list[str] = []
-        self._wakeup = threading.Condition(self._inbox_lock)
         self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer,
                                        eos_token_ids(self.tokenizer, self.spec.hf_config),
                                        self._inbox_lock, self.abort)
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self.steps = 0
         self._in_flight: StepInFlight | None = None  # launched, its tokens not read yet
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
@@ -152,11 +150,16 @@ class Engine:
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
         """Register the adapter at ``path`` (under the adapter root) as ``name``; loading a name
         again with the same path describes it, with another path is refused."""
+        self._check_open()
         return self.adapters.load(name, path)
 
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name`` (refused while requests use it); frees its pool pages."""
+        self._check_open()
         self.adapters.unload(name)
+
+    # (listing and describing read only the host-side registry, which stays readable after
+    # close(); loading, unloading and resolving change it, so a closed engine refuses them)
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list()
@@ -166,21 +169,8 @@ class Engine:
 
     def resolve_adapter(self, name: str) -> AdapterInfo:
         """The adapter called ``name``: registered, or loaded from ``<adapter_root>/<name>``."""
+        self._check_open()
         return self.adapters.resolve(name)
-
-    @contextlib.contextmanager
-    def _between_steps(self) -> Iterator[None]:
-        """Hold the step lock from another thread. Python's locks are not fair: the engine thread
-        re-takes the lock right after each step and would win every race against a waiter, so
-        it yields between steps while anyone is waiting here."""
-        with self._inbox_lock:
-            self._step_lock_waiters += 1
-        try:
-            with self._step_lock:
-                yield
-        finally:
-            with self._inbox_lock:
-                self._step_lock_waiters -= 1
 
     def _active_counts(self) -> dict[str, int]:
         counts = self.scheduler.pinned_adapters()  # copies the queues atomically (GIL)
@@ -223,6 +213,10 @@ class Engine:
         return request_id
 
     def abort(self, request_id: str) -> None:
+        """End ``request_id`` (aborted) at the next step; an unknown or finished id is ignored,
+        and so is every id once the engine is closed (close() ended every request)."""
+        if self._closed:
+            return
         with self._wakeup:
             self._aborts.append(request_id)
             self._wakeup.notify()
@@ -236,50 +230,29 @@ class Engine:
         lora_names: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (one adapter name, or None, per prompt); results in order."""
+        self._check_open()
         return generate(self, prompts, sampling_params, lora_names)
 
     def run_until(self, done: threading.Event) -> None:
-        """Drive the engine until ``done`` is set: wait for the loop thread if it runs, else step
-        on this thread."""
-        if self._thread is not None:
-            done.wait()
-            return
-        while not done.is_set():
-            self.step()
-            self._idle_while_reading()
+        """Drive the engine until ``done`` is set (``EngineLoop.run_until``)."""
+        self.loop.run_until(done)
 
     # ---- the loop -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Step on a thread of the engine's own from now on."""
         self._check_open()
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
-            self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Stop the loop thread (its open requests end, aborted) and the adapter helper threads."""
+        self.loop.stop()
         self.adapters.stop()
 
-    def _loop(self) -> None:
-        while True:
-            with self._wakeup:
-                while not (self._stopping or self._inbox or self._aborts
-                           or self.scheduler.has_work() or self._in_flight is not None):
-                    self._wakeup.wait()
-                if self._stopping:
-                    break
-            self.step()
-            self._idle_while_reading()
-            while self._step_lock_waiters:
-                time.sleep(1e-4)
-        with self._step_lock:  # a stopped engine leaves nothing behind
-            self._end_all()
+    def _has_work(self) -> bool:
+        """Anything for a step to do (the inbox lock held)."""
+        return bool(self._inbox or self._aborts or self.scheduler.has_work()
+                    or self._in_flight is not None)
 
     def _end_all(self) -> None:
         """End every request the engine holds, as aborted (the step lock held)."""
@@ -305,11 +278,11 @@ class Engine:
         if self._closed:
             return
         self.stop()
-        with self._step_lock:
+        with self.loop.step_lock:
             self._end_all()
             self._closed = True
             # (the objects that hold device memory; the host-side registry stays readable)
-            del self.runner, self.model
+            del self.runner, self.model, self.launcher
             self.adapters.detach_runner()
         if self.tp is not None:
             self.tp.shutdown()
@@ -325,7 +298,7 @@ class Engine:
         """Admit new work, launch one forward over the scheduled batch, emit the outputs of the
         step launched before it (``step_in_flight``: the GPU runs one step while the host
         prepares the next and finishes the last)."""
-        with self._step_lock:
+        with self.loop.step_lock:
             self._check_open()
             outputs = self._drain_inbox()
             # Pages freed while the step in flight runs may still be written by it: copies into
@@ -352,46 +325,14 @@ class Engine:
 
     def _launch(self, scheduled: list[ScheduledRequest],
                 outputs: list[RequestOutput | None]) -> StepInFlight | None:
-        """Run the forward and sample on the device; the tokens are read by the next step.
-
-        A failed attempt is retried in halves (``step_retry``): a request whose own attempt
-        still fails ends with the error, its batch-mates go on. A failed attempt needs no undoing:
-        it wrote only its requests' own KV slots (written again by the retry), and the requests'
-        progress moves only once their part has run.
-        """
-        pending = self._in_flight.pending() if self._in_flight is not None else None
-        ran = run_split_on_failure(scheduled, lambda part: self._forward(part, pending),
-                                   self._recover)
-        for s, error in ran.failed:
+        """Launch the step (``StepLauncher``); requests whose part failed end with the error."""
+        launched = self.launcher.launch(
+            scheduled, self._in_flight.pending() if self._in_flight is not None else None)
+        for s, error in launched.failed:
             outputs.append(self._finish(s.request, "error", error=f"engine step failed: {error}"))
-        if not ran.done:
-            return None
-        self.steps += 1
-        sampling, tokens = [], []
-        for part, part_tokens in ran.done:
-            sampling += [s.request for s in part if s.samples]
-            tokens.append(part_tokens)
-            for s in part:
-                s.request.num_computed_tokens += s.num_new_tokens
-        return StepInFlight(sampling, tokens[0] if len(tokens) == 1 else torch.cat(tokens))
-
-    def _forward(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> torch.Tensor:
-        """One attempt: the forward over ``scheduled`` and the tokens of those that sample."""
-        residents = {r.adapter: self.adapters.cache.get(r.adapter)
-                     for r in (s.request for s in scheduled) if r.adapter is not None}
-        sampling = [s.request for s in scheduled if s.samples]
-        logits = self.runner.execute(scheduled, residents, pending)
-        return self.sampler.sample_on_device(
-            logits, [r.request_id for r in sampling], [r.params for r in sampling])
-
-    def _recover(self, error: BaseException) -> None:
-        """After a failed attempt: let what it launched end (it may still write pages that its
-        requests free if they fail), and give cached blocks back after running out of memory."""
-        logger.warning("engine step failed, retrying smaller: %s", error)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
+        if launched.in_flight is not None:
+            self.steps += 1
+        return launched.in_flight
 
     def _drain_inbox(self) -> list[RequestOutput]:
         with self._wakeup:

@@ -23,6 +23,7 @@ from ..adapter_sets import model_spec, write_registry
 from ..metrics import OccupancySampler, Recorder, stats_delta, summarize
 from ..prompts import token_prompts
 from ..workload import LORA_TARGETS, Workload, paced
+from .replay_note import replay_note
 
 ABORTED_AT_LIMIT = "time_limit"
 
@@ -181,11 +182,11 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
         "truncated": truncated or len(recorder.records) < len(requests),
         "engine_config": asdict(engine.config),
     }
-    if recorder.stalled:
-        result["note"] = f"STALLED: no output for {idle_timeout_s:g} s; open requests aborted"
-    elif result["truncated"]:
-        result["note"] = (f"stopped at the {time_limit_s:g} s limit: {len(recorder.records)} of "
-                          f"{len(requests)} requests sent")
+    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
+                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
+                       idle_timeout_s=idle_timeout_s, silence="output", open_requests="aborted")
+    if note is not None:
+        result["note"] = note
     if cuda:
         result["gpu_max_allocated_gib"] = round(
             torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)

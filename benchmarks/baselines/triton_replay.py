@@ -22,6 +22,7 @@ from ..adapter_sets import model_spec, write_registry
 from ..metrics import Recorder, summarize
 from ..prompts import text_prompts, write_word_tokenizer
 from ..workload import Workload, paced
+from .replay_note import replay_note
 
 MODEL = "slora"
 
@@ -136,11 +137,11 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
         "triton_streams": len(clients),
         "truncated": truncated or len(recorder.records) < len(requests),
     }
-    if recorder.stalled:
-        result["note"] = f"STALLED: no response for {idle_timeout_s:g} s; open requests cancelled"
-    elif result["truncated"]:
-        result["note"] = (f"stopped at the {time_limit_s:g} s limit: {len(recorder.records)} of "
-                          f"{len(requests)} requests sent")
+    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
+                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
+                       idle_timeout_s=idle_timeout_s, silence="response", open_requests="cancelled")
+    if note is not None:
+        result["note"] = note
     return result
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import Recorder, summarize
+from .replay_note import replay_note
 
 ABORTED_AT_LIMIT = "time_limit"
 # FlashInfer is not carried to the GPU machine (greedy sampling never needs it); the machine
@@ -128,11 +129,11 @@ async def replay(engine: Any, requests: list[list[Any]], prompts: list[list[int]
         "requests_in_trace": len(requests),
         "truncated": truncated or len(recorder.records) < len(requests),
     }
-    if recorder.stalled:
-        result["note"] = f"STALLED: no output for {idle_timeout_s:g} s; open requests cut"
-    elif result["truncated"]:
-        result["note"] = (f"stopped at the {time_limit_s:g} s limit: {len(recorder.records)} of "
-                          f"{len(requests)} requests sent")
+    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
+                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
+                       idle_timeout_s=idle_timeout_s, silence="output", open_requests="cut")
+    if note is not None:
+        result["note"] = note
     if errors:
         result["errors"] = {"count": len(errors), "first": errors[0]}
     return result

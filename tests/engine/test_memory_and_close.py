@@ -16,6 +16,7 @@ from slora_backend.memory import (
     plan_pool,
     slot_table_bytes_per_page,
 )
+from tests.conftest import make_adapter
 
 
 def _plan(**changes):
@@ -85,6 +86,26 @@ def test_close_refuses_new_work_and_is_idempotent():
             call()
     engine.close()  # (again: nothing happens)
     assert not hasattr(engine, "runner") and not hasattr(engine, "model")
+
+
+def test_a_closed_engine_refuses_adapter_changes_and_still_lists(tiny_models, tmp_path):
+    """Loading, unloading and resolving change the registry (and registry.json): refused after
+    close(), and the registry stays as it was; listing and describing read it on; an abort has
+    nothing left to end and is ignored."""
+    make_adapter(tiny_models["gqa"], tmp_path / "a8", 8, ["q_proj", "v_proj"], 16, seed=3)
+    make_adapter(tiny_models["gqa"], tmp_path / "b8", 8, ["q_proj"], 16, seed=4)
+    engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(tmp_path),
+                                 pool_pages=128, block_tokens=4))
+    engine.load_adapter("a8", "a8")
+    engine.close()
+    for call in (lambda: engine.unload_adapter("a8"), lambda: engine.load_adapter("b8", "b8"),
+                 lambda: engine.resolve_adapter("b8"), engine.stats):
+        with pytest.raises(EngineClosedError, match="the engine is closed"):
+            call()
+    assert [info.name for info in engine.list_adapters()] == ["a8"]
+    assert engine.describe_adapter("a8").name == "a8"
+    engine.abort("req-0")
+    engine.close()
 
 
 def test_close_ends_open_requests_of_a_running_loop():

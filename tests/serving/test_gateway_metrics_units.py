@@ -85,7 +85,7 @@ def test_router_reports_waiting_until_output_then_running():
     import time
 
     from slora_backend.serving import StreamRouter, parse_generate
-    from tests.serving.test_serving_units import FakeEngine, FakeSink, _wait_added, getter
+    from tests.serving.serving_fakes import FakeEngine, FakeSink, getter, wait_added
 
     engine, sink_a, sink_b = FakeEngine(), FakeSink(), FakeSink()
     router = StreamRouter(engine)
@@ -95,9 +95,9 @@ def test_router_reports_waiting_until_output_then_running():
 
     try:
         router.submit(request("a"), "c1", sink_a, time.monotonic())
-        rid_a = _wait_added(engine)
+        rid_a = wait_added(engine)
         router.submit(request("b"), "c2", sink_b, time.monotonic())
-        _wait_added(engine, 2)
+        wait_added(engine, 2)
         assert router.adapter_activity() == AdapterActivity((), ("a", "b"))
         engine.emit(rid_a, [5], "x")
         deadline = time.monotonic() + 5

@@ -12,7 +12,7 @@ import pytest
 from slora_backend.config import SamplingParams
 from slora_backend.serving import ServingError, StreamRouter, parse_adapter_action, parse_generate
 from slora_backend.serving.lora_manifest import LORA_FILE, MODEL_FILE, LoraManifest
-from tests.serving.test_serving_units import FakeEngine, FakeSink, _wait_added, getter
+from tests.serving.serving_fakes import FakeEngine, FakeSink, getter, wait_added
 
 
 def vllm_getter(prompt="hi", stream=False, echo=False, **sampling):
@@ -103,7 +103,7 @@ def _stream_counts(per_response: bool) -> list:
                                     return_num_output_tokens=per_response), 100)
     try:
         router.submit(request, "c", sink, time.monotonic())
-        rid = _wait_added(engine)
+        rid = wait_added(engine)
         for i, text in enumerate("abc"):
             engine.emit(rid, list(range(i + 1)), text)
             time.sleep(0.03)
