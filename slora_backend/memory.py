@@ -5,9 +5,10 @@ processes in or outside this one hold: they must leave that much free at start-u
 engine refuses to start. From the share go the model's weights, the peak of a profiled dummy
 step (``max_batched_tokens`` tokens over ``max_num_seqs`` sequences: activations, logits, batch
 metadata), the decode CUDA graphs (``graph_bytes``: an upper estimate, as graphs are captured
-after the pool exists) and the piecewise ones if enabled (``piecewise_graph_bytes``), and what loading allocated outside torch's allocator (cuBLAS
-workspaces, kernel modules). The rest holds pages; a page costs its bytes in every layer plus
-its row of every per-page table (``slot_table_bytes_per_page``).
+after the pool exists) and the piecewise ones if enabled (``piecewise_graph_bytes``), and what
+loading allocated outside torch's allocator (cuBLAS workspaces, kernel modules). The rest holds
+pages; a page costs its bytes in every layer plus its row of every per-page table
+(``slot_table_bytes_per_page``).
 
 ``plan_pool`` and the estimates are plain arithmetic (unit tested on CPU); ``profile_peak_step``
 is the CUDA measurement that feeds them.

@@ -75,8 +75,9 @@ def _prompts(n: int, vocab: int = 900) -> list[list[int]]:
 
 
 def test_piecewise_matches_eager_torch(tiny_models, tmp_path):
-    """Torch ops, adapters of ranks 4 (attention only), 8 and 16 and the base model, prompts chunked beside decode tokens: every step's logits equal the eager
-    path's, through several token and rank buckets with padding."""
+    """Torch ops, adapters of ranks 4 (attention only), 8 and 16 and the base model, prompts
+    chunked beside decode tokens: every step's logits equal the eager path's, through several
+    token and rank buckets with padding."""
     model = tiny_models["gqa"]
     root = _root(model, tmp_path)
     prompts = _prompts(10)
