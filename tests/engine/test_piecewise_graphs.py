@@ -154,3 +154,19 @@ def test_capture_all_covers_every_bucket(with_adapter, tiny_models):
     if with_adapter:
         want |= {(t, 16, None) for t in (16, 32, 64)}
     assert set(pieces._graphs) == want
+
+
+def test_piecewise_memory_estimate():
+    """Shared buffers of the largest bucket + every key's LoRA z + one piece's intermediates
+    (the profiled peak, scaled up when the largest bucket exceeds the token budget)."""
+    from slora_backend.memory import piecewise_graph_bytes
+    from slora_backend.model_spec import ModelSpec
+
+    spec = ModelSpec("llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=4, head_dim=16, vocab_size=100, rms_norm_eps=1e-5,
+                     max_position_embeddings=64, tie_word_embeddings=False, attention_bias=False)
+    est = piecewise_graph_bytes(spec=spec, max_batch=8, max_tokens=24, dtype_bytes=2,
+                                max_batched_tokens=24, peak_step_bytes=240)
+    shared = 32 * ((64 + 2 * 64 + 2 * 16) * 2 + 28) + 8 * 16
+    z = (16 + 32) * 7 * 2 * 2 * (0 + 8 + 16 + 32 + 64 + 128 + 256)
+    assert est == shared + z + 240 * 32 // 24
