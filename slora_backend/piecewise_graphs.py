@@ -110,6 +110,10 @@ class PiecewiseGraphs:
         self.device = pool.device
         self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        # Every warm-up and capture runs on this one stream: torch gives each stream that runs a
+        # matmul a cuBLAS workspace of its own (32 MiB) for the life of the process, and the
+        # captured matmuls keep using the workspace of the stream they were captured on.
+        self._side_stream = torch.cuda.Stream(self.device) if capture else None
         self._buffers = _Buffers(model, self.buckets[-1], min(self.buckets[-1], max_batch),
                                  pool.dtype, self.device)
         self._graphs: dict[Key, _Pieces] = {}
@@ -245,7 +249,7 @@ class PiecewiseGraphs:
         if not self.capture:
             return _Pieces([_EagerReplay(f) for f in run], tokens, rows, attn, lora)
         current = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(dev)
+        side = self._side_stream
         side.wait_stream(current)
         pieces = []
         with torch.cuda.stream(side):
