@@ -66,6 +66,11 @@ class LoraBatch:
     # the prompts' segments with the segment kernels (see ``slot_segments``).
     decode_tokens: int = 0
     decode_segments: int = 0
+    # A step of fixed launch shapes (piecewise CUDA graphs): when set, int32 [R], the slots of
+    # the first R rows for the per-token kernels (a decode row's slot, -1 for every other row),
+    # and the segment tables then hold only the prompts' segments, padded with empty ones
+    # (length 0). Every launch's shape then follows from the tensors' sizes alone.
+    row_slots: torch.Tensor | None = None
     # Module indices some slot targets (host-side); None = not known, launch for every module.
     # Lets a layer skip the launches of a projection no adapter in the batch touches.
     targets: frozenset[int] | None = None

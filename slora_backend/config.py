@@ -60,6 +60,9 @@ class EngineConfig:
     # dozens a second (S1, n=2000, on the H200). Pageable copies block only the engine thread.
     pin_host_memory: bool = False
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
+    # Also replay steps that prefill from piecewise CUDA graphs (attention eager between pieces,
+    # piecewise_graphs.py); only where cuda_graphs is used.
+    piecewise_graphs: bool = False
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.

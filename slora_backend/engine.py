@@ -109,7 +109,9 @@ class Engine:
                                    else admit_wait)
         self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,
                                   graphs_for=((config.max_num_seqs, self.max_model_len)
-                                              if graphable else None))
+                                              if graphable else None),
+                                  piecewise_for=((config.max_num_seqs, config.max_batched_tokens)
+                                                 if graphable and config.piecewise_graphs else None))
         if self.tp is not None:  # every rank's runner over the same pages; rank 0's sends them work
             self.runner = self.tp.attach(self.runner, num_pages, self.adapters.reads.record_failure)
         # Adapters are copied into their pages off the engine thread on CUDA.
@@ -127,6 +129,8 @@ class Engine:
         self._in_flight: StepInFlight | None = None  # launched, its tokens not read yet
         if self.runner.graphs is not None:  # every batch size, base model and registered ranks
             self.runner.graphs.capture_all(self.adapters.graph_variants())
+        if self.runner.piecewise is not None:
+            self.runner.piecewise.capture_all(self.adapters.graph_variants())
         if config.warm_up and self.device.type == "cuda":
             self._warm_up()
         self.adapters.start_preloads()

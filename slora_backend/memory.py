@@ -5,9 +5,10 @@ processes in or outside this one hold: they must leave that much free at start-u
 engine refuses to start. From the share go the model's weights, the peak of a profiled dummy
 step (``max_batched_tokens`` tokens over ``max_num_seqs`` sequences: activations, logits, batch
 metadata), the decode CUDA graphs (``graph_bytes``: an upper estimate, as graphs are captured
-after the pool exists), and what loading allocated outside torch's allocator (cuBLAS
-workspaces, kernel modules). The rest holds pages; a page costs its bytes in every layer plus
-its row of every per-page table (``slot_table_bytes_per_page``).
+after the pool exists) and the piecewise ones if enabled (``piecewise_graph_bytes``), and what
+loading allocated outside torch's allocator (cuBLAS workspaces, kernel modules). The rest holds
+pages; a page costs its bytes in every layer plus its row of every per-page table
+(``slot_table_bytes_per_page``).
 
 ``plan_pool`` and the estimates are plain arithmetic (unit tested on CPU); ``profile_peak_step``
 is the CUDA measurement that feeds them.
@@ -28,7 +29,9 @@ from .config import EngineConfig, SamplingParams
 from .cuda_graphs import BATCH_BUCKETS, RANK_BUCKETS
 from .layout import PoolLayout
 from .model_runner import ModelRunner
+from .model_spec import ModelSpec
 from .page_pool import PagePool
+from .piecewise_graphs import token_buckets
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest
 
@@ -131,6 +134,21 @@ def graph_bytes(*, max_batch: int, vocab_size: int, max_model_len: int, block_to
     return kinds * buckets * per_row + peak_step_bytes
 
 
+def piecewise_graph_bytes(*, spec: ModelSpec, max_batch: int, max_tokens: int, dtype_bytes: int,
+                          max_batched_tokens: int, peak_step_bytes: int) -> int:
+    """An upper estimate of the piecewise graphs' memory: their shared buffers (inputs, residual
+    stream, queries, attention output, RoPE tables of the largest token bucket), each key's
+    LoRA z buffers (every rank bucket, with and without the MLP's modules, at every token
+    bucket) and one piece's intermediates in their own pool (at most a profiled step's peak,
+    scaled up to the largest bucket)."""
+    buckets = token_buckets(max_tokens)
+    top = buckets[-1]
+    per_token = (spec.hidden_size + 2 * spec.q_dim + 2 * spec.head_dim) * dtype_bytes + 3 * 8 + 4
+    shared = top * per_token + min(top, max_batch) * 16
+    z = sum(buckets) * NUM_LORA_MODULES * dtype_bytes * 2 * sum(RANK_BUCKETS)
+    return shared + z + peak_step_bytes * max(top, max_batched_tokens) // max_batched_tokens
+
+
 def profile_peak_step(runner_args: dict, layout: PoolLayout, max_num_seqs: int,
                       max_batched_tokens: int, max_model_len: int) -> int:
     """Peak bytes one eager step of ``max_batched_tokens`` prompt tokens over ``max_num_seqs``
@@ -201,6 +219,11 @@ def size_pool(config: EngineConfig, runner_args: dict[str, Any], start: DeviceSn
     graphs = graph_bytes(max_batch=min(config.max_num_seqs, BATCH_BUCKETS[-1]),
                          vocab_size=layout.spec.vocab_size, max_model_len=max_model_len,
                          block_tokens=layout.block_tokens, peak_step_bytes=peak) if graphable else 0
+    if graphable and config.piecewise_graphs:
+        graphs += piecewise_graph_bytes(
+            spec=layout.spec, max_batch=config.max_num_seqs, max_tokens=config.max_batched_tokens,
+            dtype_bytes=torch.finfo(runner_args["dtype"]).bits // 8,
+            max_batched_tokens=config.max_batched_tokens, peak_step_bytes=peak)
     # (the Triton kernels' ops keep a table row per page: SlotTables)
     tables = slot_table_bytes_per_page() if runner_args["ops"].global_slots else 0
     plan = plan_pool(total_bytes=start.total_bytes, used_by_others=start.total_bytes - start.free_bytes,

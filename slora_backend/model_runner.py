@@ -19,6 +19,7 @@ from .cuda_graphs import DecodeGraphs
 from .layout import PoolLayout
 from .models.llama import ForwardContext, LlamaModel
 from .ops import Ops
+from .piecewise_graphs import PiecewiseGraphs
 from .scheduler import ScheduledRequest
 
 
@@ -44,8 +45,11 @@ class ModelRunner:
         self, model: LlamaModel, layout: PoolLayout, num_pages: int, ops: Ops,
         store: AdapterStore, device: torch.device, dtype: torch.dtype,
         graphs_for: tuple[int, int] | None = None,
+        piecewise_for: tuple[int, int] | None = None,
     ) -> None:
-        """``graphs_for``: (max batch, max model length) to replay decode steps from CUDA graphs."""
+        """``graphs_for``: (max batch, max model length) to replay decode steps from CUDA graphs;
+        ``piecewise_for``: (max batch, max tokens) to replay the other steps from piecewise
+        CUDA graphs (attention eager between the pieces)."""
         self.model = model
         self.layout = layout
         self.ops = ops
@@ -67,6 +71,10 @@ class ModelRunner:
         if graphs_for is not None and device.type == "cuda":
             self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for,
                                        slot_tables=self.slot_tables)
+        self.piecewise: PiecewiseGraphs | None = None
+        if piecewise_for is not None and device.type == "cuda":
+            self.piecewise = PiecewiseGraphs(model, ops, self.pool, self.kv_shape, *piecewise_for,
+                                             slot_tables=self.slot_tables)
 
     # ---- adapters -----------------------------------------------------------------------------
 
@@ -122,11 +130,16 @@ class ModelRunner:
         ``pending``: the tokens of the step launched before this one, which some of this step's
         inputs are (copied on the device: the host has not read them yet)."""
         block_tokens = self.layout.block_tokens
+        max_rank = max((self.store.get(name).rank for name in residents), default=0)
         use_graph = (
             self.graphs is not None
             and all(s.num_new_tokens == 1 and s.samples for s in scheduled)
-            and self.graphs.fits(len(scheduled), max(
-                (self.store.get(name).rank for name in residents), default=0))
+            and self.graphs.fits(len(scheduled), max_rank)
+        )
+        use_pieces = (
+            not use_graph and self.piecewise is not None
+            and self.piecewise.fits(sum(s.num_new_tokens for s in scheduled), len(scheduled),
+                                    max_rank)
         )
         # A graph replay copies host-built metadata into its own static tensors.
         dev = torch.device("cpu") if use_graph else self.device
@@ -199,6 +212,8 @@ class ModelRunner:
             return self.graphs.run(ids, attn, lora, patch).index_select(0, rows)
         if patch is not None:
             patch(ids)
+        if use_pieces:
+            return self.piecewise.run(ids, attn, lora, rows)
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         return self.model(ids, ctx, rows)
 

@@ -83,6 +83,16 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
+        """One layer: ``x`` (the residual stream [T, hidden]) is updated in place and returned."""
+        q = self.pre_attention(x, cos, sin, ctx)
+        attn = ctx.ops.attention(q, ctx.kv_pages(self.index), ctx.attn, self.scale)
+        return self.post_attention(attn, x, ctx)
+
+    def pre_attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """Norm, q/k/v projection, RoPE and the KV write of this step's tokens; returns the
+        queries [T, heads, head_dim]. Reads ``x`` only."""
         s, ops, n = self.spec, ctx.ops, x.shape[0]
         h = ops.rms_norm(x, self.input_norm, s.rms_norm_eps)
         qkv = self.qkv(h, ctx, self.index)
@@ -91,11 +101,16 @@ class DecoderLayer(nn.Module):
         k = k.reshape(n, s.num_kv_heads, s.head_dim)
         v = v.reshape(n, s.num_kv_heads, s.head_dim)
         q, k = ops.rotary(q, k, cos, sin)
-        kv_pages = ctx.kv_pages(self.index)
-        ops.write_kv(kv_pages, k, v, ctx.attn)
-        attn = ops.attention(q, kv_pages, ctx.attn, self.scale).reshape(n, s.q_dim)
+        ops.write_kv(ctx.kv_pages(self.index), k, v, ctx.attn)
+        return q
+
+    def post_attention(self, attn: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Output projection, norm and MLP over the attention output ``attn`` [T, heads,
+        head_dim] (or [T, q_dim]); both residual adds go into ``x`` in place, which is returned."""
+        s, ops = self.spec, ctx.ops
+        attn = attn.reshape(x.shape[0], s.q_dim)
         h = ops.add_rms_norm(self.o(attn, ctx, self.index), x, self.post_norm, s.rms_norm_eps)
-        return x + self.down(ops.silu_and_mul(self.gate_up(h, ctx, self.index)), ctx, self.index)
+        return x.add_(self.down(ops.silu_and_mul(self.gate_up(h, ctx, self.index)), ctx, self.index))
 
 
 class LlamaModel(nn.Module):
@@ -120,11 +135,25 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, ctx: ForwardContext, sample_rows: torch.Tensor
     ) -> torch.Tensor:
         """Run the flat batch; return fp32 logits ``[len(sample_rows), vocab]``."""
-        x = F.embedding(input_ids, self.embed)  # a fresh tensor: layers add into it in place
-        cos, sin = self.rotary(x, ctx.attn.positions[None])
-        cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        x, cos, sin = self.embed_tokens(input_ids, ctx)
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
+        return self.compute_logits(x, sample_rows, ctx)
+
+    def embed_tokens(
+        self, input_ids: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, cos, sin): the residual stream [T, hidden] (a fresh tensor: the layers add into it
+        in place) and the RoPE tables [T, head_dim] of ``ctx.attn.positions``, in x's dtype."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, ctx.attn.positions[None])
+        return x, cos[0].to(x.dtype), sin[0].to(x.dtype)
+
+    def compute_logits(
+        self, x: torch.Tensor, sample_rows: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """fp32 logits ``[len(sample_rows), vocab]`` of the rows ``sample_rows`` of the final
+        residual stream ``x``."""
         x = ctx.ops.rms_norm(x[sample_rows], self.norm, self.spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 

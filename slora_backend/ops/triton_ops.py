@@ -51,16 +51,24 @@ def _mixed_split(lora: LoraBatch) -> LoraArgs | None:
     as a decode batch that takes the segment kernels would. On the H200 (250 rows + 1434
     prompt tokens, rank 8, ``bench_kernels --only lora_mixed_step``) this takes 2.5x less GPU
     time than running the rows in the segment launch."""
+    if lora.row_slots is not None:  # (a fixed-shape step: always split, as its tables say)
+        return _memo_split(lora, lora.row_slots, 0)
     if lora.is_decode or lora.decode_segments == 0:  # (no decode row uses an adapter)
         return None
     if lora.decode_tokens >= _SEGMENT_KERNEL_MIN_AVG_LEN * max(lora.decode_segments, 1):
         return None
+    return _memo_split(lora, lora.token_slots[:lora.decode_tokens], lora.decode_segments)
+
+
+def _memo_split(lora: LoraBatch, rows: torch.Tensor, first_prompt_segment: int) -> LoraArgs:
+    """The split of ``_mixed_split``: per-token ``rows``, the segments from
+    ``first_prompt_segment`` on; built once per step."""
     split = lora.scratch.get("mixed_split")
     if split is None:
-        d, k, args = lora.decode_tokens, lora.decode_segments, lora.kernel_args
+        k, args = first_prompt_segment, lora.kernel_args
         split = lora.scratch["mixed_split"] = LoraArgs(
             args.ranks, args.a_offsets, args.b_offsets, args.scalings,
-            token_slots=lora.token_slots[:d], seg_starts=lora.seg_starts[k:],
+            token_slots=rows, seg_starts=lora.seg_starts[k:],
             seg_lens=lora.seg_lens[k:], seg_slots=lora.seg_slots[k:],
             max_seg_len=lora.max_seg_len)
     return split

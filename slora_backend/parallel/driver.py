@@ -366,6 +366,7 @@ class TensorParallelRunner:
         self.driver = driver
         self.pool = local.pool
         self.graphs = local.graphs
+        self.piecewise = local.piecewise  # (None: no graphs under tensor parallelism yet)
         self.lora_tables = local.lora_tables
         self.slot_tables = local.slot_tables
         self.store = local.store

@@ -1,0 +1,298 @@
+"""Steps that prefill, replayed from CUDA graphs in pieces, attention run eagerly between them.
+
+A step that prefills (a prompt chunk, often beside decode tokens) launches the same ~500 kernels
+as a decode step, but its attention's launch depends on the step's query and context lengths,
+so it cannot be one graph (``DecodeGraphs``). Everything else depends only on the number of
+tokens T and the batch's largest adapter rank. As in vLLM, the forward is cut at attention into
+``num_layers + 1`` pieces, each a graph: piece 0 = embedding, RoPE tables and layer 0 up to its
+KV write; piece i = layer i-1 after attention (output projection, norm, MLP) and layer i up to
+its KV write; the last piece = the last layer after attention. Between pieces the step's own
+attention runs eagerly over its n real tokens; the final norm and the LM head run eagerly on the
+sampled rows.
+
+Graphs are keyed by (token bucket T, rank bucket, ``graph_targets``). A step's n tokens are
+padded to T; padding rows are harmless by construction: no adapter (slot -1), no KV write (slot
+-1), and every op but attention is row by row, so their values never reach a real row.
+
+Launch shapes inside a piece follow from the key alone: LoRA runs the mixed step's split
+(``ops.triton_ops._mixed_split``) in a fixed form (``LoraBatch.row_slots``): the per-token
+kernels over the first min(T, max_batch) rows with the decode rows' slots (-1 elsewhere), the
+segment kernels over the prompts' segments padded with empty ones to min(T, max_batch), tiles
+chosen for segments as long as T.
+
+Every tensor a piece reads or writes between pieces (inputs, the residual stream, queries,
+attention output, RoPE tables) is a prefix of one buffer sized for the largest bucket, allocated
+before any capture and shared by all keys (one step runs at a time), so none lies in the graphs'
+memory pool, where a later capture could reuse it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.tables import SlotTables
+from .batch import LORA_MODULES, AttentionBatch, LoraBatch
+from .cuda_graphs import RANK_BUCKETS, _bucket, _EagerReplay, graph_targets
+from .models.llama import ForwardContext, LlamaModel
+from .ops import Ops
+
+# Token counts of steps that prefill: fine enough that padding costs at most ~1/4 of a step
+# (~1/8 above 1024 tokens), few enough to capture at start-up.
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
+                 3584, 4096)
+
+Key = tuple[int, int, frozenset[int] | None]
+
+
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    """The buckets captured for steps of up to ``max_tokens`` tokens: up to the first bucket
+    that holds ``max_tokens`` (all of them when none does: larger steps run eagerly)."""
+    top = _bucket(max_tokens, TOKEN_BUCKETS) or TOKEN_BUCKETS[-1]
+    return tuple(b for b in TOKEN_BUCKETS if b <= top)
+
+
+class _Buffers:
+    """The tensors every key's pieces share, sized for the largest bucket (see module doc)."""
+
+    def __init__(self, model: LlamaModel, tokens: int, rows: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        s, i32, i64 = model.spec, torch.int32, torch.int64
+        self.ids = torch.zeros(tokens, dtype=i64, device=device)
+        self.positions = torch.zeros(tokens, dtype=i64, device=device)
+        self.kv_slots = torch.full((tokens,), -1, dtype=i64, device=device)
+        self.token_slots = torch.full((tokens,), -1, dtype=i32, device=device)
+        self.row_slots = torch.full((rows,), -1, dtype=i32, device=device)
+        self.seg_starts = torch.zeros(rows, dtype=i32, device=device)
+        self.seg_lens = torch.zeros(rows, dtype=i32, device=device)
+        self.seg_slots = torch.full((rows,), -1, dtype=i32, device=device)
+        self.x = torch.zeros(tokens, s.hidden_size, dtype=dtype, device=device)
+        self.cos = torch.zeros(tokens, s.head_dim, dtype=dtype, device=device)
+        self.sin = torch.zeros(tokens, s.head_dim, dtype=dtype, device=device)
+        self.q = torch.zeros(tokens, s.num_heads, s.head_dim, dtype=dtype, device=device)
+        self.attn_out = torch.zeros(tokens, s.num_heads, s.head_dim, dtype=dtype, device=device)
+
+
+@dataclass
+class _Pieces:
+    """One key's graphs and the views of the shared buffers they were captured with. The
+    static ``lora`` holds the LoRA launches (``LoraBatch.scratch``) and their z buffers, which
+    the graphs read and write: it lives as long as they do."""
+
+    pieces: list[torch.cuda.CUDAGraph | _EagerReplay]
+    tokens: int
+    rows: int  # rows of the per-token LoRA kernels = padded segment table length
+    attn: AttentionBatch
+    lora: LoraBatch | None
+
+
+class PiecewiseGraphs:
+    def __init__(
+        self, model: LlamaModel, ops: Ops, pool: torch.Tensor,
+        kv_shape: tuple[int, int, int, int], max_batch: int, max_tokens: int,
+        capture: bool = True, slot_tables: SlotTables | None = None,
+    ) -> None:
+        """Steps of up to ``max_batch`` sequences and ``max_tokens`` tokens (those beyond the
+        largest bucket run eagerly). ``capture=False`` replays the pieces eagerly from the same
+        padded static inputs (for tests). ``slot_tables``: the runner's device LoRA tables when
+        its ops take global slots."""
+        self.model = model
+        self.ops = ops
+        self.pool = pool
+        self.kv_shape = kv_shape
+        self.slot_tables = slot_tables
+        self._tables_version = slot_tables.version if slot_tables is not None else 0
+        self.buckets = token_buckets(max_tokens)
+        self.max_batch = max_batch
+        self.device = pool.device
+        self.capture = capture
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        # Every warm-up and capture runs on this one stream: torch gives each stream that runs a
+        # matmul a cuBLAS workspace of its own (32 MiB) for the life of the process, and the
+        # captured matmuls keep using the workspace of the stream they were captured on.
+        self._side_stream = torch.cuda.Stream(self.device) if capture else None
+        self._buffers = _Buffers(model, self.buckets[-1], min(self.buckets[-1], max_batch),
+                                 pool.dtype, self.device)
+        self._graphs: dict[Key, _Pieces] = {}
+        self.replays = 0
+        self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(len(p.pieces) for p in self._graphs.values())
+
+    def fits(self, num_tokens: int, num_seqs: int, max_rank: int) -> bool:
+        return (num_tokens <= self.buckets[-1] and num_seqs <= self.max_batch
+                and _bucket(max_rank, RANK_BUCKETS) is not None)
+
+    def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
+        """Capture every token bucket for the adapter kinds of ``adapters``, each given as
+        (rank, target modules); rank 0 = no adapter."""
+        kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
+        kinds = {k for k in kinds if k[0] is not None}
+        if self.slot_tables is not None and kinds:  # widen first: no graph is dropped later
+            self.slot_tables.ensure_width(max(rank for rank, _ in kinds))
+        for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
+            for tokens in self.buckets:
+                self._get((tokens, rank, targets))
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None,
+            sample_rows: torch.Tensor) -> torch.Tensor:
+        """The step's fp32 logits ``[len(sample_rows), vocab]``, as ``LlamaModel.forward``
+        gives them. ``ids``, ``attn`` and ``lora`` are the step's own device tensors (decode
+        rows first, ``LoraBatch.decode_tokens``); ``fits`` must hold."""
+        n = ids.shape[0]
+        rank = lora.max_rank if lora is not None else 0
+        targets = graph_targets(lora.targets) if lora is not None else None
+        self._drop_stale_graphs()
+        g = self._get((_bucket(n, self.buckets), _bucket(rank, RANK_BUCKETS), targets))
+        self._fill(g, ids, attn, lora)
+        if g.lora is not None and not self.ops.graph_capturable:
+            g.lora.scratch.clear()  # (such ops memoise this step's tables there)
+        b, ctx = self._buffers, ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
+        q, attn_out = b.q[:n], b.attn_out[:n]
+        for i, layer in enumerate(self.model.layers):
+            g.pieces[i].replay()
+            attn_out.copy_(self.ops.attention(q, ctx.kv_pages(i), attn, layer.scale))
+        g.pieces[-1].replay()
+        self.replays += 1
+        return self.model.compute_logits(b.x[:n], sample_rows, ctx)
+
+    # ---- static inputs ------------------------------------------------------------------------
+
+    def _fill(self, g: _Pieces, ids: torch.Tensor, attn: AttentionBatch,
+              lora: LoraBatch | None) -> None:
+        t, b = g.tokens, self._buffers
+        _pad_copy(b.ids[:t], ids, 0)
+        _pad_copy(b.positions[:t], attn.positions, 0)
+        _pad_copy(b.kv_slots[:t], attn.kv_slots, -1)
+        lo = g.lora
+        if lo is None:
+            return
+        d, k = lora.decode_tokens, lora.decode_segments
+        _pad_copy(b.token_slots[:t], lora.token_slots, -1)
+        _pad_copy(lo.row_slots, lora.token_slots[:d], -1)
+        _pad_copy(lo.seg_starts, lora.seg_starts[k:], 0)
+        _pad_copy(lo.seg_lens, lora.seg_lens[k:], 0)  # (padding: empty segments)
+        _pad_copy(lo.seg_slots, lora.seg_slots[k:], -1)
+        if self.slot_tables is not None:  # the graphs read the device tables themselves
+            return
+        s, r = lora.a_offsets.shape[0], lora.a_offsets.shape[2]
+        _pad_copy(lo.ranks, lora.ranks, 0)
+        _pad_copy(lo.scalings, lora.scalings, 0)
+        lo.a_offsets.zero_()
+        lo.b_offsets.zero_()
+        lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
+        lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
+
+    def _drop_stale_graphs(self) -> None:
+        """As ``DecodeGraphs._drop_stale_graphs``: pieces with adapters read the device tables
+        captured with them; once the tables are widened into new tensors, those pieces go."""
+        if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
+            if self.capture:
+                torch.cuda.synchronize(self.device)
+            self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
+            self._tables_version = self.slot_tables.version
+
+    # ---- capture ------------------------------------------------------------------------------
+
+    def _get(self, key: Key) -> _Pieces:
+        g = self._graphs.get(key)
+        if g is None:
+            t = time.perf_counter()
+            g = self._graphs[key] = self._capture(*key)
+            self.capture_seconds += time.perf_counter() - t
+        return g
+
+    def _static_lora(self, tokens: int, rows: int, rank: int,
+                     targets: frozenset[int] | None) -> LoraBatch:
+        dev, i32, i64, b = self.device, torch.int32, torch.int64, self._buffers
+        if self.slot_tables is not None:
+            self.slot_tables.ensure_width(rank)
+            self._drop_stale_graphs()
+            ranks, scalings = self.slot_tables.ranks, self.slot_tables.scalings
+            a_offsets, b_offsets = self.slot_tables.offsets(rank)
+        else:  # dense slots: at most one per sequence
+            ranks = torch.zeros(rows, len(LORA_MODULES), dtype=i32, device=dev)
+            scalings = torch.zeros(rows, dtype=torch.float32, device=dev)
+            a_offsets = torch.zeros(rows, len(LORA_MODULES), rank, dtype=i64, device=dev)
+            b_offsets = torch.zeros_like(a_offsets)
+        return LoraBatch(
+            token_slots=b.token_slots[:tokens], ranks=ranks, scalings=scalings,
+            a_offsets=a_offsets, b_offsets=b_offsets, max_rank=rank,
+            seg_starts=b.seg_starts[:rows], seg_lens=b.seg_lens[:rows],
+            seg_slots=b.seg_slots[:rows],
+            # (sizes the segment kernels' tiles: segments up to the whole step)
+            max_seg_len=tokens, is_decode=False, row_slots=b.row_slots[:rows], targets=targets,
+        )
+
+    def _capture(self, tokens: int, rank: int, targets: frozenset[int] | None) -> _Pieces:
+        dev, b = self.device, self._buffers
+        rows = min(tokens, self.max_batch)
+        # Only positions (RoPE) and kv_slots (KV writes) are read inside the pieces; the
+        # step's own AttentionBatch serves its attention between them.
+        attn = AttentionBatch(
+            positions=b.positions[:tokens],
+            query_starts=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+            context_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(1, 1, dtype=torch.int32, device=dev),
+            kv_slots=b.kv_slots[:tokens], max_query_len=tokens, max_context_len=tokens,
+            is_decode=False, query_starts_host=[0, tokens], context_lens_host=[tokens],
+        )
+        lora = self._static_lora(tokens, rows, rank, targets) if rank > 0 else None
+        ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
+        run = [self._piece(i, tokens, ctx) for i in range(len(self.model.layers) + 1)]
+        if not self.capture:
+            return _Pieces([_EagerReplay(f) for f in run], tokens, rows, attn, lora)
+        current = torch.cuda.current_stream(dev)
+        side = self._side_stream
+        side.wait_stream(current)
+        pieces = []
+        with torch.cuda.stream(side):
+            # warm-up: compiles kernels, settles the allocator and builds the LoRA launches
+            # (LoraBatch.scratch, with their z buffers) outside the graphs' pool
+            for _ in range(2):
+                for f in run:
+                    f()
+            torch.cuda.synchronize(dev)
+            for f in run:
+                graph = torch.cuda.CUDAGraph()
+                # (torch.cuda.graph would also sync and collect garbage before each of the
+                # num_layers + 1 captures.) thread_local: the engine's adapter-read threads pin
+                # host memory while a capture runs, which the global mode counts as illegal.
+                graph.capture_begin(pool=self._mempool, capture_error_mode="thread_local")
+                try:
+                    f()
+                finally:
+                    graph.capture_end()
+                pieces.append(graph)
+        current.wait_stream(side)
+        return _Pieces(pieces, tokens, rows, attn, lora)
+
+    def _piece(self, i: int, tokens: int, ctx: ForwardContext) -> Callable[[], None]:
+        """Piece ``i`` over the first ``tokens`` rows of the shared buffers."""
+        b, layers = self._buffers, self.model.layers
+        x, q, attn_out = b.x[:tokens], b.q[:tokens], b.attn_out[:tokens]
+        cos, sin = b.cos[:tokens], b.sin[:tokens]
+
+        def run() -> None:
+            if i == 0:
+                for dst, src in zip((x, cos, sin), self.model.embed_tokens(b.ids[:tokens], ctx)):
+                    dst.copy_(src)
+            else:
+                layers[i - 1].post_attention(attn_out, x, ctx)
+            if i < len(layers):
+                q.copy_(layers[i].pre_attention(x, cos, sin, ctx))
+
+        return run
+
+
+def _pad_copy(dst: torch.Tensor, src: torch.Tensor, fill: int) -> None:
+    """dst[:len(src)] = src; the rest of dst = ``fill``."""
+    n = src.shape[0]
+    dst[:n].copy_(src, non_blocking=True)
+    dst[n:].fill_(fill)
