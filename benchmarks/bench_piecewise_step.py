@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
     from .bench_decode_step import measure
-    from .harness import parse_engine_params, run_metadata
+    from .harness_systems import parse_engine_params
+    from .run_metadata import run_metadata
     from .workload import adapter_specs
 
     root = ensure_adapter_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
