@@ -221,7 +221,7 @@ def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]
     """Engine counters over a replay; gauges (pool, registered) are taken from ``after``."""
     counters = ("adapter_loads", "adapter_evictions", "adapter_hits", "adapter_misses",
                 "adapter_prefetches", "generated_tokens", "finished_requests", "preemptions",
-                "steps", "decode_graphs", "graph_steps")
+                "steps", "decode_graphs", "graph_steps", "piecewise_graphs", "piecewise_steps")
     out: dict[str, Any] = {k: after[k] - before.get(k, 0) for k in counters if k in after}
     for k in ("adapters_registered", "adapters_gpu", "adapters_host", "adapter_partition_pages"):
         if k in after:

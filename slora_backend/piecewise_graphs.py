@@ -246,18 +246,15 @@ class PiecewiseGraphs:
         lora = self._static_lora(tokens, rows, rank, targets) if rank > 0 else None
         ctx = ForwardContext(self.ops, attn, lora, self.pool, self.kv_shape)
         run = [self._piece(i, tokens, ctx) for i in range(len(self.model.layers) + 1)]
-        if not self.capture:
+        if not self.capture:  # (the same warm-up as a capture, so CPU tests run it too)
+            self._warm_up(run)
             return _Pieces([_EagerReplay(f) for f in run], tokens, rows, attn, lora)
         current = torch.cuda.current_stream(dev)
         side = self._side_stream
         side.wait_stream(current)
         pieces = []
         with torch.cuda.stream(side):
-            # warm-up: compiles kernels, settles the allocator and builds the LoRA launches
-            # (LoraBatch.scratch, with their z buffers) outside the graphs' pool
-            for _ in range(2):
-                for f in run:
-                    f()
+            self._warm_up(run)
             torch.cuda.synchronize(dev)
             for f in run:
                 graph = torch.cuda.CUDAGraph()
@@ -272,6 +269,28 @@ class PiecewiseGraphs:
                 pieces.append(graph)
         current.wait_stream(side)
         return _Pieces(pieces, tokens, rows, attn, lora)
+
+    def _warm_up(self, run: list[Callable[[], None]]) -> None:
+        """Run the pieces twice: compiles kernels, settles the allocator and builds the LoRA
+        launches (``LoraBatch.scratch``, with their z buffers) outside the graphs' pool. They
+        run for real on the shared buffers, which still hold the last step's inputs, whose KV
+        slots would have the warm-up overwrite that step's keys and values in the pool: the
+        inputs are set to padding first, which writes nothing."""
+        self._clear_inputs()
+        for _ in range(2):
+            for f in run:
+                f()
+
+    def _clear_inputs(self) -> None:
+        """Every shared input as padding: no KV write, no adapter, no segment."""
+        b = self._buffers
+        b.ids.zero_()
+        b.positions.zero_()
+        b.kv_slots.fill_(-1)
+        b.token_slots.fill_(-1)
+        b.row_slots.fill_(-1)
+        b.seg_lens.zero_()
+        b.seg_slots.fill_(-1)
 
     def _piece(self, i: int, tokens: int, ctx: ForwardContext) -> Callable[[], None]:
         """Piece ``i`` over the first ``tokens`` rows of the shared buffers."""

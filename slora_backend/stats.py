@@ -34,6 +34,8 @@ class EngineStats:
     steps: int
     decode_graphs: int  # CUDA graphs captured so far (one per batch/rank/context bucket)
     graph_steps: int  # decode steps replayed from a graph
+    piecewise_graphs: int  # piecewise graphs captured so far (layers + 1 per token/rank bucket)
+    piecewise_steps: int  # steps that prefill, replayed from piecewise graphs
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -41,7 +43,7 @@ class EngineStats:
 
 def engine_stats(engine: Engine) -> EngineStats:
     """The engine's counters and pool occupancy now."""
-    graphs = engine.runner.graphs
+    graphs, pieces = engine.runner.graphs, getattr(engine.runner, "piecewise", None)
     return EngineStats(
         num_running=len(engine.scheduler.running),
         num_waiting=len(engine.scheduler.waiting) + len(engine._inbox),
@@ -56,4 +58,6 @@ def engine_stats(engine: Engine) -> EngineStats:
         steps=engine.steps,
         decode_graphs=graphs.num_graphs if graphs else 0,
         graph_steps=graphs.replays if graphs else 0,
+        piecewise_graphs=pieces.num_graphs if pieces else 0,
+        piecewise_steps=pieces.replays if pieces else 0,
     )

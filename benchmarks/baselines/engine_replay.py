@@ -146,6 +146,8 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
     before = engine.stats().to_dict()
     graphs = engine.runner.graphs
     capture_s = graphs.capture_seconds if graphs else 0.0
+    pieces = getattr(engine.runner, "piecewise", None)
+    pieces_capture_s = pieces.capture_seconds if pieces else 0.0
     engine.start()
     start = time.perf_counter() + 0.05
     deadline = start + time_limit_s if time_limit_s else None
@@ -179,6 +181,9 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
         **sampler.summary(),
         **stats_delta(before, after),
         "graph_capture_s": round(graphs.capture_seconds - capture_s, 2) if graphs else None,
+        # (> 0: piecewise graphs captured while serving, each capture a stall of the steps)
+        "piecewise_capture_s": round(pieces.capture_seconds - pieces_capture_s, 2) if pieces else None,
+        "piecewise_capture_at_start_s": round(pieces_capture_s, 2) if pieces else None,
         "truncated": truncated or len(recorder.records) < len(requests),
         "engine_config": asdict(engine.config),
     }
