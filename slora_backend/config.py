@@ -61,8 +61,12 @@ class EngineConfig:
     pin_host_memory: bool = False
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
     # Also replay steps that prefill from piecewise CUDA graphs (attention eager between pieces,
-    # piecewise_graphs.py); only where cuda_graphs is used.
+    # piecewise_graphs.py); only where cuda_graphs is used. On the H200 (7B, batch 64) they win
+    # where host time dominates a step (1.35x at 192 tokens) and lose to their padding where the
+    # GPU does (0.90x at 576 and 1088 tokens): steps of more than piecewise_max_tokens tokens
+    # run eagerly (None: max_batched_tokens).
     piecewise_graphs: bool = False
+    piecewise_max_tokens: int | None = None
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
@@ -107,6 +111,8 @@ class EngineConfig:
             )
         if self.lora_ops not in (None, "bmm"):
             raise ValueError(f"lora_ops must be None or 'bmm', got {self.lora_ops!r}")
+        if self.piecewise_max_tokens is not None and self.piecewise_max_tokens < 1:
+            raise ValueError(f"piecewise_max_tokens must be >= 1, got {self.piecewise_max_tokens}")
         if self.admit_wait_steps is not None and self.admit_wait_steps < 0:
             raise ValueError(f"admit_wait_steps must be >= 0, got {self.admit_wait_steps}")
         for name in ("adapter_pool_pages", "max_waiting"):
@@ -126,6 +132,11 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def piecewise_token_limit(self) -> int:
+        """The largest step (tokens) that replays piecewise graphs."""
+        return min(self.piecewise_max_tokens or self.max_batched_tokens, self.max_batched_tokens)
 
     @property
     def resolved_kernel_backend(self) -> str:

@@ -221,7 +221,7 @@ def size_pool(config: EngineConfig, runner_args: dict[str, Any], start: DeviceSn
                          block_tokens=layout.block_tokens, peak_step_bytes=peak) if graphable else 0
     if graphable and config.piecewise_graphs:
         graphs += piecewise_graph_bytes(
-            spec=layout.spec, max_batch=config.max_num_seqs, max_tokens=config.max_batched_tokens,
+            spec=layout.spec, max_batch=config.max_num_seqs, max_tokens=config.piecewise_token_limit,
             dtype_bytes=torch.finfo(runner_args["dtype"]).bits // 8,
             max_batched_tokens=config.max_batched_tokens, peak_step_bytes=peak)
     # (the Triton kernels' ops keep a table row per page: SlotTables)

@@ -106,6 +106,7 @@ class PiecewiseGraphs:
         self.slot_tables = slot_tables
         self._tables_version = slot_tables.version if slot_tables is not None else 0
         self.buckets = token_buckets(max_tokens)
+        self.max_tokens = min(max_tokens, self.buckets[-1])
         self.max_batch = max_batch
         self.device = pool.device
         self.capture = capture
@@ -125,7 +126,7 @@ class PiecewiseGraphs:
         return sum(len(p.pieces) for p in self._graphs.values())
 
     def fits(self, num_tokens: int, num_seqs: int, max_rank: int) -> bool:
-        return (num_tokens <= self.buckets[-1] and num_seqs <= self.max_batch
+        return (num_tokens <= self.max_tokens and num_seqs <= self.max_batch
                 and _bucket(max_rank, RANK_BUCKETS) is not None)
 
     def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:

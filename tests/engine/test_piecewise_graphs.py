@@ -142,8 +142,8 @@ def test_token_buckets_and_fits(tiny_models):
                                  kernel_backend="torch", pool_pages=16))
     r = engine.runner
     pieces = PiecewiseGraphs(engine.model, r.ops, r.pool, r.kv_shape, 8, 100, capture=False)
-    assert pieces.buckets[-1] == 128
-    assert pieces.fits(128, 8, 16) and not pieces.fits(129, 8, 16)
+    assert pieces.buckets[-1] == 128  # captured up to the bucket that holds 100 tokens,
+    assert pieces.fits(100, 8, 16) and not pieces.fits(101, 8, 16)  # used up to 100
     assert not pieces.fits(64, 9, 16) and not pieces.fits(64, 8, 10**4)
 
 
@@ -175,3 +175,15 @@ def test_piecewise_memory_estimate():
     shared = 32 * ((64 + 2 * 64 + 2 * 16) * 2 + 28) + 8 * 16
     z = (16 + 32) * 7 * 2 * 2 * (0 + 8 + 16 + 32 + 64 + 128 + 256)
     assert est == shared + z + 240 * 32 // 24
+
+
+def test_steps_above_piecewise_max_tokens_run_eagerly():
+    from slora_backend import EngineConfig
+    from slora_backend.piecewise_graphs import token_buckets
+
+    config = EngineConfig(base_model="random:tiny-gqa", piecewise_graphs=True, piecewise_max_tokens=300)
+    assert config.piecewise_token_limit == 300
+    assert token_buckets(config.piecewise_token_limit)[-1] == 384  # the first bucket holding 300
+    assert EngineConfig(base_model="random:tiny-gqa").piecewise_token_limit == 4096
+    with pytest.raises(ValueError, match="piecewise_max_tokens must be >= 1, got 0"):
+        EngineConfig(base_model="random:tiny-gqa", piecewise_max_tokens=0)
