@@ -106,7 +106,9 @@ class Engine:
                                    config.slo_ttft_s if config.early_abort else None,
                                    adapter_ready=self.adapters.ready,
                                    admit_wait_steps=(8 if graphable else 0) if admit_wait is None
-                                   else admit_wait)
+                                   else admit_wait,
+                                   cheap_step_tokens=(config.piecewise_token_limit
+                                                      if graphable and config.piecewise_graphs else 0))
         self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,
                                   graphs_for=((config.max_num_seqs, self.max_model_len)
                                               if graphable else None),

@@ -54,6 +54,7 @@ class Scheduler:
         slo_ttft_s: float | None = None,
         adapter_ready: Callable[[str], bool] = lambda name: True,
         admit_wait_steps: int = 0,
+        cheap_step_tokens: int = 0,
     ) -> None:
         self.pool = pool
         # While every running request decodes, new requests join only every admit_wait_steps+1
@@ -61,6 +62,10 @@ class Scheduler:
         # steps of host time, whether it admits one request or ten (LightLLM's router waits
         # the same way, router_max_wait_tokens).
         self.admit_wait_steps = admit_wait_steps
+        # ... unless the step that admits stays within cheap_step_tokens tokens: such a step
+        # replays piecewise CUDA graphs (``PiecewiseGraphs``) and costs about a decode step, so
+        # queued requests whose whole prompts fit join at once (0: no step is cheap).
+        self.cheap_step_tokens = cheap_step_tokens
         self._steps_without_admission = 0
         self.adapter_ready = adapter_ready
         self.adapters = adapters
@@ -135,8 +140,10 @@ class Scheduler:
         # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
         #    whose adapter is still being read from disk is passed over, not waited for; the
         #    look-ahead past such requests is bounded so a long queue costs a bounded scan.
-        if self._defer_admission(out):
+        cheap_budget = self._cheap_admission_budget(out, budget)
+        if cheap_budget is None and self._defer_admission(out):
             return out
+        budget = budget if cheap_budget is None else cheap_budget
         admitted = len(out.scheduled)
         i = 0
         while i < len(self.waiting) and not out.preempted and budget > 0:
@@ -147,6 +154,8 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if cheap_budget is not None and n < request.num_tokens - request.num_computed_tokens:
+                break  # (a chunk would leave its rest to a later step that is not cheap)
             kv_pages = self._pages_for(request.num_computed_tokens + n) - len(request.block_table)
             if not self._fits(request, kv_pages):
                 break
@@ -163,7 +172,21 @@ class Scheduler:
             budget -= n
         if len(out.scheduled) > admitted:
             self._steps_without_admission = 0
+        elif cheap_budget is not None:  # (nothing fitted: the step counts as one that waited)
+            self._steps_without_admission += 1
         return out
+
+    def _cheap_admission_budget(self, out: SchedulerOutput, budget: int) -> int | None:
+        """The tokens the queue may take in a step kept cheap (``cheap_step_tokens``), or None
+        when the next queued request's whole prompt does not fit in one, or admission would not
+        wait anyway."""
+        decode_only = bool(out.scheduled) and all(s.num_new_tokens == 1 for s in out.scheduled)
+        if (not self.waiting or not decode_only or self.cheap_step_tokens <= 0
+                or self._steps_without_admission >= self.admit_wait_steps):
+            return None
+        cheap = min(budget, self.cheap_step_tokens - len(out.scheduled))
+        first = self.waiting[0]
+        return cheap if first.num_tokens - first.num_computed_tokens <= cheap else None
 
     def _defer_admission(self, out: SchedulerOutput) -> bool:
         """Whether this step leaves the queue alone (see ``admit_wait_steps``): only a step of

@@ -187,3 +187,28 @@ def test_admission_waits_while_all_running_requests_decode():
     ids = [s.request.request_id for s in run_step(sched).scheduled]
     assert ids == ["r0", "r1", "r2", "r3"]
     assert pool.used_by["kv"] > 0 and not sched.waiting
+
+
+def test_a_step_kept_cheap_admits_without_waiting():
+    """cheap_step_tokens=10 (steps that small replay piecewise graphs): with one request
+    decoding, a queued 6-token prompt joins at once (1 + 6 <= 10); a 12-token prompt that would
+    make the step costly waits admit_wait_steps as before, and is never split to fit."""
+    pool = PagePool(40)
+    sched = Scheduler(pool, AdapterCache(pool, FakeStore({})), 4, 8, 64, admit_wait_steps=2,
+                      cheap_step_tokens=10)
+    sched.add(req(0, max_tokens=20))
+    run_step(sched)
+    sched.add(req(1, max_tokens=20))
+    step = run_step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in step.scheduled] == [("r0", 1), ("r1", 6)]
+    sched.add(req(2, prompt_len=12, max_tokens=20))
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0", "r1"]  # waits
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0", "r1"]  # waits
+    joined = run_step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in joined.scheduled][-1] == ("r2", 12)
+    # two small prompts queued: only what keeps the step cheap joins (3 decode + 6 = 9), whole
+    sched.add(req(3, max_tokens=20))
+    sched.add(req(4, max_tokens=20))
+    step = run_step(sched)
+    assert [s.request.request_id for s in step.scheduled] == ["r0", "r1", "r2", "r3"]
+    assert [r.request_id for r in sched.waiting] == ["r4"]
