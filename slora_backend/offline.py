@@ -40,6 +40,9 @@ def generate(
             if len(results) == n:
                 done.set()
 
+    # One batch: the adapters are read first, or the scheduler (which passes over requests whose
+    # adapter is still being read, to serve the others meanwhile) would start the batch in waves.
+    engine.adapters.read_ahead(dict.fromkeys(n for n in names if n is not None))
     ids = [engine.add_request(p, sp, name, on_output=collect)
            for p, sp, name in zip(prompts, params, names)]
     if n:

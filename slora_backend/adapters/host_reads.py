@@ -32,6 +32,7 @@ class HostReads:
         self._preloader: threading.Thread | None = None
         self._preloads_left = 0  # queued or being read, under _preloads_done's lock
         self._preloads_done = threading.Condition(self._lock)
+        self._read_done = threading.Condition(self._lock)  # notified as each read ends
 
     def _new_pool(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(self.workers, thread_name_prefix="slora-adapter-read")
@@ -51,6 +52,13 @@ class HostReads:
             self._reading.add(name)
         self._pool.submit(self._read, name)
         return False
+
+    def wait_read(self, names: Iterable[str]) -> None:
+        """Start reading every one of ``names`` not in host memory yet and wait until none is
+        being read (read, failed - the engine's next step reports it - or unregistered)."""
+        names = [n for n in names if not self.ready(n)]
+        with self._read_done:
+            self._read_done.wait_for(lambda: not any(n in self._reading for n in names))
 
     @property
     def has_failures(self) -> bool:
@@ -144,3 +152,4 @@ class HostReads:
         finally:
             with self._lock:
                 self._reading.discard(name)
+                self._read_done.notify_all()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from ..errors import SLoRAError
 from ..layout import PoolLayout
 from ..page_pool import ADAPTER, PagePool
 from .copier import AdapterCopier, CopyFn
@@ -132,6 +133,19 @@ class AdapterManager:
         if name not in self.store:
             self.resolve(name)
         return self.store.get(name)
+
+    def read_ahead(self, names: Iterable[str]) -> None:
+        """Bring ``names`` into host memory now (their reads run in parallel on the read
+        threads), for a batch of requests that should start together. A name that cannot be
+        resolved is left for the request that uses it to report."""
+        known = []
+        for name in names:
+            try:
+                self.entry_for(name)
+                known.append(name)
+            except (SLoRAError, ValueError):
+                pass
+        self.reads.wait_read(known)
 
     # ---- the engine's step (engine thread) ----------------------------------------------------
 

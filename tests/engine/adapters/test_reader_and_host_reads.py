@@ -139,3 +139,33 @@ def test_engine_preloads_registered_adapters(tmp_path, tiny_models):
     out = engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=4)], ["y"])
     assert len(out[0].token_ids) == 4
     assert engine.adapters.store.disk_loads == 2  # the request found its adapter in host memory
+
+
+def test_offline_generate_reads_adapters_first_and_runs_the_batch_as_one(tmp_path, tiny_models,
+                                                                         monkeypatch):
+    """The scheduler passes over requests whose adapter is still being read; a batch handed to
+    generate() must not start in waves because of that: with slow reads (0.3 s each), every
+    prompt still prefills in the first step, so the batch takes as many steps as one request."""
+    import time
+
+    from slora_backend import Engine, EngineConfig, SamplingParams
+    from tests.engine.test_triton_backend import _adapters
+
+    root = _adapters(tiny_models["gqa"], tmp_path / "adapters")
+    engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
+                                 kernel_backend="torch", pool_pages=256))
+    read = AdapterStore._read_weights
+
+    def slow_read(self, entry):
+        time.sleep(0.3)
+        return read(self, entry)
+
+    monkeypatch.setattr(AdapterStore, "_read_weights", slow_read)
+    prompts = [[5 + i, 6 + i, 7 + i] for i in range(6)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True),
+                           ["r8", "r16", None, "r16", "r8", None])
+    assert [len(o.token_ids) for o in outs] == [4] * 6
+    one = engine.steps
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), ["r8"])
+    assert one == engine.steps - one  # the batch of 6 took the steps of a single request
+    engine.close()
