@@ -23,6 +23,7 @@ import bisect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,7 +72,56 @@ class _Graph:
     logits: torch.Tensor
 
 
-class DecodeGraphs:
+class GraphCache:
+    """What the decode and the piecewise graphs share: graphs keyed by (size bucket, rank bucket,
+    ``graph_targets``), captured on first use or up front (``capture_all``), counted, and dropped
+    when the device LoRA tables they read are widened. Subclasses capture (``_capture``) and
+    replay; each value they keep has a ``lora`` (None: a graph without adapters)."""
+
+    def __init__(self, sizes: tuple[int, ...], device: torch.device, capture: bool,
+                 slot_tables: SlotTables | None) -> None:
+        self.sizes = sizes  # the size buckets (batch or tokens) captured by capture_all
+        self.device = device
+        self.capture = capture
+        self.slot_tables = slot_tables
+        self._tables_version = slot_tables.version if slot_tables is not None else 0
+        self._graphs: dict[tuple[int, int, frozenset[int] | None], Any] = {}
+        self.replays = 0
+        self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
+
+    def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
+        """Capture every size bucket for the adapter kinds of ``adapters``, each given as
+        (rank, target modules); rank 0 = no adapter."""
+        kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
+        kinds = {k for k in kinds if k[0] is not None}
+        if self.slot_tables is not None and kinds:  # widen first: no graph is dropped later
+            self.slot_tables.ensure_width(max(rank for rank, _ in kinds))
+        for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
+            for size in self.sizes:
+                self._get((size, rank, targets))
+
+    def _get(self, key: tuple[int, int, frozenset[int] | None]) -> Any:
+        g = self._graphs.get(key)
+        if g is None:
+            t = time.perf_counter()
+            g = self._graphs[key] = self._capture(*key)
+            self.capture_seconds += time.perf_counter() - t
+        return g
+
+    def _capture(self, size: int, rank: int, targets: frozenset[int] | None) -> Any:
+        raise NotImplementedError
+
+    def _drop_stale_graphs(self) -> None:
+        """Graphs with adapters read the device tables captured with them: once the tables are
+        widened into new tensors, those graphs go (and are captured again on use)."""
+        if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
+            if self.capture:  # (rare: let a replay still in flight end before its graph goes)
+                torch.cuda.synchronize(self.device)
+            self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
+            self._tables_version = self.slot_tables.version
+
+
+class DecodeGraphs(GraphCache):
     def __init__(
         self, model: LlamaModel, ops: Ops, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_model_len: int,
@@ -79,48 +129,22 @@ class DecodeGraphs:
     ) -> None:
         """``capture=False`` replays eagerly from the same padded static inputs (for tests).
         ``slot_tables``: the runner's device LoRA tables when its ops take global slots."""
+        self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
+        super().__init__(tuple(b for b in BATCH_BUCKETS if b <= self.max_batch), pool.device,
+                         capture, slot_tables)
         self.model = model
-        self.slot_tables = slot_tables
-        self._tables_version = slot_tables.version if slot_tables is not None else 0
         self.ops = ops
         self.pool = pool
         self.kv_shape = kv_shape
         self.block_tokens = kv_shape[1]
-        self.max_batch = min(max_batch, BATCH_BUCKETS[-1])
         self.max_model_len = max_model_len
-        self.device = pool.device
-        self._graphs: dict[tuple[int, int, frozenset[int] | None], _Graph] = {}
-        self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         # Warm-ups run on one side stream: torch gives each stream that runs a matmul a cuBLAS
         # workspace of its own (32 MiB) for the life of the process.
         self._warm_up_stream = torch.cuda.Stream(self.device) if capture else None
-        self.replays = 0
-        self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
 
     def fits(self, batch: int, max_rank: int) -> bool:
         return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
-
-    def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
-        """Capture every batch bucket for the adapter kinds of ``adapters``, each given as
-        (rank, target modules); rank 0 = no adapter."""
-        kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
-        kinds = {k for k in kinds if k[0] is not None}
-        if self.slot_tables is not None and kinds:  # widen first: no graph is dropped later
-            self.slot_tables.ensure_width(max(rank for rank, _ in kinds))
-        for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
-            for batch in BATCH_BUCKETS:
-                if batch > self.max_batch:
-                    break
-                self._get((batch, rank, targets))
-
-    def _get(self, key: tuple[int, int, frozenset[int] | None]) -> _Graph:
-        g = self._graphs.get(key)
-        if g is None:
-            t = time.perf_counter()
-            g = self._graphs[key] = self._capture(*key)
-            self.capture_seconds += time.perf_counter() - t
-        return g
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None,
@@ -139,15 +163,6 @@ class DecodeGraphs:
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
-
-    def _drop_stale_graphs(self) -> None:
-        """Graphs with adapters read the device tables captured with them: once the tables are
-        widened into new tensors, those graphs go (and are captured again on use)."""
-        if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
-            if self.capture:  # (rare: let a replay still in flight end before its graph goes)
-                torch.cuda.synchronize(self.device)
-            self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
-            self._tables_version = self.slot_tables.version
 
     def _fill(self, g: _Graph, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None) -> None:
         n = ids.shape[0]

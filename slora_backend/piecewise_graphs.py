@@ -28,15 +28,14 @@ memory pool, where a later capture could reuse it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .adapters.tables import SlotTables
 from .batch import LORA_MODULES, AttentionBatch, LoraBatch
-from .cuda_graphs import RANK_BUCKETS, _bucket, _EagerReplay, graph_targets
+from .cuda_graphs import RANK_BUCKETS, GraphCache, _bucket, _EagerReplay, graph_targets
 from .models.llama import ForwardContext, LlamaModel
 from .ops import Ops
 
@@ -44,8 +43,6 @@ from .ops import Ops
 # (~1/8 above 1024 tokens), few enough to capture at start-up.
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
                  3584, 4096)
-
-Key = tuple[int, int, frozenset[int] | None]
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -89,7 +86,7 @@ class _Pieces:
     lora: LoraBatch | None
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(GraphCache):
     def __init__(
         self, model: LlamaModel, ops: Ops, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_tokens: int,
@@ -99,27 +96,22 @@ class PiecewiseGraphs:
         largest bucket run eagerly). ``capture=False`` replays the pieces eagerly from the same
         padded static inputs (for tests). ``slot_tables``: the runner's device LoRA tables when
         its ops take global slots."""
+        buckets = token_buckets(max_tokens)
+        super().__init__(buckets, pool.device, capture, slot_tables)
         self.model = model
         self.ops = ops
         self.pool = pool
         self.kv_shape = kv_shape
-        self.slot_tables = slot_tables
-        self._tables_version = slot_tables.version if slot_tables is not None else 0
-        self.buckets = token_buckets(max_tokens)
-        self.max_tokens = min(max_tokens, self.buckets[-1])
+        self.buckets = buckets
+        self.max_tokens = min(max_tokens, buckets[-1])
         self.max_batch = max_batch
-        self.device = pool.device
-        self.capture = capture
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
         # Every warm-up and capture runs on this one stream: torch gives each stream that runs a
         # matmul a cuBLAS workspace of its own (32 MiB) for the life of the process, and the
         # captured matmuls keep using the workspace of the stream they were captured on.
         self._side_stream = torch.cuda.Stream(self.device) if capture else None
-        self._buffers = _Buffers(model, self.buckets[-1], min(self.buckets[-1], max_batch),
+        self._buffers = _Buffers(model, buckets[-1], min(buckets[-1], max_batch),
                                  pool.dtype, self.device)
-        self._graphs: dict[Key, _Pieces] = {}
-        self.replays = 0
-        self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
 
     @property
     def num_graphs(self) -> int:
@@ -128,17 +120,6 @@ class PiecewiseGraphs:
     def fits(self, num_tokens: int, num_seqs: int, max_rank: int) -> bool:
         return (num_tokens <= self.max_tokens and num_seqs <= self.max_batch
                 and _bucket(max_rank, RANK_BUCKETS) is not None)
-
-    def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
-        """Capture every token bucket for the adapter kinds of ``adapters``, each given as
-        (rank, target modules); rank 0 = no adapter."""
-        kinds = {(_bucket(r, RANK_BUCKETS), graph_targets(t) if r else None) for r, t in adapters}
-        kinds = {k for k in kinds if k[0] is not None}
-        if self.slot_tables is not None and kinds:  # widen first: no graph is dropped later
-            self.slot_tables.ensure_width(max(rank for rank, _ in kinds))
-        for rank, targets in sorted(kinds, key=lambda k: (k[0], k[1] is not None)):
-            for tokens in self.buckets:
-                self._get((tokens, rank, targets))
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, attn: AttentionBatch, lora: LoraBatch | None,
@@ -189,25 +170,6 @@ class PiecewiseGraphs:
         lo.b_offsets.zero_()
         lo.a_offsets[:s, :, :r].copy_(lora.a_offsets, non_blocking=True)
         lo.b_offsets[:s, :, :r].copy_(lora.b_offsets, non_blocking=True)
-
-    def _drop_stale_graphs(self) -> None:
-        """As ``DecodeGraphs._drop_stale_graphs``: pieces with adapters read the device tables
-        captured with them; once the tables are widened into new tensors, those pieces go."""
-        if self.slot_tables is not None and self.slot_tables.version != self._tables_version:
-            if self.capture:
-                torch.cuda.synchronize(self.device)
-            self._graphs = {k: g for k, g in self._graphs.items() if g.lora is None}
-            self._tables_version = self.slot_tables.version
-
-    # ---- capture ------------------------------------------------------------------------------
-
-    def _get(self, key: Key) -> _Pieces:
-        g = self._graphs.get(key)
-        if g is None:
-            t = time.perf_counter()
-            g = self._graphs[key] = self._capture(*key)
-            self.capture_seconds += time.perf_counter() - t
-        return g
 
     def _static_lora(self, tokens: int, rows: int, rank: int,
                      targets: frozenset[int] | None) -> LoraBatch:
