@@ -169,3 +169,31 @@ def test_offline_generate_reads_adapters_first_and_runs_the_batch_as_one(tmp_pat
     engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), ["r8"])
     assert one == engine.steps - one  # the batch of 6 took the steps of a single request
     engine.close()
+
+
+def test_reader_threads_run_torch_on_one_thread(tmp_path, tiny_models, monkeypatch):
+    """Each reader thread with an OpenMP team the size of the machine left the engine thread's
+    steps at half speed on 2 cores (make bench-cpu): readers run torch on one thread, and the
+    caller keeps its own setting."""
+    from slora_backend import Engine, EngineConfig
+    from tests.engine.test_triton_backend import _adapters
+
+    root = _adapters(tiny_models["gqa"], tmp_path / "adapters")
+    engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
+                                 kernel_backend="torch", pool_pages=256))
+    seen = []
+    read = AdapterStore._read_weights
+
+    def recording_read(self, entry):
+        seen.append(torch.get_num_threads())
+        return read(self, entry)
+
+    monkeypatch.setattr(AdapterStore, "_read_weights", recording_read)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # (as on a 2-core machine; CI runs with OMP_NUM_THREADS=1)
+    try:
+        engine.adapters.read_ahead(["r8", "r16"])
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        engine.close()
