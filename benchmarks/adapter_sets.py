@@ -114,6 +114,16 @@ def _seed(name: str) -> int:
     return int(name.split("-")[1])  # the adapter's index: distinct weights per adapter
 
 
+def registered_set(cache: Path, setting: str, n: int, base: str | None = None,
+                   **ensure_kwargs) -> tuple[Path, list[str]]:
+    """The first ``n`` adapters of ``setting`` on disk (``ensure_adapter_set``), registered for an
+    engine on the returned root to load at start-up; returns (root, their names)."""
+    root = ensure_adapter_set(cache, setting, n, base=base, **ensure_kwargs)
+    names = [a.name for a in adapter_specs(setting, n)]
+    write_registry(root, names)
+    return root, names
+
+
 def write_registry(root: Path, names: Sequence[str]) -> None:
     """Make ``names`` the adapters an engine on ``root`` registers at start-up."""
     tmp = root / (REGISTRY_FILE + ".tmp")

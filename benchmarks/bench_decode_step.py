@@ -217,16 +217,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from slora_backend import Engine, EngineConfig
 
-    from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
+    from .adapter_sets import DEFAULT_CACHE, registered_set
     from .baselines.engine_replay import free_device_memory
     from .harness_systems import parse_engine_params
     from .run_metadata import run_metadata
-    from .workload import adapter_specs
 
-    root = ensure_adapter_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
-                              base=args.base_model)
-    names = [a.name for a in adapter_specs(args.setting, args.batch)]
-    write_registry(root, names)
+    root, names = registered_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
+                                 base=args.base_model)
     engine = Engine(EngineConfig(
         base_model=args.base_model, adapter_root=str(root), device=args.device, dtype=args.dtype,
         pool_pages=args.pool_pages, max_num_seqs=max(args.batch, 1),

@@ -131,8 +131,7 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
     from slora_backend.ops.triton_ops import TritonOps
 
     from . import bench_decode_step as bds
-    from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
-    from .workload import adapter_specs
+    from .adapter_sets import DEFAULT_CACHE, registered_set
 
     spent: dict[str, float] = collections.defaultdict(float)
     calls: collections.Counter = collections.Counter()
@@ -140,9 +139,7 @@ def mixed_step(batch: int, prompt: int) -> dict[str, Any]:
     def wrap(owner: Any, attr: str) -> None:
         _add_host_time(owner, attr, spent, attr, calls)
 
-    root = ensure_adapter_set(DEFAULT_CACHE, "S1", batch, base="random:llama-7b")
-    names = [a.name for a in adapter_specs("S1", batch)]
-    write_registry(root, names)
+    root, names = registered_set(DEFAULT_CACHE, "S1", batch, base="random:llama-7b")
     engine = Engine(EngineConfig(base_model="random:llama-7b", adapter_root=str(root),
                                  device="cuda", dtype="float16", max_num_seqs=batch,
                                  admit_wait_steps=0))
@@ -187,14 +184,11 @@ def step_metadata(batch: int, device: str, iters: int = 50) -> dict[str, Any]:
 
     from slora_backend import Engine, EngineConfig, SamplingParams
 
-    from .adapter_sets import ensure_adapter_set, write_registry
-    from .workload import adapter_specs
+    from .adapter_sets import registered_set
 
     base = "random:tiny-mha"  # host work does not depend on the model's size
     cache = Path(tempfile.gettempdir()) / "slora-bench-host-overhead"
-    root = ensure_adapter_set(cache, "S1", batch, base=base, log=lambda *_: None)
-    names = [a.name for a in adapter_specs("S1", batch)]
-    write_registry(root, names)
+    root, names = registered_set(cache, "S1", batch, base=base, log=lambda *_: None)
     engine = Engine(EngineConfig(base_model=base, adapter_root=str(root), device=device,
                                  max_num_seqs=batch, pool_pages=16 * batch,
                                  max_batched_tokens=64 * batch, cuda_graphs=False))
@@ -243,8 +237,7 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
 
     from slora_backend import Engine, EngineConfig, SamplingParams
 
-    from .adapter_sets import ensure_adapter_set, write_registry
-    from .workload import adapter_specs
+    from .adapter_sets import registered_set
 
     class _NoLaunch:  # kernel[grid](...) does nothing: only the host side is left
         def __getitem__(self, grid):
@@ -259,9 +252,7 @@ def mixed_replica(batch: int, prompt: int, iters: int = 10) -> dict[str, Any]:
     prompts = 4
     base = "random:tiny-mha"
     cache = Path(tempfile.gettempdir()) / "slora-bench-host-overhead"
-    root = ensure_adapter_set(cache, "S1", batch + prompts, base=base, log=lambda *_: None)
-    names = [a.name for a in adapter_specs("S1", batch + prompts)]
-    write_registry(root, names)
+    root, names = registered_set(cache, "S1", batch + prompts, base=base, log=lambda *_: None)
     engine = Engine(EngineConfig(base_model=base, adapter_root=str(root), device="cpu",
                                  kernel_backend="triton", max_num_seqs=batch + prompts,
                                  pool_pages=32 * batch, max_batched_tokens=batch + prompt,

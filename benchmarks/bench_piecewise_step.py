@@ -41,16 +41,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from slora_backend import Engine, EngineConfig
 
-    from .adapter_sets import DEFAULT_CACHE, ensure_adapter_set, write_registry
+    from .adapter_sets import DEFAULT_CACHE, registered_set
     from .bench_decode_step import measure
     from .harness_systems import parse_engine_params
     from .run_metadata import run_metadata
-    from .workload import adapter_specs
 
-    root = ensure_adapter_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
-                              base=args.base_model)
-    names = [a.name for a in adapter_specs(args.setting, args.batch)]
-    write_registry(root, names)
+    root, names = registered_set(args.cache or DEFAULT_CACHE, args.setting, args.batch,
+                                 base=args.base_model)
     params = {"admit_wait_steps": 0, "max_num_seqs": args.batch,
               **parse_engine_params(args.engine_param), "piecewise_graphs": True}
     engine = Engine(EngineConfig(base_model=args.base_model, adapter_root=str(root),
