@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter_sets import model_spec, write_registry
-from ..metrics import OccupancySampler, Recorder, stats_delta, summarize
+from ..metrics import OccupancySampler, Recorder, stats_delta
 from ..prompts import token_prompts
 from ..workload import LORA_TARGETS, Workload, paced
-from .replay_note import replay_note
+from .replay_note import replay_summary
 
 ABORTED_AT_LIMIT = "time_limit"
 
@@ -171,27 +171,20 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
     finished = [r.finished for r in recorder.records.values() if r.finished is not None]
     end = max(finished, default=start) if not truncated or recorder.stalled else cut_at
     after = engine.stats().to_dict()
-    # A run stopped at its time limit is judged on the requests that arrived before the limit.
-    planned = len(recorder.records)
     result = {
         "system": v.system,
         "label": v.label,
-        **summarize(recorder, planned=planned, start=start, end=end, slo_s=slo_s),
-        "requests_in_trace": len(requests),
+        **replay_summary(recorder, requests_in_trace=len(requests), start=start, end=end,
+                         truncated=truncated, slo_s=slo_s, time_limit_s=time_limit_s,
+                         idle_timeout_s=idle_timeout_s, silence="output", open_requests="aborted"),
         **sampler.summary(),
         **stats_delta(before, after),
         "graph_capture_s": round(graphs.capture_seconds - capture_s, 2) if graphs else None,
         # (> 0: piecewise graphs captured while serving, each capture a stall of the steps)
         "piecewise_capture_s": round(pieces.capture_seconds - pieces_capture_s, 2) if pieces else None,
         "piecewise_capture_at_start_s": round(pieces_capture_s, 2) if pieces else None,
-        "truncated": truncated or len(recorder.records) < len(requests),
         "engine_config": asdict(engine.config),
     }
-    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
-                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
-                       idle_timeout_s=idle_timeout_s, silence="output", open_requests="aborted")
-    if note is not None:
-        result["note"] = note
     if cuda:
         result["gpu_max_allocated_gib"] = round(
             torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)

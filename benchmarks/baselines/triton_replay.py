@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..adapter_sets import model_spec, write_registry
-from ..metrics import Recorder, summarize
+from ..metrics import Recorder
 from ..prompts import text_prompts, write_word_tokenizer
 from ..workload import Workload, paced
-from .replay_note import replay_note
+from .replay_note import replay_summary
 
 MODEL = "slora"
 
@@ -126,8 +126,10 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
     result = {
         "system": "slora_triton",
         "label": f"S-LoRA through tritonserver (gRPC streaming, model {model!r})",
-        **summarize(recorder, planned=len(recorder.records), start=start, end=end, slo_s=slo_s),
-        "requests_in_trace": len(requests),
+        **replay_summary(recorder, requests_in_trace=len(requests), start=start, end=end,
+                         truncated=truncated, slo_s=slo_s, time_limit_s=time_limit_s,
+                         idle_timeout_s=idle_timeout_s, silence="response",
+                         open_requests="cancelled"),
         "stream_errors": len(state.errors),
         # the server's count of prompt tokens vs the trace's: text prompts must tokenize exactly
         "prompt_len_mismatches": sum(
@@ -135,13 +137,7 @@ def replay(workload: Workload, url: str, prompts: list[str], *, slo_s: float,
             if f"r{i}" in state.prompt_tokens and state.prompt_tokens[f"r{i}"] != r.prompt_len),
         "first_stream_error": state.errors[0] if state.errors else None,
         "triton_streams": len(clients),
-        "truncated": truncated or len(recorder.records) < len(requests),
     }
-    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
-                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
-                       idle_timeout_s=idle_timeout_s, silence="response", open_requests="cancelled")
-    if note is not None:
-        result["note"] = note
     return result
 
 

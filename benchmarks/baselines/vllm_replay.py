@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..metrics import Recorder, summarize
-from .replay_note import replay_note
+from ..metrics import Recorder
+from .replay_note import replay_summary
 
 ABORTED_AT_LIMIT = "time_limit"
 # FlashInfer is not carried to the GPU machine (greedy sampling never needs it); the machine
@@ -124,16 +124,9 @@ async def replay(engine: Any, requests: list[list[Any]], prompts: list[list[int]
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     finished = [r.finished for r in recorder.records.values() if r.finished is not None]
     end = max(finished, default=start) if not truncated or recorder.stalled else cut_at
-    result: dict[str, Any] = {
-        **summarize(recorder, planned=len(recorder.records), start=start, end=end, slo_s=slo_s),
-        "requests_in_trace": len(requests),
-        "truncated": truncated or len(recorder.records) < len(requests),
-    }
-    note = replay_note(stalled=recorder.stalled, truncated=result["truncated"],
-                       sent=len(recorder.records), planned=len(requests), time_limit_s=time_limit_s,
-                       idle_timeout_s=idle_timeout_s, silence="output", open_requests="cut")
-    if note is not None:
-        result["note"] = note
+    result = replay_summary(recorder, requests_in_trace=len(requests), start=start, end=end,
+                            truncated=truncated, slo_s=slo_s, time_limit_s=time_limit_s,
+                            idle_timeout_s=idle_timeout_s, silence="output", open_requests="cut")
     if errors:
         result["errors"] = {"count": len(errors), "first": errors[0]}
     return result
