@@ -88,6 +88,11 @@ class GraphCache:
         self._graphs: dict[tuple[int, int, frozenset[int] | None], Any] = {}
         self.replays = 0
         self.capture_seconds = 0.0  # host time spent capturing (warm-up runs included)
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        # Every warm-up and capture runs on this one stream: torch gives each stream that runs a
+        # matmul a cuBLAS workspace of its own (32 MiB) for the life of the process, and the
+        # captured matmuls keep using the workspace of the stream they were captured on.
+        self._side_stream = torch.cuda.Stream(device) if capture else None
 
     def capture_all(self, adapters: Iterable[tuple[int, frozenset[int] | None]]) -> None:
         """Capture every size bucket for the adapter kinds of ``adapters``, each given as
@@ -138,10 +143,6 @@ class DecodeGraphs(GraphCache):
         self.kv_shape = kv_shape
         self.block_tokens = kv_shape[1]
         self.max_model_len = max_model_len
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
-        # Warm-ups run on one side stream: torch gives each stream that runs a matmul a cuBLAS
-        # workspace of its own (32 MiB) for the life of the process.
-        self._warm_up_stream = torch.cuda.Stream(self.device) if capture else None
 
     def fits(self, batch: int, max_rank: int) -> bool:
         return batch <= self.max_batch and _bucket(max_rank, RANK_BUCKETS) is not None
@@ -236,7 +237,7 @@ class DecodeGraphs(GraphCache):
             logits = torch.empty(batch, self.model.spec.vocab_size, device=dev)
             replay = _EagerReplay(lambda: logits.copy_(self.model(ids, ctx, rows)))
             return _Graph(replay, ids, attn, lora, rows, logits)
-        side = self._warm_up_stream
+        side = self._side_stream
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles kernels and settles the allocator
             for _ in range(2):

@@ -105,11 +105,6 @@ class PiecewiseGraphs(GraphCache):
         self.buckets = buckets
         self.max_tokens = min(max_tokens, buckets[-1])
         self.max_batch = max_batch
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
-        # Every warm-up and capture runs on this one stream: torch gives each stream that runs a
-        # matmul a cuBLAS workspace of its own (32 MiB) for the life of the process, and the
-        # captured matmuls keep using the workspace of the stream they were captured on.
-        self._side_stream = torch.cuda.Stream(self.device) if capture else None
         self._buffers = _Buffers(model, buckets[-1], min(buckets[-1], max_batch),
                                  pool.dtype, self.device)
 
