@@ -43,7 +43,7 @@ class EngineStats:
 
 def engine_stats(engine: Engine) -> EngineStats:
     """The engine's counters and pool occupancy now."""
-    graphs, pieces = engine.runner.graphs, getattr(engine.runner, "piecewise", None)
+    graphs, pieces = engine.runner.graphs, engine.runner.piecewise
     return EngineStats(
         num_running=len(engine.scheduler.running),
         num_waiting=len(engine.scheduler.waiting) + len(engine._inbox),

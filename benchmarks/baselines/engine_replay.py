@@ -146,7 +146,7 @@ def replay(engine: Any, workload: Workload, v: EngineVariant, *, slo_s: float,
     before = engine.stats().to_dict()
     graphs = engine.runner.graphs
     capture_s = graphs.capture_seconds if graphs else 0.0
-    pieces = getattr(engine.runner, "piecewise", None)
+    pieces = engine.runner.piecewise
     pieces_capture_s = pieces.capture_seconds if pieces else 0.0
     engine.start()
     start = time.perf_counter() + 0.05
