@@ -140,8 +140,10 @@ class Scheduler:
         # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
         #    whose adapter is still being read from disk is passed over, not waited for; the
         #    look-ahead past such requests is bounded so a long queue costs a bounded scan.
-        cheap_budget = self._cheap_admission_budget(out, budget)
-        if cheap_budget is None and self._defer_admission(out):
+        waits = self._admission_waits(out)
+        cheap_budget = self._cheap_admission_budget(out, budget) if waits else None
+        if waits and cheap_budget is None:
+            self._steps_without_admission += 1
             return out
         budget = budget if cheap_budget is None else cheap_budget
         admitted = len(out.scheduled)
@@ -176,27 +178,22 @@ class Scheduler:
             self._steps_without_admission += 1
         return out
 
-    def _cheap_admission_budget(self, out: SchedulerOutput, budget: int) -> int | None:
-        """The tokens the queue may take in a step kept cheap (``cheap_step_tokens``), or None
-        when the next queued request's whole prompt does not fit in one, or admission would not
-        wait anyway."""
+    def _admission_waits(self, out: SchedulerOutput) -> bool:
+        """Whether the queue waits this step (see ``admit_wait_steps``): only a step of pure
+        decode waits, and only while requests run."""
         decode_only = bool(out.scheduled) and all(s.num_new_tokens == 1 for s in out.scheduled)
-        if (not self.waiting or not decode_only or self.cheap_step_tokens <= 0
-                or self._steps_without_admission >= self.admit_wait_steps):
+        return (bool(self.waiting) and decode_only
+                and self._steps_without_admission < self.admit_wait_steps)
+
+    def _cheap_admission_budget(self, out: SchedulerOutput, budget: int) -> int | None:
+        """In a step where the queue would wait: the tokens it may take while the step stays
+        cheap (``cheap_step_tokens``), or None when the next queued request's whole prompt does
+        not fit in that."""
+        if self.cheap_step_tokens <= 0:
             return None
         cheap = min(budget, self.cheap_step_tokens - len(out.scheduled))
         first = self.waiting[0]
         return cheap if first.num_tokens - first.num_computed_tokens <= cheap else None
-
-    def _defer_admission(self, out: SchedulerOutput) -> bool:
-        """Whether this step leaves the queue alone (see ``admit_wait_steps``): only a step of
-        pure decode defers, and only while requests run."""
-        decode_only = bool(out.scheduled) and all(s.num_new_tokens == 1 for s in out.scheduled)
-        if (not self.waiting or not decode_only
-                or self._steps_without_admission >= self.admit_wait_steps):
-            return False
-        self._steps_without_admission += 1
-        return True
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
