@@ -62,11 +62,13 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (used on CUDA with the Triton kernels)
     # Also replay steps that prefill from piecewise CUDA graphs (attention eager between pieces,
     # piecewise_graphs.py); only where cuda_graphs is used. On the H200 (7B, batch 64) they win
-    # where host time dominates a step (1.35x at 192 tokens) and lose to their padding where the
-    # GPU does (0.90x at 576 and 1088 tokens): steps of more than piecewise_max_tokens tokens
-    # run eagerly (None: max_batched_tokens).
-    piecewise_graphs: bool = False
-    piecewise_max_tokens: int | None = None
+    # where host time dominates a step (1.16-3.4x up to 384 tokens) and lose to their padding
+    # where the GPU does (0.90x at 576 and 1088 tokens): steps of more than
+    # piecewise_max_tokens tokens run eagerly (None: max_batched_tokens). A step that stays
+    # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``): S1 at
+    # R = 10 halved the first-token latency at the same throughput; at R = 60 no change.
+    piecewise_graphs: bool = True
+    piecewise_max_tokens: int | None = 384
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
