@@ -217,12 +217,17 @@ class OccupancySampler:
         }
 
 
-def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Engine counters over a replay; gauges (pool, registered) are taken from ``after``."""
     counters = ("adapter_loads", "adapter_evictions", "adapter_hits", "adapter_misses",
                 "adapter_prefetches", "generated_tokens", "finished_requests", "preemptions",
                 "steps", "decode_graphs", "graph_steps", "piecewise_graphs", "piecewise_steps")
     out: dict[str, Any] = {k: after[k] - before.get(k, 0) for k in counters if k in after}
+    if {"steps", "graph_steps", "piecewise_steps"} <= out.keys():
+        out["eager_steps"] = out["steps"] - out["graph_steps"] - out["piecewise_steps"]
+    for k in after:  # the engine thread's seconds by kind of step (slora_backend.step_clock)
+        if k.startswith("step_seconds_"):
+            out[k] = round(after[k] - before.get(k, 0.0), 3)
     for k in ("adapters_registered", "adapters_gpu", "adapters_host", "adapter_partition_pages"):
         if k in after:
             out[k] = after[k]

@@ -39,6 +39,7 @@ from .request_check import RequestChecker
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
 from .stats import EngineStats, engine_stats
+from .step_clock import StepClock
 from .step_in_flight import StepInFlight
 from .step_launch import StepLauncher
 from .warm_up import warm_up
@@ -120,7 +121,9 @@ class Engine:
         self.adapters.attach_runner(self.runner.copy_adapter, self.runner.forget_adapter,
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
-        self.launcher = StepLauncher(self.runner, self.sampler, self.adapters.cache, self.device)
+        self.clock = StepClock()  # where the stepping time goes, by kind of step (stats)
+        self.launcher = StepLauncher(self.runner, self.sampler, self.adapters.cache, self.device,
+                                     self.clock)
         self.checker = RequestChecker(self.tokenizer, self.spec.vocab_size, self.max_model_len,
                                       self.layout, self.pool, adapter_pool)
         self.outputs = OutputProcessor(self.scheduler, self.sampler, self.tokenizer,
@@ -304,7 +307,7 @@ class Engine:
         """Admit new work, launch one forward over the scheduled batch, emit the outputs of the
         step launched before it (``step_in_flight``: the GPU runs one step while the host
         prepares the next and finishes the last)."""
-        with self.loop.step_lock:
+        with self.loop.step_lock, self.clock.step():
             self._check_open()
             outputs = self._drain_inbox()
             # Pages freed while the step in flight runs may still be written by it: copies into
@@ -325,6 +328,8 @@ class Engine:
             # (overlaps the step just launched, on CUDA)
             self.adapters.prefetch_for(self.scheduler.waiting, len(self.scheduler.running), fence)
             if self._in_flight is not None:
+                with self.clock.charging(self._in_flight.kind):  # (the GPU finishing that step)
+                    self._in_flight.wait()
                 outputs += self.outputs.process(self._in_flight)
             self._in_flight = launched
             return [o for o in outputs if o is not None]

@@ -36,8 +36,14 @@ class EngineStats:
     graph_steps: int  # decode steps replayed from a graph
     piecewise_graphs: int  # piecewise graphs captured so far (layers + 1 per token/rank bucket)
     piecewise_steps: int  # steps that prefill, replayed from piecewise graphs
+    # Seconds of the engine thread spent in steps, by kind (``step_clock``): launching a step and
+    # waiting for its tokens; "other" = the rest of each step (scheduling, copies, outputs).
+    step_seconds_graph: float
+    step_seconds_piecewise: float
+    step_seconds_eager: float
+    step_seconds_other: float
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
 
@@ -60,4 +66,5 @@ def engine_stats(engine: Engine) -> EngineStats:
         graph_steps=graphs.replays if graphs else 0,
         piecewise_graphs=pieces.num_graphs if pieces else 0,
         piecewise_steps=pieces.replays if pieces else 0,
+        **{f"step_seconds_{kind}": round(seconds, 4) for kind, seconds in engine.clock.seconds.items()},
     )

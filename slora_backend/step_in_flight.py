@@ -27,11 +27,13 @@ from .request import PENDING, Request
 
 
 class StepInFlight:
-    def __init__(self, sampling: list[Request], tokens: torch.Tensor) -> None:
+    def __init__(self, sampling: list[Request], tokens: torch.Tensor, kind: str = "eager") -> None:
         """``tokens``: the device tokens of ``sampling`` (one per request, in order, or
         ``sampler.NON_FINITE``), just sampled on the compute stream. Appends each request's
-        placeholder and starts the copy of the tokens to the host."""
+        placeholder and starts the copy of the tokens to the host. ``kind``: how the step ran
+        (``step_clock.STEP_KINDS``)."""
         self.requests = sampling
+        self.kind = kind
         self.slots = []  # each request's placeholder index in its output_token_ids
         for r in sampling:
             self.slots.append(len(r.output_token_ids))
@@ -53,8 +55,12 @@ class StepInFlight:
         """Where the next step finds these tokens on the device."""
         return PendingTokens(self.tokens, {r.request_id: i for i, r in enumerate(self.requests)})
 
-    def read(self) -> list[int]:
-        """The tokens, once the step has finished on the GPU (blocks until then)."""
+    def wait(self) -> None:
+        """Block until the step has finished on the GPU and its tokens are on the host."""
         if self.done is not None:
             self.done.synchronize()
+
+    def read(self) -> list[int]:
+        """The tokens, once the step has finished on the GPU (blocks until then)."""
+        self.wait()
         return self.host.tolist()

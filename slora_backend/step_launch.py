@@ -9,6 +9,7 @@ requests' own KV slots (written again by the retry), and the requests' progress
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from .adapters.gpu_cache import AdapterCache
 from .model_runner import ModelRunner, PendingTokens
 from .sampler import Sampler
 from .scheduler import ScheduledRequest
+from .step_clock import StepClock, graph_replays, step_kind
 from .step_in_flight import StepInFlight
 from .step_retry import run_split_on_failure
 
@@ -36,15 +38,19 @@ class StepLauncher:
     """Runs the forward and samples on the device; the tokens are read by the next step."""
 
     def __init__(self, runner: ModelRunner, sampler: Sampler, cache: AdapterCache,
-                 device: torch.device) -> None:
+                 device: torch.device, clock: StepClock | None = None) -> None:
         self.runner = runner
+        self.clock = clock or StepClock()  # charged with each launch's host time, by kind
         self.sampler = sampler
         self.cache = cache
         self.device = device
 
     def launch(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> Launched:
         """Launch ``scheduled`` (``pending``: the tokens of the step in flight, read on the device)."""
+        before, start = graph_replays(self.runner), time.perf_counter()
         ran = run_split_on_failure(scheduled, lambda part: self._forward(part, pending), self._recover)
+        kind = step_kind(before, graph_replays(self.runner))
+        self.clock.add(kind, time.perf_counter() - start)
         if not ran.done:
             return Launched(None, ran.failed)
         sampling, tokens = [], []
@@ -53,8 +59,8 @@ class StepLauncher:
             tokens.append(part_tokens)
             for s in part:
                 s.request.num_computed_tokens += s.num_new_tokens
-        return Launched(StepInFlight(sampling, tokens[0] if len(tokens) == 1 else torch.cat(tokens)),
-                        ran.failed)
+        return Launched(StepInFlight(sampling, tokens[0] if len(tokens) == 1 else torch.cat(tokens),
+                                     kind), ran.failed)
 
     def _forward(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> torch.Tensor:
         """One attempt: the forward over ``scheduled`` and the tokens of those that sample."""

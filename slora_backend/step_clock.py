@@ -1,0 +1,59 @@
+"""Where the engine's stepping time goes, by kind of step: the workload's time account.
+
+A step costs the engine thread time twice: when it is launched (inputs built, kernels enqueued or
+graphs replayed) and, one step later, while the host waits for its tokens (``step_in_flight``).
+Both are charged to the step's kind: ``graph`` (a decode step replayed from a CUDA graph),
+``piecewise`` (a step that prefills, replayed from piecewise graphs) or ``eager`` (every other
+step: large prefills, and every step where there are no graphs). The rest of ``Engine.step``
+(scheduling, adapter copies and prefetches, detokenizing and emitting outputs) is ``other``. Time
+outside ``Engine.step`` (no work, or the loop yielding) is the wall time less all of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+STEP_KINDS = ("graph", "piecewise", "eager")
+
+
+def graph_replays(runner: Any) -> tuple[int, int]:
+    """(decode graph replays, piecewise replays) so far: compared before and after a launch,
+    they tell its kind (``step_kind``)."""
+    graphs, pieces = runner.graphs, runner.piecewise
+    return (graphs.replays if graphs else 0, pieces.replays if pieces else 0)
+
+
+def step_kind(before: tuple[int, int], after: tuple[int, int]) -> str:
+    if after[0] > before[0]:
+        return "graph"
+    return "piecewise" if after[1] > before[1] else "eager"
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys((*STEP_KINDS, "other"), 0.0)
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds[kind] += seconds
+
+    @contextlib.contextmanager
+    def charging(self, kind: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One ``Engine.step``: what it spends beyond the charges made inside is ``other``."""
+        start = time.perf_counter()
+        charged = sum(self.seconds[k] for k in STEP_KINDS)
+        try:
+            yield
+        finally:
+            inside = sum(self.seconds[k] for k in STEP_KINDS) - charged
+            self.seconds["other"] += time.perf_counter() - start - inside

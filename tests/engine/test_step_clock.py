@@ -1,0 +1,54 @@
+"""The engine's time account by kind of step (``slora_backend.step_clock``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.metrics import stats_delta
+from slora_backend import Engine, EngineConfig, SamplingParams
+from slora_backend.step_clock import StepClock, step_kind
+
+
+def test_step_kind_follows_which_replay_counter_moved():
+    assert step_kind((3, 5), (4, 5)) == "graph"
+    assert step_kind((3, 5), (3, 6)) == "piecewise"
+    assert step_kind((3, 5), (3, 5)) == "eager"
+
+
+def test_a_step_charges_its_kinds_and_the_rest_to_other():
+    clock = StepClock()
+    start = time.perf_counter()
+    with clock.step():
+        with clock.charging("graph"):
+            time.sleep(0.02)
+        launched = time.perf_counter()
+        time.sleep(0.01)
+        clock.add("eager", time.perf_counter() - launched)  # as StepLauncher charges a launch
+        time.sleep(0.03)
+    wall = time.perf_counter() - start
+    assert clock.seconds["graph"] >= 0.02 and clock.seconds["eager"] >= 0.01
+    assert clock.seconds["piecewise"] == 0.0
+    # other = the step's time less what was charged inside it: the last sleep and bookkeeping
+    assert clock.seconds["other"] >= 0.03
+    assert abs(sum(clock.seconds.values()) - wall) < 1e-3
+    with pytest.raises(KeyError):
+        clock.add("decode", 1.0)  # not a kind: refused rather than silently counted
+
+
+def test_engine_stats_account_for_the_steps_it_ran():
+    with Engine(EngineConfig(base_model="random:tiny-gqa", pool_pages=64)) as engine:
+        before = engine.stats().to_dict()
+        start = time.perf_counter()
+        outs = engine.generate([[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, ignore_eos=True))
+        wall = time.perf_counter() - start
+        after = engine.stats().to_dict()
+    assert [len(o.token_ids) for o in outs] == [6, 6]
+    delta = stats_delta(before, after)
+    # on the CPU there are no graphs: every step ran eagerly, launched and then waited for
+    assert delta["steps"] >= 6 and delta["eager_steps"] == delta["steps"]
+    assert delta["step_seconds_graph"] == delta["step_seconds_piecewise"] == 0
+    assert delta["step_seconds_eager"] > 0 and delta["step_seconds_other"] > 0
+    charged = sum(delta[f"step_seconds_{k}"] for k in ("graph", "piecewise", "eager", "other"))
+    assert charged <= wall + 1e-3  # the account never exceeds the time that passed
