@@ -66,7 +66,8 @@ class EngineConfig:
     # where the GPU does (0.90x at 576 and 1088 tokens): steps of more than
     # piecewise_max_tokens tokens run eagerly (None: max_batched_tokens). A step that stays
     # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``): S1 at
-    # R = 10 halved the first-token latency at the same throughput; at R = 60 no change.
+    # R = 10 cut the median first-token latency by 40% at the same throughput; R = 60 within
+    # run-to-run spread (docs/benchmarks.md).
     piecewise_graphs: bool = True
     piecewise_max_tokens: int | None = 384
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
