@@ -25,6 +25,22 @@ class RequestRecord:
     finished: float | None = None
     finish_reason: str | None = None  # "length" | "stop" | "abort" | "error" | "rejected" | None
     num_output_tokens: int = 0
+    last_token: float | None = None
+    # Inter-token latency: for each output event after the first, the time since the one before
+    # over the tokens it brought (one per token in a stream of single tokens).
+    itl: list[float] = field(default_factory=list)
+
+    def advance(self, num_output_tokens: int, now: float) -> None:
+        """Tokens arrived: the first-token time, the count and the inter-token gaps."""
+        new = num_output_tokens - self.num_output_tokens
+        if new <= 0:
+            return
+        if self.first_token is None:
+            self.first_token = now
+        elif self.last_token is not None:
+            self.itl.append((now - self.last_token) / new)
+        self.last_token = now
+        self.num_output_tokens = num_output_tokens
 
 
 class Recorder:
@@ -58,9 +74,7 @@ class Recorder:
             rec = self.records.get(request_id)
             if rec is None:
                 return
-            if rec.first_token is None and num_output_tokens > 0:
-                rec.first_token = now
-            rec.num_output_tokens = max(rec.num_output_tokens, num_output_tokens)
+            rec.advance(num_output_tokens, now)
 
     def finish(self, request_id: str, reason: str, num_output_tokens: int | None = None,
                now: float | None = None) -> None:
@@ -71,9 +85,7 @@ class Recorder:
             if rec is None or rec.finished is not None:
                 return
             if num_output_tokens is not None:
-                if rec.first_token is None and num_output_tokens > 0:
-                    rec.first_token = now
-                rec.num_output_tokens = max(rec.num_output_tokens, num_output_tokens)
+                rec.advance(num_output_tokens, now)
             rec.finished, rec.finish_reason = now, reason
             self._open -= 1
             self._done.notify_all()
@@ -131,6 +143,11 @@ def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
     request sent, one that got no first token counting as never: the time within which that share
     of all requests was answered (None: fewer than that share got a first token at all).
     ``first_token_share`` is the share of sent requests that got one.
+
+    Beside them, the figures vLLM's serving benchmark reports: TPOT (per completed request, its
+    decode time over its tokens after the first), ITL (every gap between output events, per
+    token) and end-to-end latency (per completed request, from its scheduled arrival), each as
+    p50 / p99 (and TPOT's mean).
     """
     records = list(recorder.records.values())
     wall = max(end - start, 1e-9)
@@ -141,6 +158,7 @@ def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
     e2e = [r.finished - r.arrival for r in completed]
     tpot = [(r.finished - r.first_token) / (r.num_output_tokens - 1)
             for r in completed if r.first_token is not None and r.num_output_tokens > 1]
+    itl = [gap for r in records for gap in r.itl]
     out_tokens = sum(r.num_output_tokens for r in records)
     reasons: dict[str, int] = {}
     for r in records:
@@ -166,7 +184,13 @@ def summarize(recorder: Recorder, *, planned: int, start: float, end: float,
         "ttft_sent_p50_s": _pct_of_sent(ttft, len(records), 50),
         "ttft_sent_p90_s": _pct_of_sent(ttft, len(records), 90),
         "latency_avg_s": round(float(np.mean(e2e)), 4) if e2e else None,
+        "latency_p50_s": _pct(e2e, 50),
+        "latency_p99_s": _pct(e2e, 99),
         "tpot_avg_s": round(float(np.mean(tpot)), 5) if tpot else None,
+        "tpot_p50_s": _pct(tpot, 50),
+        "tpot_p99_s": _pct(tpot, 99),
+        "itl_p50_s": _pct(itl, 50),
+        "itl_p99_s": _pct(itl, 99),
         "slo_s": slo_s,
         "slo_attainment": round(within / planned, 4) if planned else None,
         # how late the replay handed requests over (add_request may block on the engine)
