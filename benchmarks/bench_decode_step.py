@@ -119,11 +119,23 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
     from slora_backend import SamplingParams
 
     produced: dict[str, int] = {}
+    finished: list[str] = []
 
     def on_output(out) -> None:
         produced[out.request_id] = len(out.token_ids)
+        if out.finished and out.finish_reason != "abort":
+            finished.append(out.request_id)
 
-    max_tokens = warmup + 2 * iters + 2 * profile + 4
+    def batch_stays_full() -> None:
+        """A request that finished would leave the timed steps with fewer rows than measured."""
+        if finished:
+            raise RuntimeError(f"request {finished[0]} finished while steps were timed: the "
+                               f"batch shrank below {len(names)} (max_tokens {max_tokens})")
+
+    # The prompts are prefilled in chunks of max_batched_tokens, and the first requests decode
+    # while later ones are still prefilled: they start that many steps ahead.
+    head_start = -(-len(names) * context // engine.config.max_batched_tokens) + 1
+    max_tokens = head_start + warmup + 2 * iters + 2 * profile + 4
     for i, name in enumerate(names):
         prompt = [3 + (7 * i + j) % 30000 for j in range(context)]
         engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), name,
@@ -134,8 +146,11 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
     for _ in range(warmup):
         engine.step()
     contexts = []
-    step_s, wall = timed_steps(engine, iters, lambda _: contexts.append(
-        sum(context + produced[f"d{i}"] for i in range(batch))))
+    def before_decode_step(_: int) -> None:
+        batch_stays_full()
+        contexts.append(sum(context + produced[f"d{i}"] for i in range(batch)))
+
+    step_s, wall = timed_steps(engine, iters, before_decode_step)
     cuda = engine.device.type == "cuda"
     prof = profile_steps(engine, profile) if profile and cuda else None
     mixed = {}
@@ -144,6 +159,7 @@ def measure(engine: Any, names: list[str | None], context: int, warmup: int, ite
         replaced = itertools.count()
 
         def replace_one(_: int) -> None:  # the oldest request leaves, a new one arrives
+            batch_stays_full()
             k = next(replaced)
             engine.abort(live[k % batch])
             live[k % batch] = f"m{k}"

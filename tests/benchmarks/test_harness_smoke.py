@@ -194,3 +194,15 @@ def test_a_failing_system_gives_an_error_row_and_the_others_still_run(cache):
     assert rows["no_lora"]["requests_completed"] == rows["no_lora"]["requests_planned"] > 0
     assert "error" in rows["slora_triton"] and "failed" in rows["slora_triton"]["note"]
     assert "| slora_triton |" in report["markdown"]
+
+
+def test_decode_step_bench_keeps_the_batch_full_through_a_chunked_prefill(cache):
+    """With prompts prefilled over many steps, the first requests decode that many steps ahead
+    of the last: max_tokens covers that head start, so no request finishes while steps are timed
+    (the bench raises if one does: its steps would run fewer rows than it reports)."""
+    result = bench_decode_step.main([
+        "--base-model", "random:tiny-gqa", "--device", "cpu", "--dtype", "float32",
+        "--batch", "8", "--context", "16", "--warmup", "1", "--iters", "3",
+        "--mixed-prompt", "12", "--cache", str(cache), "--bandwidth", "1e10",
+        "--engine-param", "max_batched_tokens=16"])
+    assert result["lora"]["batch"] == 8 and result["lora"]["context_len_mean"] > 16
