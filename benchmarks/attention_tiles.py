@@ -1,9 +1,9 @@
 """Decode attention at the engine's shapes: tile settings of ``paged_attention`` and a candidate
 kernel for one query head per KV head (no tensor-core dot), against the bandwidth bound.
 
-In the H200 decode step (7B, batch 64/256, 512-token contexts) ``_paged_attention_kernel`` takes
-~70% of the GPU time at 81-87% of its bound, while the kernel bench (context 1024) measured
-98.6%: this script finds which setting closes that gap before the kernel's defaults change.
+In the H200 decode step (7B, batch 64/256, ~550-token contexts) ``_paged_attention_kernel`` takes
+47-70% of the GPU time at 91-93% of its bound, while the kernel bench (context 1024) measured
+98.6%: this script looks for a setting that closes the gap (docs/benchmarks.md has its answer).
 
     python -m benchmarks.attention_tiles --batch 64 256 --context 512 --json out.json
 """
