@@ -161,3 +161,6 @@ class AttentionBatch:
     # Host copies for the torch reference path (avoids device syncs in Python loops).
     query_starts_host: list[int]
     context_lens_host: list[int]
+    # A mixed step's one-token (decode) sequences come first: sequences and tokens
+    # 0 .. decode_seqs - 1 (kernels may run them apart from the prompts; 0 = not said).
+    decode_seqs: int = 0

@@ -139,7 +139,7 @@ class ModelRunner:
         use_pieces = (
             not use_graph and self.piecewise is not None
             and self.piecewise.fits(sum(s.num_new_tokens for s in scheduled), len(scheduled),
-                                    max_rank)
+                                    sum(1 for s in scheduled if s.num_new_tokens > 1), max_rank)
         )
         # A graph replay copies host-built metadata into its own static tensors.
         dev = torch.device("cpu") if use_graph else self.device
@@ -196,6 +196,7 @@ class ModelRunner:
             is_decode=max(q_lens) == 1,
             query_starts_host=query_starts,
             context_lens_host=context_lens,
+            decode_seqs=decode_tokens,
         )
         lora = (self._lora_batch(slot_of, token_slots, runs, decode_tokens, residents,
                                  attn.is_decode, dev) if slot_of else None)

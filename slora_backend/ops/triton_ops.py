@@ -172,7 +172,7 @@ class TritonOps(Ops):
     ) -> torch.Tensor:
         return paged_attention(
             q, kv_pages, attn.block_tables, attn.query_starts, attn.context_lens, scale,
-            attn.max_query_len, attn.max_context_len,
+            attn.max_query_len, attn.max_context_len, decode_seqs=attn.decode_seqs,
         )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from slora_backend import Engine, EngineConfig, SamplingParams
-from slora_backend.piecewise_graphs import TOKEN_BUCKETS, PiecewiseGraphs, token_buckets
+from slora_backend.piecewise_graphs import (
+    MAX_PROMPTS,
+    TOKEN_BUCKETS,
+    PiecewiseGraphs,
+    token_buckets,
+)
 from tests.conftest import make_adapter
 from tests.engine.test_triton_backend import DEVICE, _adapters
 
@@ -143,8 +148,9 @@ def test_token_buckets_and_fits(tiny_models):
     r = engine.runner
     pieces = PiecewiseGraphs(engine.model, r.ops, r.pool, r.kv_shape, 8, 100, capture=False)
     assert pieces.buckets[-1] == 128  # captured up to the bucket that holds 100 tokens,
-    assert pieces.fits(100, 8, 16) and not pieces.fits(101, 8, 16)  # used up to 100
-    assert not pieces.fits(64, 9, 16) and not pieces.fits(64, 8, 10**4)
+    assert pieces.fits(100, 8, 2, 16) and not pieces.fits(101, 8, 2, 16)  # used up to 100
+    assert not pieces.fits(64, 9, 2, 16) and not pieces.fits(64, 8, 2, 10**4)
+    assert pieces.fits(64, 8, MAX_PROMPTS, 16) and not pieces.fits(64, 8, MAX_PROMPTS + 1, 16)
 
 
 @pytest.mark.parametrize("with_adapter", [False, True])

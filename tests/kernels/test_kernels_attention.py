@@ -41,6 +41,30 @@ def test_paged_attention(dtype_name: str, config: str, device) -> None:
     torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_mixed_batch_with_decode_rows_launched_apart(dtype_name: str, num_splits, device) -> None:
+    """decode_seqs: the leading one-token sequences run as a decode launch (with key splits when
+    asked), the prompts as another, into one output: equal to the reference."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(15)
+    case = build_kv_case(SHAPES["llama3"], dtype, [1, 1, 1, 5, 12], [9, 70, 3, 5, 30], 4,
+                         device, gen)
+    a = case.attn
+    scale = SHAPES["llama3"].head_dim ** -0.5
+    ref = paged_attention_ref(case.q, case.kv_pages, a.block_tables, a.query_starts_host,
+                              a.context_lens_host, scale)
+    out = torch.full_like(case.q, float("nan"))
+    got = paged_attention(case.q, case.kv_pages, a.block_tables, a.query_starts, a.context_lens,
+                          scale, a.max_query_len, a.max_context_len, num_splits=num_splits,
+                          decode_seqs=3, out=out)
+    assert got is out
+    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
+    with pytest.raises(ValueError, match="out has size"):
+        paged_attention(case.q, case.kv_pages, a.block_tables, a.query_starts, a.context_lens,
+                        scale, a.max_query_len, a.max_context_len, decode_seqs=3, out=out[1:])
+
+
 @pytest.mark.parametrize("shape_name", ["llama2", "smollm2"])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_write_kv(dtype_name: str, shape_name: str, device) -> None:
