@@ -136,10 +136,11 @@ class ModelRunner:
             and all(s.num_new_tokens == 1 and s.samples for s in scheduled)
             and self.graphs.fits(len(scheduled), max_rank)
         )
+        decode_tokens = sum(1 for s in scheduled if s.num_new_tokens == 1)
         use_pieces = (
             not use_graph and self.piecewise is not None
             and self.piecewise.fits(sum(s.num_new_tokens for s in scheduled), len(scheduled),
-                                    sum(1 for s in scheduled if s.num_new_tokens > 1), max_rank)
+                                    len(scheduled) - decode_tokens, max_rank)
         )
         # A graph replay copies host-built metadata into its own static tensors.
         dev = torch.device("cpu") if use_graph else self.device
@@ -147,7 +148,6 @@ class ModelRunner:
         # together so prefill LoRA sees long segments (see LoraBatch.decode_tokens).
         order = sorted(range(len(scheduled)), key=lambda i: (
             scheduled[i].num_new_tokens > 1, scheduled[i].request.adapter or ""))
-        decode_tokens = sum(1 for s in scheduled if s.num_new_tokens == 1)
         input_ids: list[int] = []
         positions: list[int] = []
         kv_slots: list[int] = []
