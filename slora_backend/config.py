@@ -74,6 +74,8 @@ class EngineConfig:
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
     admit_wait_steps: int | None = None
+    # ... and wait only while more requests queue than the batch has free places.
+    admit_wait_only_when_full: bool = False
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
     warm_up: bool = True

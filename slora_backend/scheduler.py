@@ -55,6 +55,7 @@ class Scheduler:
         adapter_ready: Callable[[str], bool] = lambda name: True,
         admit_wait_steps: int = 0,
         cheap_step_tokens: int = 0,
+        wait_only_when_full: bool = False,
     ) -> None:
         self.pool = pool
         # While every running request decodes, new requests join only every admit_wait_steps+1
@@ -66,6 +67,9 @@ class Scheduler:
         # replays piecewise CUDA graphs (``PiecewiseGraphs``) and costs about a decode step, so
         # queued requests whose whole prompts fit join at once (0: no step is cheap).
         self.cheap_step_tokens = cheap_step_tokens
+        # ... and, with wait_only_when_full, only while more requests queue than the batch has
+        # free places: while it has room for them all, waiting only delays their first tokens.
+        self.wait_only_when_full = wait_only_when_full
         self._steps_without_admission = 0
         self.adapter_ready = adapter_ready
         self.adapters = adapters
@@ -180,9 +184,11 @@ class Scheduler:
 
     def _admission_waits(self, out: SchedulerOutput) -> bool:
         """Whether the queue waits this step (see ``admit_wait_steps``): only a step of pure
-        decode waits, and only while requests run."""
+        decode waits, only while requests run, and with ``wait_only_when_full`` only while the
+        batch cannot take the whole queue."""
         decode_only = bool(out.scheduled) and all(s.num_new_tokens == 1 for s in out.scheduled)
-        return (bool(self.waiting) and decode_only
+        full = len(self.waiting) > self.max_num_seqs - len(self.running)
+        return (bool(self.waiting) and decode_only and (full or not self.wait_only_when_full)
                 and self._steps_without_admission < self.admit_wait_steps)
 
     def _cheap_admission_budget(self, out: SchedulerOutput, budget: int) -> int | None:

@@ -189,6 +189,29 @@ def test_admission_waits_while_all_running_requests_decode():
     assert pool.used_by["kv"] > 0 and not sched.waiting
 
 
+def test_admission_waits_only_while_the_batch_is_full():
+    """wait_only_when_full, admit_wait_steps=2, max_num_seqs 2: with a free place, a queued request joins a decoding
+    batch at once; once more requests queue than there are free places, they join on the third
+    decode step (not the first), all that fit at once, and at once with a step that prefills."""
+    pool = PagePool(60)
+    sched = Scheduler(pool, AdapterCache(pool, FakeStore({})), 4, 2, 64, admit_wait_steps=2,
+                      wait_only_when_full=True)
+    sched.add(req(0, max_tokens=20))
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0"]  # nothing ran
+    sched.add(req(1, max_tokens=2))
+    joined = run_step(sched)  # one free place, one queued: not full, joins at once
+    assert [(s.request.request_id, s.num_new_tokens) for s in joined.scheduled] == [("r0", 1), ("r1", 6)]
+    sched.add(req(2, max_tokens=20))  # full (no free place): the first step that waits
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0", "r1"]
+    assert [r.request_id for r in sched.running] == ["r0"]  # r1 had its 2 tokens
+    sched.add(req(3, max_tokens=20))  # two queued, one free place: still full
+    assert [s.request.request_id for s in run_step(sched).scheduled] == ["r0"]  # waits
+    joined = run_step(sched)
+    assert [s.request.request_id for s in joined.scheduled] == ["r0", "r2"]  # the third step
+    assert joined.scheduled[1].num_new_tokens == 6  # its whole prompt
+    assert [r.request_id for r in sched.waiting] == ["r3"]
+
+
 def test_a_step_kept_cheap_admits_without_waiting():
     """cheap_step_tokens=10 (steps that small replay piecewise graphs): with one request
     decoding, a queued 6-token prompt joins at once (1 + 6 <= 10); a 12-token prompt that would
