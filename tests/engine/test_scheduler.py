@@ -190,9 +190,9 @@ def test_admission_waits_while_all_running_requests_decode():
 
 
 def test_admission_waits_only_while_the_batch_is_full():
-    """wait_only_when_full, admit_wait_steps=2, max_num_seqs 2: with a free place, a queued request joins a decoding
-    batch at once; once more requests queue than there are free places, they join on the third
-    decode step (not the first), all that fit at once, and at once with a step that prefills."""
+    """wait_only_when_full, admit_wait_steps=2, max_num_seqs 2: with a free place, a queued
+    request joins a decoding batch at once; once more requests queue than there are free places,
+    they join on the third decode step (not the first), all that fit at once."""
     pool = PagePool(60)
     sched = Scheduler(pool, AdapterCache(pool, FakeStore({})), 4, 2, 64, admit_wait_steps=2,
                       wait_only_when_full=True)
