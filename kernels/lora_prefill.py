@@ -34,6 +34,8 @@ from ._launch import cached_launch
 from ._tl_helpers import misaligned_rows, segment_tile
 from .lora_args import LoraArgs, check_expand, check_shrink
 from .lora_decode import _b_rows
+from .split_k import SplitKWorkspace, sum_of_splits
+from .split_k import plan as plan_splits
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -42,17 +44,18 @@ from .lora_decode import _b_rows
 
 @triton.jit
 def _x_times_rows_t(
-    x_ptr, token, tok_live, stride_x, pool_ptr, offs, live, in_dim,
+    x_ptr, token, tok_live, stride_x, pool_ptr, offs, live, in_dim, kb_lo, kb_hi,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     VEC: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_R] fp32: x[token] @ A^T with A's rows at ``offs`` (dead rows give 0)."""
+    """[BLOCK_M, BLOCK_R] fp32: x[token, k] @ A^T[k] over the K blocks [kb_lo, kb_hi), with A's
+    rows at ``offs`` (dead rows give 0)."""
     if ALIGNED:
         offs = (offs // VEC) * VEC
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     # Iterating over block indices (not k0 = 0, BLOCK_K, ...) keeps k0's divisibility known to
     # the compiler, which it needs to emit 16-byte loads.
-    for kb in range(0, tl.cdiv(in_dim, BLOCK_K)):
+    for kb in range(kb_lo, kb_hi):
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_live = k < in_dim
         xt = tl.load(x_ptr + token[:, None] * stride_x + k[None, :],
@@ -79,25 +82,27 @@ def _segment_adapter(seg_lens_ptr, seg_slots_ptr, ranks_ptr, stride_rank, module
 
 
 # num_segs changes every step: specialising on it (== 1, multiple of 16) would compile new
-# variants mid-serving (each new variant is a ~1 s compile inside a serving step). The same
-# holds for the segment tables' alignment: a mixed step passes its prompts' segment tables from
-# an offset (they follow the decode rows'), 16-byte aligned or not from step to step.
+# variants mid-serving (each new variant is a ~1 s compile inside a serving step); num_splits
+# (1 or not) likewise. The same holds for the segment tables' alignment: a mixed step passes
+# its prompts' segment tables from an offset (they follow the decode rows'), 16-byte aligned or
+# not from step to step.
 _SEGMENT_TABLES = ["seg_starts_ptr", "seg_lens_ptr", "seg_slots_ptr"]
 
 
 @cached_launch
-@triton.jit(do_not_specialize=["num_segs"], do_not_specialize_on_alignment=_SEGMENT_TABLES)
+@triton.jit(do_not_specialize=["num_segs", "num_splits", "k_blocks_per_split"],
+            do_not_specialize_on_alignment=_SEGMENT_TABLES)
 def _sgmv_shrink_kernel(
-    x_ptr, pool_ptr, z_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr,
-    a_offsets_ptr,
-    in_dim, max_rank, num_rank_blocks, num_segs,
+    x_ptr, pool_ptr, z_ptr, partials_ptr, arrivals_ptr,
+    seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, ranks_ptr, a_offsets_ptr,
+    in_dim, max_rank, num_rank_blocks, num_segs, num_splits, k_blocks_per_split,
     stride_x, stride_zt, stride_zm, stride_rank, stride_off_s, stride_off_m,
     mod0, mod1, mod2,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # Module and rank block vary fastest: programs reading the same x tile run together, so
-    # the 2nd and 3rd module's reads of it hit L2.
+    # the 2nd and 3rd module's reads of it hit L2. Axis 2 splits K (``split_k``).
     mi = tl.program_id(0) // num_rank_blocks
     first_row = (tl.program_id(0) % num_rank_blocks) * BLOCK_R
     module = tl.where(mi == 0, mod0, tl.where(mi == 1, mod1, mod2))
@@ -113,17 +118,25 @@ def _sgmv_shrink_kernel(
         live = rows < rank
         offs = tl.load(a_offsets_ptr + slot * stride_off_s + module * stride_off_m + rows,
                        mask=live, other=0)
+        kb_lo = tl.program_id(2) * k_blocks_per_split
+        kb_hi = tl.minimum(kb_lo + k_blocks_per_split, tl.cdiv(in_dim, BLOCK_K))
         if tl.sum((offs % VEC != 0).to(tl.int32), axis=0) == 0:
             acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
-                                  in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, True, PRECISION,
-                                  UPCAST)
+                                  in_dim, kb_lo, kb_hi, BLOCK_M, BLOCK_R, BLOCK_K, VEC, True,
+                                  PRECISION, UPCAST)
         else:
             acc = _x_times_rows_t(x_ptr, token, tok_live, stride_x, pool_ptr, offs, live,
-                                  in_dim, BLOCK_M, BLOCK_R, BLOCK_K, VEC, False, PRECISION,
-                                  UPCAST)
+                                  in_dim, kb_lo, kb_hi, BLOCK_M, BLOCK_R, BLOCK_K, VEC, False,
+                                  PRECISION, UPCAST)
         z_ptrs = z_ptr + token[:, None] * stride_zt + mi * stride_zm + rows[None, :]
-        tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty),
-                 mask=tok_live[:, None] & (rows < max_rank)[None, :])
+        z_live = tok_live[:, None] & (rows < max_rank)[None, :]
+        if num_splits == 1:
+            tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=z_live)
+        else:
+            is_last, total = sum_of_splits(acc, partials_ptr, arrivals_ptr, num_splits,
+                                           BLOCK_M, BLOCK_R)
+            if is_last:
+                tl.store(z_ptrs, total.to(z_ptr.dtype.element_ty), mask=z_live)
 
 
 @triton.jit
@@ -223,6 +236,9 @@ class SgmvShrink:
     The returned z is this object's buffer, zero-filled once: each call writes the same
     positions (the tables fix them), so positions no adapter writes stay zero, and each call
     overwrites what the last returned. Use it before the next call.
+
+    Small grids split K (``split_k``); their partial tiles park in ``workspace`` when given (an
+    engine's one buffer, shared by its launches), else in buffers of this object's own.
     """
 
     def __init__(
@@ -233,6 +249,7 @@ class SgmvShrink:
         modules: Sequence[int],
         *,
         tiles: dict[str, int] | None = None,
+        workspace: SplitKWorkspace | None = None,
     ) -> None:
         call = check_shrink(x, pool, args, modules)
         args.require_segments()
@@ -241,6 +258,7 @@ class SgmvShrink:
         self.z = torch.zeros(call.num_tokens, len(call.modules), call.max_rank, dtype=x.dtype,
                              device=x.device)
         self._grid = None
+        self.splits = 1
         if num_segs == 0 or call.max_rank == 0 or call.num_tokens == 0:
             return
         block_m, block_r = _tiles(x.dtype, args.max_seg_len, call.max_rank)
@@ -248,13 +266,20 @@ class SgmvShrink:
                    BLOCK_K=min(32 if x.dtype == torch.float32 else 64,
                                max(16, next_pow2(call.in_dim))))
         cfg.update(tiles or {})
+        forced_splits = cfg.pop("split_k", None)
         rank_blocks = cdiv(call.max_rank, cfg["BLOCK_R"])
-        self._grid = (len(call.modules) * rank_blocks,
-                      _num_tiles(call.num_tokens, num_segs, cfg["BLOCK_M"]))
+        grid = (len(call.modules) * rank_blocks,
+                _num_tiles(call.num_tokens, num_segs, cfg["BLOCK_M"]))
+        # Small grids split K (split_k.py), parking tiles in ``workspace`` if given.
+        self.splits, per_split, partials, arrivals = plan_splits(
+            grid[0] * grid[1], cdiv(call.in_dim, cfg["BLOCK_K"]),
+            cfg["BLOCK_M"] * cfg["BLOCK_R"], x.device, forced_splits, workspace)
+        self._grid = (*grid, self.splits)
         z, ranks, a_offsets = self.z, args.ranks, args.a_offsets
         self._args = (
+            partials, arrivals,
             args.seg_starts, args.seg_lens, args.seg_slots, ranks, a_offsets,
-            call.in_dim, call.max_rank, rank_blocks, num_segs,
+            call.in_dim, call.max_rank, rank_blocks, num_segs, self.splits, per_split,
             x.stride(0), z.stride(0), z.stride(1), ranks.stride(0),
             a_offsets.stride(0), a_offsets.stride(1),
             *pad3(call.modules),
@@ -284,7 +309,8 @@ def lora_shrink_prefill(
     x: [T, in_dim]; ``args``: the batch's tables with its segments (``max_seg_len``, a host
     int, sizes the grid). Returns z: [T, len(modules), R] in x's dtype; rows of tokens in no
     segment and columns j >= rank are zero. ``tiles`` overrides BLOCK_M / BLOCK_R / BLOCK_K /
-    num_warps / num_stages (for benchmark sweeps). One call of a fresh ``SgmvShrink``.
+    num_warps / num_stages and the number of K splits, ``split_k`` (for tests and benchmark
+    sweeps). One call of a fresh ``SgmvShrink``.
     """
     return SgmvShrink(x, pool, args, modules, tiles=tiles)(x, pool)
 

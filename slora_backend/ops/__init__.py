@@ -8,6 +8,8 @@ implementation is imported only when asked for (it compiles nothing, but imports
 
 from __future__ import annotations
 
+import torch
+
 from .base import Ops
 from .bmm import BmmLora
 from .torch_ops import TorchOps
@@ -16,9 +18,11 @@ KERNEL_BACKENDS = ("torch", "triton")
 LORA_OPS = (None, "bmm")
 
 
-def make_ops(kernel_backend: str, lora_ops: str | None = None) -> Ops:
+def make_ops(kernel_backend: str, lora_ops: str | None = None,
+             device: torch.device | None = None) -> Ops:
     """The ops of ``kernel_backend`` ("torch" or "triton"), with LoRA by gather + bmm when
-    ``lora_ops == "bmm"``."""
+    ``lora_ops == "bmm"``; buffers they keep on ``device`` are allocated now (before the
+    engine sizes its pool from what memory is left)."""
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {kernel_backend!r}")
     if lora_ops not in LORA_OPS:
@@ -26,7 +30,7 @@ def make_ops(kernel_backend: str, lora_ops: str | None = None) -> Ops:
     if kernel_backend == "triton":
         from .triton_ops import TritonOps
 
-        ops: Ops = TritonOps()
+        ops: Ops = TritonOps(device)
     else:
         ops = TorchOps()
     return BmmLora(ops) if lora_ops == "bmm" else ops

@@ -20,6 +20,7 @@ from slora_kernels.lora_decode import (
 from slora_kernels.lora_prefill import SgmvExpand, SgmvShrink
 from slora_kernels.norm_rope import add_rms_norm, rms_norm, rotary, silu_and_mul
 from slora_kernels.paged_attention import paged_attention, write_kv
+from slora_kernels.split_k import SplitKWorkspace
 
 from ..batch import AttentionBatch, LoraBatch
 from .base import Ops
@@ -79,9 +80,9 @@ class _MixedShrink:
     the prompts' by the segment kernel."""
 
     def __init__(self, x: torch.Tensor, pool: torch.Tensor, split: LoraArgs,
-                 modules: Sequence[int]) -> None:
+                 modules: Sequence[int], workspace: SplitKWorkspace) -> None:
         self.rows = int(split.token_slots.shape[0])
-        self.prompts = SgmvShrink(x, pool, split, modules)
+        self.prompts = SgmvShrink(x, pool, split, modules, workspace=workspace)
         self.decode = BgmvShrink(x[:self.rows], pool, split, modules,
                                  out=self.prompts.z[:self.rows])
 
@@ -116,6 +117,13 @@ class TritonOps(Ops):
     global_slots = True
     graph_capturable = True
 
+    def __init__(self, device: torch.device | None = None) -> None:
+        # Where this engine's split segment shrinks park partial tiles (its steps run one at a
+        # time, on one stream): 16 MB on a CUDA device, allocated now if it is known.
+        self.split_k = SplitKWorkspace()
+        if device is not None and device.type == "cuda":
+            self.split_k.buffers(device)
+
     def lora_shrink(
         self, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch, modules: Sequence[int]
     ) -> torch.Tensor:
@@ -131,9 +139,9 @@ class TritonOps(Ops):
         if launch is None:
             split = _mixed_split(lora)
             if split is not None:
-                launch = _MixedShrink(x, pool, split, modules)
+                launch = _MixedShrink(x, pool, split, modules, self.split_k)
             else:
-                launch = SgmvShrink(x, pool, lora.kernel_args, modules)
+                launch = SgmvShrink(x, pool, lora.kernel_args, modules, workspace=self.split_k)
             lora.scratch[key] = launch
         return launch(x, pool)
 

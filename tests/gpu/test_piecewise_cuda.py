@@ -19,7 +19,17 @@ _PIECEWISE_CHECK = """
 import json, sys, torch
 from slora_backend import Engine, EngineConfig, SamplingParams
 from tests.engine.test_triton_backend import LORAS
-model, root, dtype = sys.argv[1], sys.argv[2], sys.argv[3]
+model, root, dtype, split = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "split"
+splits = []
+if split:  # split K into runs of one block (the tiny model's K is 2-3 blocks), count the splits
+    import slora_kernels.lora_prefill as prefill
+    import slora_kernels.split_k as split_k
+    split_k.K_BLOCKS_PER_SPLIT = 1
+    def counted(*args, _plan=prefill.plan_splits):
+        planned = _plan(*args)
+        splits.append(planned[0])
+        return planned
+    prefill.plan_splits = counted
 # A request admitted every step beside the running ones, prompts of many lengths chunked by a
 # small token budget: nearly every step prefills, through many token buckets, with padding.
 n = 24
@@ -49,22 +59,28 @@ for pieces in (True, False):
     out[f"replays_{pieces}"] = pw.replays if pw else 0
     out[f"graphs_{pieces}"] = pw.num_graphs if pw else 0
     out[f"keys_{pieces}"] = sorted(str(k) for k in pw._graphs) if pw else []
+    out[f"split_launches_{pieces}"] = sum(s > 1 for s in splits)
+    splits.clear()
     engine.close()
 print(json.dumps(out))
 """
 
 
 # In a subprocess: a device-side assert would poison the CUDA context of every later test.
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_piecewise_replay_equals_eager(dtype, tmp_path):
+@pytest.mark.parametrize("dtype,split", [("float32", ""), ("float16", ""), ("float16", "split")])
+def test_piecewise_replay_equals_eager(dtype, split, tmp_path):
+    """... and with the segment shrink's K split (split_k.py) in both, eager launches and
+    graphs sharing the engine's one workspace."""
     model_dir = make_tiny_model(tmp_path / "bare", "gqa", tokenizer_dir=tmp_path / "none")
     root = _adapters(model_dir, tmp_path / "adapters", scale=0.5)
-    run = subprocess.run([sys.executable, "-c", _PIECEWISE_CHECK, str(model_dir), str(root), dtype],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _PIECEWISE_CHECK, str(model_dir), str(root), dtype,
+                          split or "-"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["replays_True"] > 20 and out["graphs_True"] > 0, out
     assert out["True"] == out["False"]
+    # (the tiny model's K is too short to split by itself)
+    assert (out["split_launches_True"] > 0) == (out["split_launches_False"] > 0) == bool(split)
 
 
 def test_piecewise_tiny_bare_matches_peft_on_cuda(tmp_path):

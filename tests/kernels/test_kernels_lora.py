@@ -21,6 +21,7 @@ from kernel_cases import (
     lora_batch,
     module_dims,
 )
+from slora_kernels import split_k
 from slora_kernels.lora_args import LoraArgs
 from slora_kernels.lora_bmm import lora_expand_bmm, lora_shrink_bmm
 from slora_kernels.lora_decode import BgmvShrink, lora_expand_decode, lora_shrink_decode
@@ -141,6 +142,69 @@ def test_prefill_kernels_on_a_mixed_step(device) -> None:
     assert lora.seg_lens.shape[0] == num_adapters and lora.max_seg_len == 37
     _check_group("prefill", "odd", MODULE_GROUPS["qkv"], adapters.pool, lora, torch.float32, gen,
                  device)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_segment_shrink_split_over_k_equals_the_reference(dtype_name: str, device) -> None:
+    """Split-K (forced here; on CUDA small grids split by themselves): each split parks its
+    partial tile and the last to arrive sums them, for q/k/v (K = 128: 8 blocks of 16) and down
+    (K = 344: 22 blocks, a last split shorter than the others), ranks mixed in one batch; the
+    arrival counts are back at 0, so the same prepared launch runs again."""
+    dtype = DTYPES[dtype_name]
+    adapters, lora, gen = _make_case("llama2", dtype, "mixed", "distinct", "prefill", device, 11)
+    dims = module_dims(SHAPES["llama2"])
+    for group in ("qkv", "down"):
+        mods = MODULE_GROUPS[group]
+        x = torch.randn(lora.token_slots.shape[0], dims[mods[0]][0], generator=gen)
+        x = x.to(dtype).to(device)
+        z_ref = lora_shrink_ref(x, adapters.pool, lora.kernel_args, mods)
+        for splits in (2, 3):
+            shrink = SgmvShrink(x, adapters.pool, lora.kernel_args, mods,
+                                tiles={"split_k": splits, "BLOCK_K": 16})
+            assert shrink.splits == splits
+            first = shrink(x, adapters.pool).clone()
+            torch.testing.assert_close(first, z_ref, **TOLERANCES[dtype])
+            arrivals = shrink._args[1]
+            assert arrivals.numel() > 1 and int(arrivals.abs().sum()) == 0
+            assert torch.equal(shrink(x, adapters.pool), first)
+
+
+def test_k_splits_only_where_asked_or_the_grid_is_small() -> None:
+    """On a 132-SM GPU a grid of fewer than 4 programs per SM splits K = 4096 (64 blocks) into
+    runs of 8 blocks, a larger grid does not; off CUDA (no SM count) nothing splits unless
+    asked; a forced count is capped at the K blocks and leaves no split empty (7 blocks in 3
+    splits: 3 + 3 + 1)."""
+    k_splits = split_k.k_splits
+    assert k_splits(114, 64, 132, None) == (8, 8)  # one 128-token prompt in a 384-token step
+    assert k_splits(527, 64, 132, None) == (8, 8)
+    assert k_splits(528, 64, 132, None) == (1, 64)
+    assert k_splits(6, 64, None, None) == (1, 64)
+    assert k_splits(4, 7, None, 3) == (3, 3)
+    assert k_splits(4, 4, 132, 8) == (4, 1)
+    assert k_splits(4, 6, None, 4) == (3, 2)
+
+
+def test_a_shared_workspace_caps_the_splits_and_is_reused(device) -> None:
+    """Launches given one workspace park their tiles in its buffers: a launch splits at most as
+    many ways as they hold (none if fewer than two, or if it has more programs than arrival
+    counts) and gives the reference's z; launches after it use the same buffers."""
+    adapters, lora, gen = _make_case("llama2", torch.float32, 8, "distinct", "prefill", device, 12)
+    x = torch.randn(lora.token_slots.shape[0], 128, generator=gen).to(device)
+    z_ref = lora_shrink_ref(x, adapters.pool, lora.kernel_args, (0, 1, 2))
+    tiles = {"split_k": 4, "BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_R": 16}
+    probe = SgmvShrink(x, adapters.pool, lora.kernel_args, (0, 1, 2), tiles=tiles)
+    programs = probe._grid[0] * probe._grid[1]
+    for elements, counters, want in ((programs * 256 * 4, 64, 4), (programs * 256 * 3, 64, 3),
+                                     (programs * 256, 64, 1), (programs * 256 * 4, 2, 1)):
+        workspace = split_k.SplitKWorkspace(elements, counters)
+        shrink = SgmvShrink(x, adapters.pool, lora.kernel_args, (0, 1, 2), tiles=tiles,
+                            workspace=workspace)
+        assert shrink.splits == want
+        torch.testing.assert_close(shrink(x, adapters.pool), z_ref, **TOLERANCES[torch.float32])
+        again = SgmvShrink(x, adapters.pool, lora.kernel_args, (0, 1, 2), tiles=tiles,
+                           workspace=workspace)
+        assert again._args[0] is shrink._args[0] and again._args[1] is shrink._args[1]
+        torch.testing.assert_close(again(x, adapters.pool), z_ref, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("rank", [64, "mixed"], ids=lambda r: f"r{r}")
