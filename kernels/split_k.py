@@ -34,8 +34,10 @@ def sum_of_splits(acc, partials_ptr, arrivals_ptr, num_splits,
     cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
     parked = partials_ptr + tile.to(tl.int64) * num_splits * BLOCK_M * BLOCK_R + cell
     tl.store(parked + tl.program_id(2) * BLOCK_M * BLOCK_R, acc)
-    # acq_rel: this program's tile is visible before its arrival counts, and the last to
-    # arrive sees every other tile (loaded past L1, .cg).
+    # One thread counts the arrival: the barrier orders every thread's part of the tile before
+    # it, and acq_rel makes all of it visible before the count (release) and every other
+    # split's tile visible to the last to arrive (acquire; loaded past L1, .cg).
+    tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
     is_last = arrived == num_splits - 1
     total = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)

@@ -91,6 +91,7 @@ def _launch_all() -> None:
         args = LoraArgs(ranks, off, off, torch.ones(s), token_slots=slots, seg_starts=seg,
                         seg_lens=seg, seg_slots=seg, max_seg_len=64)
         z = lora_shrink_prefill(x, pool, args, qkv[0])
+        lora_shrink_prefill(x, pool, args, qkv[0], tiles={"split_k": 8})  # (the split path)
         lora_expand_prefill(y, z, pool, args, *qkv)
         q = torch.empty(t, 32, 128, dtype=dtype)
         kv = torch.empty(8, 2, 16, 8, 128, dtype=dtype)
