@@ -36,6 +36,7 @@ from benchmarks.kernel_bench.lora import (
     bench_lora_decode_layers,
     bench_lora_mixed_step,
     bench_lora_prefill,
+    bench_lora_split_k,
 )
 from benchmarks.kernel_bench.timing import HBM_BYTES_PER_S, ROWS, markdown
 
@@ -57,6 +58,7 @@ def main() -> None:
         "elementwise": lambda: bench_elementwise([64, 256] if args.quick else [64, 256, 4096]),
         "graph_check": bench_graph_check,
         "lora_mixed_step": bench_lora_mixed_step,
+        "lora_split_k": bench_lora_split_k,
         "decode_tiles": lambda: bench_decode_tiles([32, 64, 128]),
         "lora_decode_layers": lambda: bench_lora_decode_layers(batches, sweep),
     }

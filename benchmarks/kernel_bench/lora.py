@@ -1,5 +1,6 @@
 """LoRA kernel rows: decode (BGMV) against a padded gather + bmm, a step's 32 layers of decode
-LoRA, the decode tile sweep, prefill (SGMV) against per-segment bmm, and a mixed step."""
+LoRA, the decode tile sweep, prefill (SGMV) against per-segment bmm, a mixed step, and the
+segment shrink with K split against unsplit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from slora_kernels.lora_decode import (
     lora_expand_decode,
     lora_shrink_decode,
 )
-from slora_kernels.lora_prefill import lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.lora_prefill import SgmvShrink, lora_expand_prefill, lora_shrink_prefill
+from slora_kernels.lora_reference import lora_shrink_ref
 
 from benchmarks.lora_bmm_segments import lora_expand_bmm_segments, lora_shrink_bmm_segments
 
@@ -290,3 +292,35 @@ def bench_lora_mixed_step(decode_rows: int = 250, prompts: int = 8) -> None:
                          ("prompts only", prompt_part)):
             record("lora_mixed_step", f"{d} decode rows + {p} prompt tokens ({prompts} prompts), "
                    f"r8 {name}: {case}", time_us(fn), None, nbytes)
+
+
+def bench_lora_split_k() -> None:
+    """The segment shrink alone, K split as the launcher decides (``split_k.py``) against not
+    split (``split_k=1``), for prompts as a mixed step meets them: one of 128 or 500 tokens, or
+    8 of 8-511, each its own adapter, rank 8 and 64, the q/k/v call (K = 4096, 3 modules) and
+    the o call (1 module). The "torch" column is the unsplit launch."""
+    gen = torch.Generator().manual_seed(3)
+    for prompt_name, lens in (("1 x 128", [128]), ("1 x 500", [500]),
+                              ("8 x 8-511", torch.randint(8, PREFILL_LEN, (8,), generator=gen)
+                               .tolist())):
+        i32 = partial(torch.tensor, dtype=torch.int32, device=DEV)
+        seg = (i32([sum(lens[:i]) for i in range(len(lens))]), i32(lens),
+               torch.arange(len(lens), dtype=torch.int32, device=DEV))
+        for rank_name, ranks in (("r8", (8,)), ("r64", (64,))):
+            ad = Adapters(len(lens), ranks, gen)
+            token_slots = torch.repeat_interleave(
+                torch.arange(len(lens), dtype=torch.int32), torch.tensor(lens)).to(DEV)
+            args = ad.args(token_slots, segments=seg, max_seg_len=max(lens))
+            x = torch.randn(sum(lens), H, device=DEV, dtype=DT)
+            for name, mods in (("qkv", QKV[0]), ("o", (3,))):
+                split = SgmvShrink(x, ad.pool, args, mods)
+                whole = SgmvShrink(x, ad.pool, args, mods, tiles={"split_k": 1})
+                want = lora_shrink_ref(x, ad.pool, args, mods)
+                check(f"split shrink {prompt_name} {rank_name} {name}", split(x, ad.pool), want)
+                check(f"unsplit shrink {prompt_name} {rank_name} {name}", whole(x, ad.pool), want)
+                # (A only: half of weight_bytes, whose modules here read and write H wide)
+                nbytes = ad.weight_bytes(list(range(len(lens))), mods) // 2 + x.numel() * 2
+                record("lora_split_k", f"{prompt_name} tokens, {rank_name} {name}: "
+                       f"{split.splits} splits vs 1", time_us(lambda: split(x, ad.pool)),
+                       time_us(lambda: whole(x, ad.pool)), nbytes, splits=split.splits)
+            del ad
