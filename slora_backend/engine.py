@@ -39,7 +39,7 @@ from .request_check import RequestChecker
 from .sampler import Sampler
 from .scheduler import ScheduledRequest, Scheduler
 from .stats import EngineStats, engine_stats
-from .step_clock import StepClock
+from .step_clock import DeviceClock, StepClock
 from .step_in_flight import StepInFlight
 from .step_launch import StepLauncher
 from .warm_up import warm_up
@@ -123,6 +123,7 @@ class Engine:
                                     background=self.device.type == "cuda")
         self.sampler = Sampler(self.device, config.seed)
         self.clock = StepClock()  # where the stepping time goes, by kind of step (stats)
+        self.device_clock = DeviceClock()  # ... and the device's time, with its gaps (CUDA)
         self.launcher = StepLauncher(self.runner, self.sampler, self.adapters.cache, self.device,
                                      self.clock)
         self.checker = RequestChecker(self.tokenizer, self.spec.vocab_size, self.max_model_len,
@@ -331,8 +332,11 @@ class Engine:
             if self._in_flight is not None:
                 with self.clock.charging(self._in_flight.kind):  # (the GPU finishing that step)
                     self._in_flight.wait()
+                self.device_clock.finished(self._in_flight)
                 outputs += self.outputs.process(self._in_flight)
             self._in_flight = launched
+            if launched is None:
+                self.device_clock.drained()
             return [o for o in outputs if o is not None]
 
     def _launch(self, scheduled: list[ScheduledRequest],

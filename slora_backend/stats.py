@@ -42,6 +42,12 @@ class EngineStats:
     step_seconds_piecewise: float
     step_seconds_eager: float
     step_seconds_other: float
+    # The device's seconds in steps by kind (their spans on the compute stream) and idle between
+    # steps (the next not yet launched when one ended); 0 off CUDA (``step_clock.DeviceClock``).
+    device_seconds_graph: float
+    device_seconds_piecewise: float
+    device_seconds_eager: float
+    device_idle_between_steps: float
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -67,4 +73,7 @@ def engine_stats(engine: Engine) -> EngineStats:
         piecewise_graphs=pieces.num_graphs if pieces else 0,
         piecewise_steps=pieces.replays if pieces else 0,
         **{f"step_seconds_{kind}": round(seconds, 4) for kind, seconds in engine.clock.seconds.items()},
+        **{f"device_seconds_{kind}": round(seconds, 4)
+           for kind, seconds in engine.device_clock.seconds.items()},
+        device_idle_between_steps=round(engine.device_clock.idle_between_steps, 4),
     )

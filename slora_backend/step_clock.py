@@ -7,6 +7,11 @@ Both are charged to the step's kind: ``graph`` (a decode step replayed from a CU
 step: large prefills, and every step where there are no graphs). The rest of ``Engine.step``
 (scheduling, adapter copies and prefetches, detokenizing and emitting outputs) is ``other``. Time
 outside ``Engine.step`` (no work, or the loop yielding) is the wall time less all of these.
+
+``DeviceClock`` is the device's side (CUDA): each step's span on the compute stream, from an
+event recorded as its launch begins to its ``done`` event, by kind, and the device's idle time
+between consecutive steps - a step not launched yet when the one before it ended: a host gap.
+A step launched after the engine ran out of work (nothing in flight) opens no gap.
 """
 
 from __future__ import annotations
@@ -57,3 +62,27 @@ class StepClock:
         finally:
             inside = sum(self.seconds[k] for k in STEP_KINDS) - charged
             self.seconds["other"] += time.perf_counter() - start - inside
+
+
+class DeviceClock:
+    """Device seconds by kind of step, and idle seconds between steps (see the module doc).
+    ``finished`` is given each step once the host has waited for it, so its events are done."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STEP_KINDS, 0.0)
+        self.idle_between_steps = 0.0
+        self._last_done: Any = None
+
+    def finished(self, step: Any) -> None:
+        """``step``: a ``StepInFlight`` (its ``kind``, and ``started`` / ``done`` timing events
+        on one stream, None off CUDA)."""
+        if step.started is None or step.done is None:
+            return
+        self.seconds[step.kind] += step.started.elapsed_time(step.done) / 1e3
+        if self._last_done is not None:  # (0 when it was launched before the last one ended)
+            self.idle_between_steps += max(0.0, self._last_done.elapsed_time(step.started) / 1e3)
+        self._last_done = step.done
+
+    def drained(self) -> None:
+        """Nothing is in flight (no work): the next step's wait for work is not a gap."""
+        self._last_done = None

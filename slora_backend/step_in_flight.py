@@ -27,13 +27,16 @@ from .request import PENDING, Request
 
 
 class StepInFlight:
-    def __init__(self, sampling: list[Request], tokens: torch.Tensor, kind: str = "eager") -> None:
+    def __init__(self, sampling: list[Request], tokens: torch.Tensor, kind: str = "eager",
+                 started: torch.cuda.Event | None = None) -> None:
         """``tokens``: the device tokens of ``sampling`` (one per request, in order, or
         ``sampler.NON_FINITE``), just sampled on the compute stream. Appends each request's
         placeholder and starts the copy of the tokens to the host. ``kind``: how the step ran
-        (``step_clock.STEP_KINDS``)."""
+        (``step_clock.STEP_KINDS``); ``started``: a timing event recorded on the stream as its
+        launch began (``step_clock.DeviceClock``)."""
         self.requests = sampling
         self.kind = kind
+        self.started = started
         self.slots = []  # each request's placeholder index in its output_token_ids
         for r in sampling:
             self.slots.append(len(r.output_token_ids))
@@ -46,7 +49,7 @@ class StepInFlight:
         if tokens.is_cuda:
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.host.copy_(tokens, non_blocking=True)
-            self.done = torch.cuda.Event()
+            self.done = torch.cuda.Event(enable_timing=True)
             self.done.record()
         else:
             self.host = tokens

@@ -48,6 +48,10 @@ class StepLauncher:
     def launch(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> Launched:
         """Launch ``scheduled`` (``pending``: the tokens of the step in flight, read on the device)."""
         before, start = graph_replays(self.runner), time.perf_counter()
+        started = None
+        if self.device.type == "cuda":  # (the device's span of the step, step_clock.DeviceClock)
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         ran = run_split_on_failure(scheduled, lambda part: self._forward(part, pending), self._recover)
         kind = step_kind(before, graph_replays(self.runner))
         self.clock.add(kind, time.perf_counter() - start)
@@ -60,7 +64,7 @@ class StepLauncher:
             for s in part:
                 s.request.num_computed_tokens += s.num_new_tokens
         return Launched(StepInFlight(sampling, tokens[0] if len(tokens) == 1 else torch.cat(tokens),
-                                     kind), ran.failed)
+                                     kind, started), ran.failed)
 
     def _forward(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None) -> torch.Tensor:
         """One attempt: the forward over ``scheduled`` and the tokens of those that sample."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.metrics import stats_delta
 from slora_backend import Engine, EngineConfig, SamplingParams
-from slora_backend.step_clock import StepClock, step_kind
+from slora_backend.step_clock import DeviceClock, StepClock, step_kind
 
 
 def test_step_kind_follows_which_replay_counter_moved():
@@ -37,6 +38,36 @@ def test_a_step_charges_its_kinds_and_the_rest_to_other():
         clock.add("decode", 1.0)  # not a kind: refused rather than silently counted
 
 
+class FakeEvent:
+    """A completed timing event at ``ms`` on one stream's timeline."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.ms - self.ms
+
+
+def test_device_clock_sums_spans_by_kind_and_the_gaps_between_steps():
+    """Steps on one stream: a graph step 0-10 ms, a piecewise step launched late (15-40 ms: a
+    5 ms gap), an eager step queued behind it (its start event ran at 40 ms: no gap); a step
+    without events (off CUDA) adds nothing; after the engine ran dry, the wait for work before
+    the next step (100-300 ms) is no gap."""
+    clock = DeviceClock()
+    steps = [SimpleNamespace(kind="graph", started=FakeEvent(0), done=FakeEvent(10)),
+             SimpleNamespace(kind="piecewise", started=FakeEvent(15), done=FakeEvent(40)),
+             SimpleNamespace(kind="eager", started=FakeEvent(40), done=FakeEvent(100)),
+             SimpleNamespace(kind="eager", started=None, done=None)]
+    for step in steps:
+        clock.finished(step)
+    assert clock.seconds == pytest.approx({"graph": 0.010, "piecewise": 0.025, "eager": 0.060})
+    assert clock.idle_between_steps == pytest.approx(0.005)
+    clock.drained()
+    clock.finished(SimpleNamespace(kind="graph", started=FakeEvent(300), done=FakeEvent(310)))
+    assert clock.seconds["graph"] == pytest.approx(0.020)
+    assert clock.idle_between_steps == pytest.approx(0.005)
+
+
 def test_engine_stats_account_for_the_steps_it_ran():
     with Engine(EngineConfig(base_model="random:tiny-gqa", pool_pages=64)) as engine:
         before = engine.stats().to_dict()
@@ -52,3 +83,8 @@ def test_engine_stats_account_for_the_steps_it_ran():
     assert delta["step_seconds_eager"] > 0 and delta["step_seconds_other"] > 0
     charged = sum(delta[f"step_seconds_{k}"] for k in ("graph", "piecewise", "eager", "other"))
     assert charged <= wall + 1e-3  # the account never exceeds the time that passed
+    # the device's side needs CUDA events: zero here, but in the stats and their deltas
+    device = [k for k in delta if k.startswith("device_")]
+    assert sorted(device) == ["device_idle_between_steps", "device_seconds_eager",
+                              "device_seconds_graph", "device_seconds_piecewise"]
+    assert all(delta[k] == 0 for k in device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,8 +80,17 @@ def test_tiny_bare_matches_peft_on_cuda(tmp_path):
                                  device="cuda", dtype="float32", pool_pages=512))
     assert engine.runner.graphs is not None and engine.runner.slot_tables is not None
     prompts = [[100 + (37 * i + 11 * j) % 700 for j in range(3 + 5 * i)] for i in range(len(LORAS))]
+    before, start = engine.stats(), time.perf_counter()
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), LORAS)
+    wall, stats = time.perf_counter() - start, engine.stats()
     assert engine.runner.graphs.replays > 0
+    # the device's account (step_clock.DeviceClock): decode-graph steps and steps that prefill
+    # took device time, and spans plus gaps between steps fit in the time that passed
+    spans = {k: getattr(stats, f"device_seconds_{k}") - getattr(before, f"device_seconds_{k}")
+             for k in ("graph", "piecewise", "eager")}
+    idle = stats.device_idle_between_steps - before.device_idle_between_steps
+    assert spans["graph"] > 0 and spans["piecewise"] + spans["eager"] > 0 and idle >= 0
+    assert sum(spans.values()) + idle <= wall
     ref = PeftReference(model_dir, paths)
     for ids, lora, out in zip(prompts, LORAS, outs):
         assert out.token_ids == ref.greedy(ids, lora, MAX_TOKENS), f"adapter {lora}"
