@@ -82,9 +82,10 @@ class SplitKWorkspace:
 
     def buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._buffers:
+            # (at least one element each: a launch that does not split still passes them)
             self._buffers[device] = (
-                torch.empty(self.elements, dtype=torch.float32, device=device),
-                torch.zeros(self.counters, dtype=torch.int32, device=device))
+                torch.empty(max(self.elements, 1), dtype=torch.float32, device=device),
+                torch.zeros(max(self.counters, 1), dtype=torch.int32, device=device))
         return self._buffers[device]
 
 

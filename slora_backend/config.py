@@ -76,6 +76,9 @@ class EngineConfig:
     admit_wait_steps: int | None = None
     # ... and wait only while more requests queue than the batch has free places.
     admit_wait_only_when_full: bool = False
+    # Split the segment shrink's K when its grid is small (a short prompt beside decode rows;
+    # slora_kernels/split_k.py). Off until measured on the H200.
+    split_k_shrink: bool = False
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
     warm_up: bool = True

@@ -117,11 +117,12 @@ class TritonOps(Ops):
     global_slots = True
     graph_capturable = True
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, split_k: bool = True) -> None:
         # Where this engine's split segment shrinks park partial tiles (its steps run one at a
-        # time, on one stream): 16 MB on a CUDA device, allocated now if it is known.
-        self.split_k = SplitKWorkspace()
-        if device is not None and device.type == "cuda":
+        # time, on one stream): 16 MB on a CUDA device, allocated now if it is known. Without
+        # split_k, a workspace with no room: no launch splits.
+        self.split_k = SplitKWorkspace() if split_k else SplitKWorkspace(elements=0, counters=0)
+        if split_k and device is not None and device.type == "cuda":
             self.split_k.buffers(device)
 
     def lora_shrink(

@@ -109,7 +109,8 @@ class Worker:
         self.model, _ = load_model_shard(config.base_model, self.shard, self.comm,
                                          config.torch_dtype, self.device, config.seed)
         self.layout = ShardedPoolLayout(self.shard, config.block_tokens)
-        self.ops = make_ops(config.resolved_kernel_backend, config.lora_ops, self.device)
+        self.ops = make_ops(config.resolved_kernel_backend, config.lora_ops, self.device,
+                            config.split_k_shrink)
         self.runner: ModelRunner | None = None
         self.mirror: PoolMirror | None = None
         self.residents: dict[str, ResidentAdapter] = {}

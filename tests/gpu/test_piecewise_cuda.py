@@ -40,7 +40,7 @@ out = {}
 for pieces in (True, False):
     engine = Engine(EngineConfig(base_model=model, adapter_root=root, device="cuda", dtype=dtype,
                                  pool_pages=1024, max_num_seqs=16, max_batched_tokens=96,
-                                 admit_wait_steps=0, piecewise_graphs=pieces))
+                                 admit_wait_steps=0, piecewise_graphs=pieces, split_k_shrink=split))
     done = {}
 
     def collect(o):

@@ -187,15 +187,18 @@ def test_k_splits_only_where_asked_or_the_grid_is_small() -> None:
 def test_a_shared_workspace_caps_the_splits_and_is_reused(device) -> None:
     """Launches given one workspace park their tiles in its buffers: a launch splits at most as
     many ways as they hold (none if fewer than two, or if it has more programs than arrival
-    counts) and gives the reference's z; launches after it use the same buffers."""
+    counts, or with a workspace of no room) and gives the reference's z; launches after it use
+    the same buffers."""
     adapters, lora, gen = _make_case("llama2", torch.float32, 8, "distinct", "prefill", device, 12)
     x = torch.randn(lora.token_slots.shape[0], 128, generator=gen).to(device)
     z_ref = lora_shrink_ref(x, adapters.pool, lora.kernel_args, (0, 1, 2))
     tiles = {"split_k": 4, "BLOCK_K": 16, "BLOCK_M": 16, "BLOCK_R": 16}
     probe = SgmvShrink(x, adapters.pool, lora.kernel_args, (0, 1, 2), tiles=tiles)
     programs = probe._grid[0] * probe._grid[1]
+    # (the last: no room at all, the engine's workspace when split_k_shrink is off)
     for elements, counters, want in ((programs * 256 * 4, 64, 4), (programs * 256 * 3, 64, 3),
-                                     (programs * 256, 64, 1), (programs * 256 * 4, 2, 1)):
+                                     (programs * 256, 64, 1), (programs * 256 * 4, 2, 1),
+                                     (0, 0, 1)):
         workspace = split_k.SplitKWorkspace(elements, counters)
         shrink = SgmvShrink(x, adapters.pool, lora.kernel_args, (0, 1, 2), tiles=tiles,
                             workspace=workspace)
