@@ -271,6 +271,7 @@ class Engine:
         if self._in_flight is not None:
             self._in_flight.read()  # (its requests end below)
             self._in_flight = None
+            self.device_clock.drained()
         self._drain_inbox()
         for request in self.outputs.live_requests():
             self._finish(request, "abort")
