@@ -135,6 +135,12 @@ def check_device(name: str, t: torch.Tensor) -> None:
 
 
 @functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (grids are sized to fill them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` may use programmatic dependent launch: CUDA devices of
     compute capability 9.0 (Hopper) and newer, not under the interpreter, unless the

@@ -17,8 +17,6 @@ Torch references: ``attention_reference.paged_attention_ref`` / ``write_kv_ref``
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +29,7 @@ from ._common import (
     dot_precision,
     dot_upcast,
     next_pow2,
+    num_sms,
 )
 from ._launch import cached_launch
 
@@ -213,17 +212,12 @@ def _combine_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d_live)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _default_splits(q: torch.Tensor, num_seqs: int, kv_heads: int, max_context_len: int) -> int:
     """Enough programs to fill the GPU twice over, but no split shorter than 256 keys."""
     if q.device.type != "cuda":
         return 1
     programs = num_seqs * kv_heads
-    want = cdiv(2 * _num_sms(q.device.index or 0), programs)
+    want = cdiv(2 * num_sms(q.device), programs)
     return max(1, min(want, cdiv(max_context_len, 256)))
 
 

@@ -12,13 +12,11 @@ splits to arrive sums them in split order, so the result does not depend on arri
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv
+from ._common import cdiv, num_sms
 
 SPLIT_BELOW = 4
 K_BLOCKS_PER_SPLIT = 8
@@ -46,11 +44,6 @@ def sum_of_splits(acc, partials_ptr, arrivals_ptr, num_splits,
             total += tl.load(parked + split * BLOCK_M * BLOCK_R, cache_modifier=".cg")
         tl.atomic_xchg(arrivals_ptr + tile, 0)
     return is_last, total
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def k_splits(programs: int, k_blocks: int, sms: int | None,
@@ -96,7 +89,7 @@ def plan(programs: int, k_blocks: int, tile_elements: int, device: torch.device,
     with as many splits as they hold, or without a workspace buffers of the launch's own (one-
     element stand-ins if it does not split: the kernel's argument types never change, which
     would compile another variant)."""
-    sms = _sm_count(device) if device.type == "cuda" else None
+    sms = num_sms(device) if device.type == "cuda" else None
     splits, per_split = k_splits(programs, k_blocks, sms, forced)
     if workspace is not None and splits > 1:
         room = workspace.elements // (programs * tile_elements)

@@ -300,10 +300,10 @@ def bench_lora_split_k() -> None:
     8 of 8-511, each its own adapter, rank 8 and 64, the q/k/v call (K = 4096, 3 modules) and
     the o call (1 module). The "torch" column is the unsplit launch."""
     gen = torch.Generator().manual_seed(3)
+    i32 = partial(torch.tensor, dtype=torch.int32, device=DEV)
     for prompt_name, lens in (("1 x 128", [128]), ("1 x 500", [500]),
                               ("8 x 8-511", torch.randint(8, PREFILL_LEN, (8,), generator=gen)
                                .tolist())):
-        i32 = partial(torch.tensor, dtype=torch.int32, device=DEV)
         seg = (i32([sum(lens[:i]) for i in range(len(lens))]), i32(lens),
                torch.arange(len(lens), dtype=torch.int32, device=DEV))
         for rank_name, ranks in (("r8", (8,)), ("r64", (64,))):
