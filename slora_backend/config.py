@@ -80,6 +80,9 @@ class EngineConfig:
     # slora_kernels/split_k.py). On the H200 a 384-token step of 256 decode rows + a 128-token
     # prompt took 26.8 ms with it, 27.5 without (docs/benchmarks.md); CPU launches never split.
     split_k_shrink: bool = True
+    # Run each LoRA shrink on a side stream beside its base matmul (CUDA, Triton kernels; the
+    # tensor-parallel layers keep theirs in line). Off until measured on the H200.
+    overlap_lora_shrink: bool = False
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
     warm_up: bool = True

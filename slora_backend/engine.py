@@ -73,7 +73,7 @@ class Engine:
         self.layout = (self.tp.layout(config.block_tokens) if self.tp
                        else PoolLayout(self.spec, config.block_tokens))
         ops = make_ops(config.resolved_kernel_backend, config.lora_ops, self.device,
-                       config.split_k_shrink)
+                       config.split_k_shrink, config.overlap_lora_shrink)
         # Graphs need ops that never sync with the host (a capability of the ops, not a name);
         # not yet under tensor parallelism (the graphs would capture the collectives).
         graphable = (config.cuda_graphs and self.device.type == "cuda" and ops.graph_capturable

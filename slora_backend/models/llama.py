@@ -57,12 +57,11 @@ class LoraLinear(nn.Module):
         self.out_starts = tuple(sum(out_dims[:i]) for i in range(len(out_dims)))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if ctx.lora is not None and ctx.lora.has_lora and ctx.lora.targets_any(self.modules_idx):
-            buf = ctx.lora_buffer(layer)
-            z = ctx.ops.lora_shrink(x, buf, ctx.lora, self.modules_idx)
-            ctx.ops.lora_expand(y, z, buf, ctx.lora, self.modules_idx, self.out_starts, self.out_dims)
-        return y
+            return ctx.ops.linear_with_lora(x, self.weight, self.bias, ctx.lora_buffer(layer),
+                                            ctx.lora, self.modules_idx, self.out_starts,
+                                            self.out_dims)
+        return F.linear(x, self.weight, self.bias)
 
 
 class DecoderLayer(nn.Module):

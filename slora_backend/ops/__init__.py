@@ -19,11 +19,13 @@ LORA_OPS = (None, "bmm")
 
 
 def make_ops(kernel_backend: str, lora_ops: str | None = None,
-             device: torch.device | None = None, split_k: bool = True) -> Ops:
+             device: torch.device | None = None, split_k: bool = True,
+             overlap_shrink: bool = False) -> Ops:
     """The ops of ``kernel_backend`` ("torch" or "triton"), with LoRA by gather + bmm when
     ``lora_ops == "bmm"``; buffers they keep on ``device`` are allocated now (before the
     engine sizes its pool from what memory is left). ``split_k``: the Triton segment shrink
-    may split K (``slora_kernels.split_k``)."""
+    may split K (``slora_kernels.split_k``); ``overlap_shrink``: on CUDA the Triton LoRA shrink
+    runs on a side stream beside its base matmul (``TritonOps.linear_with_lora``)."""
     if kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {kernel_backend!r}")
     if lora_ops not in LORA_OPS:
@@ -31,7 +33,7 @@ def make_ops(kernel_backend: str, lora_ops: str | None = None,
     if kernel_backend == "triton":
         from .triton_ops import TritonOps
 
-        ops: Ops = TritonOps(device, split_k)
+        ops: Ops = TritonOps(device, split_k, overlap_shrink)
     else:
         ops = TorchOps()
     return BmmLora(ops) if lora_ops == "bmm" else ops

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..batch import AttentionBatch, LoraBatch
 
@@ -63,6 +64,26 @@ class Ops(ABC):
         y: [T, total_out] updated in place for n < out_dims[mi]; z: [T, len(modules), R] from
         ``lora_shrink``. Rows of base-model tokens and modules of rank 0 leave y untouched.
         """
+
+    def linear_with_lora(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        pool: torch.Tensor,
+        lora: LoraBatch,
+        modules: Sequence[int],
+        out_starts: Sequence[int],
+        out_dims: Sequence[int],
+    ) -> torch.Tensor:
+        """y = x W^T (+ b), then y += the LoRA of ``modules`` (``lora_shrink``, ``lora_expand``).
+
+        An implementation may run the shrink beside the matmul (both only read x).
+        """
+        y = F.linear(x, weight, bias)
+        z = self.lora_shrink(x, pool, lora, modules)
+        self.lora_expand(y, z, pool, lora, modules, out_starts, out_dims)
+        return y
 
     @abstractmethod
     def write_kv(

@@ -110,7 +110,7 @@ class Worker:
                                          config.torch_dtype, self.device, config.seed)
         self.layout = ShardedPoolLayout(self.shard, config.block_tokens)
         self.ops = make_ops(config.resolved_kernel_backend, config.lora_ops, self.device,
-                            config.split_k_shrink)
+                            config.split_k_shrink, config.overlap_lora_shrink)
         self.runner: ModelRunner | None = None
         self.mirror: PoolMirror | None = None
         self.residents: dict[str, ResidentAdapter] = {}

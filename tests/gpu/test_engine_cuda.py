@@ -24,7 +24,7 @@ _GRAPH_CHECK = """
 import json, sys
 from slora_backend import Engine, EngineConfig, SamplingParams
 from tests.engine.test_triton_backend import LORAS
-model, root, copies = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model, root, copies, overlap = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "overlap"
 # Token-id prompts (a model without a tokenizer works too) of growing length, so that contexts
 # cross the 256-token graph bucket, and answers of different lengths, so that the decode batch
 # shrinks through several batch buckets.
@@ -32,11 +32,15 @@ n = len(LORAS) * copies
 prompts = [[100 + (31 * i + 7 * j) % 900 for j in range(4 + 300 * i // n)] for i in range(n)]
 params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True) for i in range(n)]
 out = {}
+# With "overlap": the graphs (and the steps that prefill) run each shrink on a side stream,
+# the eager engine in line, so a shrink read or overwritten out of order shows as a difference.
 for graphs in (True, False):
     engine = Engine(EngineConfig(base_model=model, adapter_root=root, device="cuda",
-                                 dtype="float32", cuda_graphs=graphs, pool_pages=1024))
+                                 dtype="float32", cuda_graphs=graphs, pool_pages=1024,
+                                 overlap_lora_shrink=overlap and graphs))
     out[str(graphs)] = [o.token_ids for o in engine.generate(prompts, params, LORAS * copies)]
     out[f"graphs_{graphs}"] = engine.runner.graphs.num_graphs if engine.runner.graphs else 0
+    out[f"side_{graphs}"] = engine.runner.ops.shrink_stream is not None
 print(json.dumps(out))
 """
 
@@ -46,8 +50,9 @@ print(json.dumps(out))
 # machine has none); the tiny model with SmolLM2's tokenizer would check nothing more here.
 # On Hopper the decode LoRA expand is a programmatic dependent launch of the shrink: these
 # replays check that the captured graphs keep its wait on z.
-@pytest.mark.parametrize("model", ["smollm2", "tiny_bare"])
-def test_graph_replay_equals_eager(model, request, tmp_path):
+@pytest.mark.parametrize("model,overlap", [("smollm2", ""), ("tiny_bare", ""),
+                                           ("tiny_bare", "overlap")])
+def test_graph_replay_equals_eager(model, overlap, request, tmp_path):
     if model == "tiny_bare":
         model_dir = make_tiny_model(tmp_path / "bare", "gqa", tokenizer_dir=tmp_path / "none")
     else:
@@ -55,10 +60,12 @@ def test_graph_replay_equals_eager(model, request, tmp_path):
     root = _adapters(model_dir, tmp_path / "adapters", scale=0.5)
     copies = 3 if model == "smollm2" else 5  # 12 and 20 sequences: padded to buckets 16 and 24
     run = subprocess.run([sys.executable, "-c", _GRAPH_CHECK, str(model_dir), str(root),
-                          str(copies)], capture_output=True, text=True, timeout=600)
+                          str(copies), overlap or "-"], capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["graphs_True"] >= 4  # several (batch, rank, context) buckets were captured
+    assert out["side_True"] == bool(overlap) and not out["side_False"]
     assert out["True"] == out["False"]
 
 
