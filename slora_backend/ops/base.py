@@ -2,7 +2,8 @@
 
 The model (``models/llama.py``) does its matmuls itself and calls an ``Ops`` object for
 everything that reads the page pool or has a kernel: LoRA shrink / expand, KV writes, paged
-attention, the norms, SiLU-and-mul and RoPE. Implementations: ``TorchOps`` (the references of
+attention, the norms, SiLU-and-mul and RoPE. A projection with LoRA goes through
+``linear_with_lora`` (matmul, shrink, expand), so an implementation may overlap its parts. Implementations: ``TorchOps`` (the references of
 ``slora_kernels``, the CPU path), ``TritonOps`` (the Triton kernels) and ``BmmLora`` (the
 "bmm" LoRA ablation around either). Callers decide by the capability flags below, never by an
 implementation's name.
