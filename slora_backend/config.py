@@ -81,7 +81,8 @@ class EngineConfig:
     # prompt took 26.8 ms with it, 27.5 without (docs/benchmarks.md); CPU launches never split.
     split_k_shrink: bool = True
     # Run each LoRA shrink on a side stream beside its base matmul (CUDA, Triton kernels; the
-    # tensor-parallel layers keep theirs in line). Off until measured on the H200.
+    # tensor-parallel layers keep theirs in line). Off: on the H200 it took under 1% off a
+    # decode step at batch 64 and 256 (docs/benchmarks.md).
     overlap_lora_shrink: bool = False
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
