@@ -96,6 +96,10 @@ class EngineConfig:
     slo_ttft_s: float | None = None
     early_abort: bool = False
     max_waiting: int | None = None
+    # ... and once the oldest queued request has waited this long (the queue no longer drains),
+    # admit the newest first (adaptive LIFO; preempted requests still go first). None: first
+    # come, first served always.
+    newest_first_after_s: float | None = None
     # Devices one engine spans (tensor parallelism, ``slora_backend/parallel``): the engine
     # process is rank 0 and starts a worker process per further rank; CUDA ranks take the devices
     # following ``device``. Must divide the attention heads, hidden and intermediate sizes.
@@ -136,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"slo_ttft_s must be > 0, got {self.slo_ttft_s}")
         if self.early_abort and self.slo_ttft_s is None:
             raise ValueError("early_abort needs slo_ttft_s")
+        if self.newest_first_after_s is not None and not self.newest_first_after_s >= 0:
+            raise ValueError(f"newest_first_after_s must be >= 0, got {self.newest_first_after_s}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")

@@ -110,6 +110,7 @@ class Engine:
                                    admit_wait_steps=(8 if graphable else 0) if admit_wait is None
                                    else admit_wait,
                                    wait_only_when_full=config.admit_wait_only_when_full,
+                                   lifo_after_s=config.newest_first_after_s,
                                    cheap_step_tokens=(config.piecewise_token_limit
                                                       if graphable and config.piecewise_graphs else 0))
         self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,

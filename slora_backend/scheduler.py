@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from .adapters.gpu_cache import AdapterCache
 from .page_pool import KV, PagePool
@@ -56,6 +57,7 @@ class Scheduler:
         admit_wait_steps: int = 0,
         cheap_step_tokens: int = 0,
         wait_only_when_full: bool = False,
+        lifo_after_s: float | None = None,
     ) -> None:
         self.pool = pool
         # While every running request decodes, new requests join only every admit_wait_steps+1
@@ -70,6 +72,11 @@ class Scheduler:
         # ... and, with wait_only_when_full, only while more requests queue than the batch has
         # free places: while it has room for them all, waiting only delays their first tokens.
         self.wait_only_when_full = wait_only_when_full
+        # Adaptive LIFO ("Fail at Scale", Facebook's RPC queues): once the oldest new request
+        # has queued this long, the queue no longer drains and first come, first served only
+        # makes every request late; newest first then keeps most first tokens early and leaves
+        # the wait to those already late (with early abort, they are dropped at the SLO).
+        self.lifo_after_s = lifo_after_s
         self._steps_without_admission = 0
         self.adapter_ready = adapter_ready
         self.adapters = adapters
@@ -120,8 +127,9 @@ class Scheduler:
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         out = SchedulerOutput()
+        now = time.monotonic() if now is None else now
         if self.slo_ttft_s is not None:
-            self._drop_late(time.monotonic() if now is None else now, out)
+            self._drop_late(now, out)
         budget = self.max_batched_tokens
         # 1. Running requests, oldest first; preempt from the newest end when the pool is dry.
         i = 0
@@ -141,23 +149,27 @@ class Scheduler:
                 out.scheduled.append(ScheduledRequest(request, n))
                 budget -= n
                 i += 1
-        # 2. Waiting requests, in order, while they fit (not in a step that had to preempt). One
-        #    whose adapter is still being read from disk is passed over, not waited for; the
-        #    look-ahead past such requests is bounded so a long queue costs a bounded scan.
+        # 2. Waiting requests, in admission order, while they fit (not in a step that had to
+        #    preempt). One whose adapter is still being read from disk is passed over, not
+        #    waited for; the look-ahead past such requests is bounded so a long queue costs a
+        #    bounded scan.
+        order = self._admission_order(now)
         waits = self._admission_waits(out)
-        cheap_budget = self._cheap_admission_budget(out, budget) if waits else None
+        cheap_budget = self._cheap_admission_budget(out, budget, order) if waits else None
         if waits and cheap_budget is None:
             self._steps_without_admission += 1
             return out
         budget = budget if cheap_budget is None else cheap_budget
         admitted = len(out.scheduled)
-        i = 0
-        while i < len(self.waiting) and not out.preempted and budget > 0:
-            if len(self.running) >= self.max_num_seqs or i >= self.max_num_seqs:
+        joined: set[int] = set()  # id() of the requests that leave the queue
+        passed_over = 0
+        for request in order:
+            if out.preempted or budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            request = self.waiting[i]
             if request.adapter is not None and not self.adapter_ready(request.adapter):
-                i += 1
+                passed_over += 1
+                if passed_over >= self.max_num_seqs:
+                    break
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if cheap_budget is not None and n < request.num_tokens - request.num_computed_tokens:
@@ -171,11 +183,13 @@ class Scheduler:
                 if request.adapter is not None:
                     self.adapters.release(request.adapter)
                 break
-            del self.waiting[i]
+            joined.add(id(request))
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n))
             budget -= n
+        if joined:
+            self.waiting = deque(r for r in self.waiting if id(r) not in joined)
         if len(out.scheduled) > admitted:
             self._steps_without_admission = 0
         elif cheap_budget is not None:  # (nothing fitted: the step counts as one that waited)
@@ -191,15 +205,31 @@ class Scheduler:
         return (bool(self.waiting) and decode_only and (full or not self.wait_only_when_full)
                 and self._steps_without_admission < self.admit_wait_steps)
 
-    def _cheap_admission_budget(self, out: SchedulerOutput, budget: int) -> int | None:
+    def _cheap_admission_budget(self, out: SchedulerOutput, budget: int,
+                                order: list[Request]) -> int | None:
         """In a step where the queue would wait: the tokens it may take while the step stays
-        cheap (``cheap_step_tokens``), or None when the next queued request's whole prompt does
-        not fit in that."""
+        cheap (``cheap_step_tokens``), or None when the next request to join (``order[0]``)
+        does not fit in that with its whole prompt."""
         if self.cheap_step_tokens <= 0:
             return None
         cheap = min(budget, self.cheap_step_tokens - len(out.scheduled))
-        first = self.waiting[0]
+        first = order[0]
         return cheap if first.num_tokens - first.num_computed_tokens <= cheap else None
+
+    def _admission_order(self, now: float) -> list[Request]:
+        """The queue in the order admission tries it, cut at what one step can look at (it
+        admits at most ``max_num_seqs`` and passes over at most as many). First come, first
+        served; with ``lifo_after_s``, once the oldest new request has waited longer than that,
+        preempted requests first (they hold generated tokens), then the newest first."""
+        limit = 2 * self.max_num_seqs
+        if self.lifo_after_s is None:
+            return list(islice(self.waiting, limit))
+        resumed = [r for r in islice(self.waiting, limit) if r.num_preemptions > 0]
+        oldest_new = next((r for r in self.waiting if r.num_preemptions == 0), None)
+        if oldest_new is None or now - oldest_new.arrival_time <= self.lifo_after_s:
+            return list(islice(self.waiting, limit))
+        newest = (r for r in reversed(self.waiting) if r.num_preemptions == 0)
+        return resumed + list(islice(newest, limit - len(resumed)))
 
     def _preempt(self, request: Request) -> None:
         self._release(request)

@@ -3,10 +3,10 @@
 The model (``models/llama.py``) does its matmuls itself and calls an ``Ops`` object for
 everything that reads the page pool or has a kernel: LoRA shrink / expand, KV writes, paged
 attention, the norms, SiLU-and-mul and RoPE. A projection with LoRA goes through
-``linear_with_lora`` (matmul, shrink, expand), so an implementation may overlap its parts. Implementations: ``TorchOps`` (the references of
-``slora_kernels``, the CPU path), ``TritonOps`` (the Triton kernels) and ``BmmLora`` (the
-"bmm" LoRA ablation around either). Callers decide by the capability flags below, never by an
-implementation's name.
+``linear_with_lora`` (matmul, shrink, expand), so an implementation may overlap its parts.
+Implementations: ``TorchOps`` (the references of ``slora_kernels``, the CPU path),
+``TritonOps`` (the Triton kernels) and ``BmmLora`` (the "bmm" LoRA ablation around either).
+Callers decide by the capability flags below, never by an implementation's name.
 
 Shapes: T tokens of a step laid end to end; ``pool`` is one layer's flat pool buffer (1-D, the
 activations' dtype); ``modules`` are 1-3 indices into ``batch.LORA_MODULES`` that share one

@@ -36,9 +36,9 @@ def req(i, prompt_len=6, adapter=None, max_tokens=8):
     return Request(f"r{i}", list(range(prompt_len)), SamplingParams(max_tokens=max_tokens), adapter)
 
 
-def run_step(sched):
+def run_step(sched, now=None):
     """Pretend the model ran: every scheduled request computes its tokens and samples one."""
-    out = sched.schedule()
+    out = sched.schedule(now)
     for s in out.scheduled:
         sampled = s.samples
         s.request.num_computed_tokens += s.num_new_tokens
@@ -235,3 +235,45 @@ def test_a_step_kept_cheap_admits_without_waiting():
     step = run_step(sched)
     assert [s.request.request_id for s in step.scheduled] == ["r0", "r1", "r2", "r3"]
     assert [r.request_id for r in sched.waiting] == ["r4"]
+
+
+def test_an_overloaded_queue_admits_the_newest_first():
+    """newest first after 1 s (adaptive LIFO), max_num_seqs 2, five requests queued 0.1 s
+    apart: while the oldest has waited at most 1 s, first come, first served; past that the two
+    places go to the newest, behind a preempted request; those left keep their order, and with
+    early abort the ones past the SLO are dropped rather than served late."""
+    def queue(**kw):
+        pool = PagePool(60)
+        sched = Scheduler(pool, AdapterCache(pool, FakeStore({})), 4, 2, 64, lifo_after_s=1.0,
+                          **kw)
+        for i in range(5):
+            r = req(i, max_tokens=20)
+            r.arrival_time = 100.0 + 0.1 * i
+            sched.add(r)
+        return sched
+
+    def ids(out):
+        return [s.request.request_id for s in out.scheduled]
+
+    assert ids(run_step(queue(), now=100.9)) == ["r0", "r1"]  # waited 0.9 s: in order
+    sched = queue()
+    assert ids(run_step(sched, now=101.5)) == ["r4", "r3"]
+    assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
+
+    sched = queue()
+    resumed = req(9, max_tokens=20)
+    resumed.num_preemptions, resumed.arrival_time = 1, 99.0
+    sched.waiting.appendleft(resumed)  # where a preempted request rejoins
+    assert ids(run_step(sched, now=101.5)) == ["r9", "r4"]
+
+    sched = queue(slo_ttft_s=1.25)  # r0-r2 waited more than 1.25 s at 101.5
+    out = run_step(sched, now=101.5)
+    assert [r.request_id for r in out.dropped] == ["r0", "r1", "r2"]
+    assert ids(out) == ["r4", "r3"] and not sched.waiting
+
+
+def test_newest_first_needs_a_wait_of_zero_or_more():
+    from slora_backend.config import EngineConfig
+
+    with pytest.raises(ValueError, match="newest_first_after_s must be >= 0, got -1"):
+        EngineConfig(base_model="random:tiny-gqa", newest_first_after_s=-1)
