@@ -66,14 +66,34 @@ def profile_steps(engine: Any, steps: int, before_step=lambda i: None) -> dict[s
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     busy_us = sum(e.self_device_time_total for e in kernels)
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
     return {
         "steps": steps,
         "wall_ms_per_step": round(wall / steps * 1e3, 3),
         "kernel_ms_per_step": round(busy_us / steps / 1e3, 3),
+        # kernel time that ran beside other kernels (side streams: overlap_lora_shrink)
+        "concurrent_ms_per_step": round(concurrent_us(spans) / steps / 1e3, 3),
         "top_kernels": [{"name": e.key[:90], "calls_per_step": e.count / steps,
                          "ms_per_step": round(e.self_device_time_total / steps / 1e3, 3)}
                         for e in kernels[:15]],
     }
+
+
+def concurrent_us(spans: list[tuple[float, float]]) -> float:
+    """Of kernels' (start, end) spans: their summed length minus the length of their union,
+    i.e. the time kernels ran while another kernel was running."""
+    total = union = 0.0
+    reach = float("-inf")
+    for start, end in sorted(spans):
+        total += end - start
+        if start >= reach:
+            union += end - start
+            reach = end
+        elif end > reach:
+            union += end - reach
+            reach = end
+    return total - union
 
 
 def timed_steps(engine: Any, iters: int, before_step=lambda i: None) -> tuple[list[float], list[float]]:

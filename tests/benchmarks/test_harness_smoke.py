@@ -206,3 +206,10 @@ def test_decode_step_bench_keeps_the_batch_full_through_a_chunked_prefill(cache)
         "--mixed-prompt", "12", "--cache", str(cache), "--bandwidth", "1e10",
         "--engine-param", "max_batched_tokens=16"])
     assert result["lora"]["batch"] == 8 and result["lora"]["context_len_mean"] > 16
+
+
+def test_concurrent_kernel_time_is_the_overlap_of_their_spans():
+    # 0-10 and 5-12 overlap 5; 20-30 alone; 21-22 inside it: 1 more
+    assert bench_decode_step.concurrent_us([(20, 30), (0, 10), (5, 12), (21, 22)]) == 6
+    assert bench_decode_step.concurrent_us([(0, 1), (1, 2)]) == 0
+    assert bench_decode_step.concurrent_us([]) == 0
