@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("systems")
     s.add_argument("--baselines", default="", help="comma list of a,b,c,d,e")
     s.add_argument("--no-slora", action="store_true", help="run only the baselines")
+    s.add_argument("--slora-variant", action="append", default=[],
+                   metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also replay into the engine with these EngineConfig changes (on top of "
+                        "--engine-param), as system slora:NAME, in the same run")
     s.add_argument("--time-limit", type=float, default=None,
                    help="seconds per replay (slora, b, d, triton); later requests are not sent")
     s.add_argument("--slow-baseline-limit", type=float, default=120.0,

@@ -48,6 +48,14 @@ def parse_engine_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_slora_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` -> (NAME, EngineConfig changes)."""
+    name, sep, params = spec.partition(":")
+    if not sep or not name or not params:
+        raise ValueError(f"slora variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, parse_engine_params(params.split(","))
+
+
 def engine_kwargs(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"base_model": base_model, "device": args.device, "dtype": args.dtype}
     for key in ("pool_pages", "max_num_seqs", "max_batched_tokens"):
@@ -84,6 +92,10 @@ def run_systems(args: argparse.Namespace, workload: Workload, *, adapter_root: P
             b for b in ("b", "c", "d") if b in args.baselines]:
         jobs.append((key, lambda key=key: run_engine_variant(args, workload, key, kwargs,
                                                              base_model, adapter_root, tag, log)))
+    for name, changes in map(parse_slora_variant, getattr(args, "slora_variant", [])):
+        jobs.append((f"slora:{name}", lambda name=name, changes=changes: run_engine_variant(
+            args, workload, "slora", {**kwargs, **changes}, base_model, adapter_root, tag, log,
+            renamed=(f"slora:{name}", changes))))
     if "a" in args.baselines:
         jobs.append(("peft", lambda: run_peft(args, workload, base_model, adapter_root, log)))
     if "e" in args.baselines:
@@ -111,8 +123,12 @@ def run_systems(args: argparse.Namespace, workload: Workload, *, adapter_root: P
     return rows
 
 
-def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, tag,
-                       log) -> dict[str, Any]:
+def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, tag, log,
+                       renamed: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One replay into this engine: ``key`` is slora or a baseline letter; ``renamed`` (a
+    ``--slora-variant``: its system name and config changes) names the row."""
+    import dataclasses
+
     from .baselines import engine_replay
 
     pages = None
@@ -125,6 +141,10 @@ def run_engine_variant(args, workload, key, kwargs, base_model, adapter_root, ta
         ranks = get_setting(workload.config.setting).ranks
         pages = engine_replay.partition_pages(base_model, block, max(ranks), slots)
     v = engine_replay.variant(key, pages)
+    if renamed is not None:
+        system, changes = renamed
+        v = dataclasses.replace(v, system=system, label="S-LoRA with " + ", ".join(
+            f"{k}={changes[k]}" for k in sorted(changes)))
     limit = args.slow_baseline_limit if key == "c" else args.time_limit
     log(f"{tag} {v.label} (limit {limit or 'none'} s)")
     return engine_replay.run_variant(kwargs, v, workload, adapter_root, slo_s=args.slo,

@@ -36,6 +36,7 @@ def cache(tmp_path_factory):
 def report(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     harness.main([*TINY, "--baselines", "a,b,c,d", "--cache", str(cache),
+                  "--slora-variant", "lifo:newest_first_after_s=0,admit_wait_steps=2",
                   "--json", str(out / "r.json"), "--markdown", str(out / "r.md")])
     return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
 
@@ -43,7 +44,7 @@ def report(cache, tmp_path_factory):
 def test_every_system_ran_every_request(report):
     data, _ = report
     rows = {r["system"]: r for r in data["results"]}
-    assert set(rows) == {"slora", "peft", "no_lora", "bmm", "no_unified"}
+    assert set(rows) == {"slora", "slora:lifo", "peft", "no_lora", "bmm", "no_unified"}
     expected_tokens = data["workload"]["summary"]["total_output_tokens"]
     for system, r in rows.items():
         missing = [f for f in COMMON_FIELDS if f not in r]
@@ -59,9 +60,16 @@ def test_every_system_ran_every_request(report):
 def test_engine_rows_report_pool_and_adapters(report):
     data, _ = report
     rows = {r["system"]: r for r in data["results"]}
-    for system in ("slora", "no_lora", "bmm", "no_unified"):
+    for system in ("slora", "slora:lifo", "no_lora", "bmm", "no_unified"):
         missing = [f for f in ENGINE_FIELDS if f not in rows[system]]
         assert not missing, f"{system} lacks {missing}"
+    # a --slora-variant: the engine with its changes, nothing else changed
+    variant, default = rows["slora:lifo"]["engine_config"], rows["slora"]["engine_config"]
+    assert variant["newest_first_after_s"] == 0 and variant["admit_wait_steps"] == 2
+    assert {k: v for k, v in variant.items() if k not in ("newest_first_after_s",
+            "admit_wait_steps")} == {k: v for k, v in default.items()
+                                     if k not in ("newest_first_after_s", "admit_wait_steps")}
+    assert rows["slora:lifo"]["label"] == "S-LoRA with admit_wait_steps=2, newest_first_after_s=0"
     assert rows["no_lora"]["adapter_hit_ratio"] is None  # no adapters at all
     assert rows["no_lora"]["pool_adapter_pages_avg"] == 0
     assert 0 <= rows["slora"]["adapter_hit_ratio"] <= 1
@@ -85,7 +93,7 @@ def test_report_records_parameters_and_table(report):
                 "slora_over_no_unified"):
         assert comparison[key] > 0
     lines = md.strip().splitlines()
-    assert lines[0].startswith("| setting |") and len(lines) == 2 + 5
+    assert lines[0].startswith("| setting |") and len(lines) == 2 + 6
 
 
 def test_time_limit_truncates_and_says_so(cache):
@@ -213,3 +221,15 @@ def test_concurrent_kernel_time_is_the_overlap_of_their_spans():
     assert bench_decode_step.concurrent_us([(20, 30), (0, 10), (5, 12), (21, 22)]) == 6
     assert bench_decode_step.concurrent_us([(0, 1), (1, 2)]) == 0
     assert bench_decode_step.concurrent_us([]) == 0
+
+
+def test_a_slora_variant_names_its_changes():
+    from benchmarks.harness_systems import parse_slora_variant
+
+    assert parse_slora_variant("fast:piecewise_max_tokens=1024,split_k_shrink=false") == (
+        "fast", {"piecewise_max_tokens": 1024, "split_k_shrink": False})
+    for bad in ("nochanges", ":x=1", "name:"):
+        with pytest.raises(ValueError, match="expected NAME:KEY=VALUE"):
+            parse_slora_variant(bad)
+    with pytest.raises(ValueError, match="KEY one of"):
+        parse_slora_variant("typo:piecewise_max_tokenz=1")
