@@ -92,7 +92,7 @@ def run_systems(args: argparse.Namespace, workload: Workload, *, adapter_root: P
             b for b in ("b", "c", "d") if b in args.baselines]:
         jobs.append((key, lambda key=key: run_engine_variant(args, workload, key, kwargs,
                                                              base_model, adapter_root, tag, log)))
-    for name, changes in map(parse_slora_variant, getattr(args, "slora_variant", [])):
+    for name, changes in map(parse_slora_variant, args.slora_variant):
         jobs.append((f"slora:{name}", lambda name=name, changes=changes: run_engine_variant(
             args, workload, "slora", {**kwargs, **changes}, base_model, adapter_root, tag, log,
             renamed=(f"slora:{name}", changes))))

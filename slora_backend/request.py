@@ -17,7 +17,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is equal only to itself: queues find and remove it by identity
 class Request:
     """One generation request. Progress is counters over its tokens (prompt, then output).
 

@@ -153,15 +153,18 @@ class Scheduler:
         #    preempt). One whose adapter is still being read from disk is passed over, not
         #    waited for; the look-ahead past such requests is bounded so a long queue costs a
         #    bounded scan.
-        order = self._admission_order(now)
         waits = self._admission_waits(out)
-        cheap_budget = self._cheap_admission_budget(out, budget, order) if waits else None
+        if waits and self.cheap_step_tokens <= 0:  # (no step is cheap: the queue just waits)
+            self._steps_without_admission += 1
+            return out
+        order = self._admission_order(now)
+        cheap_budget = self._cheap_admission_budget(out, budget, order[0]) if waits else None
         if waits and cheap_budget is None:
             self._steps_without_admission += 1
             return out
         budget = budget if cheap_budget is None else cheap_budget
         admitted = len(out.scheduled)
-        joined: set[int] = set()  # id() of the requests that leave the queue
+        joined: list[Request] = []
         passed_over = 0
         for request in order:
             if out.preempted or budget <= 0 or len(self.running) >= self.max_num_seqs:
@@ -183,13 +186,13 @@ class Scheduler:
                 if request.adapter is not None:
                     self.adapters.release(request.adapter)
                 break
-            joined.add(id(request))
+            joined.append(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n))
             budget -= n
-        if joined:
-            self.waiting = deque(r for r in self.waiting if id(r) not in joined)
+        for request in joined:
+            self.waiting.remove(request)
         if len(out.scheduled) > admitted:
             self._steps_without_admission = 0
         elif cheap_budget is not None:  # (nothing fitted: the step counts as one that waited)
@@ -206,14 +209,11 @@ class Scheduler:
                 and self._steps_without_admission < self.admit_wait_steps)
 
     def _cheap_admission_budget(self, out: SchedulerOutput, budget: int,
-                                order: list[Request]) -> int | None:
+                                first: Request) -> int | None:
         """In a step where the queue would wait: the tokens it may take while the step stays
-        cheap (``cheap_step_tokens``), or None when the next request to join (``order[0]``)
-        does not fit in that with its whole prompt."""
-        if self.cheap_step_tokens <= 0:
-            return None
+        cheap (``cheap_step_tokens``), or None when the next request to join (``first``) does
+        not fit in that with its whole prompt."""
         cheap = min(budget, self.cheap_step_tokens - len(out.scheduled))
-        first = order[0]
         return cheap if first.num_tokens - first.num_computed_tokens <= cheap else None
 
     def _admission_order(self, now: float) -> list[Request]:
