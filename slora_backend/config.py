@@ -65,11 +65,12 @@ class EngineConfig:
     # where host time dominates a step (1.16-3.4x up to 384 tokens) and lose to their padding
     # where the GPU does (0.90x at 576 and 1088 tokens): steps of more than
     # piecewise_max_tokens tokens run eagerly (None: max_batched_tokens). A step that stays
-    # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``): S1 at
-    # R = 10 cut the median first-token latency by 40% at the same throughput; R = 60 within
-    # run-to-run spread (docs/benchmarks.md).
+    # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``). 1024
+    # with newest_first_after_s below put the first token ahead of vLLM 0.26's at every n of
+    # the S1/S2 traces at R = 60 for 2-4% of the requests served against 384 and first come,
+    # first served (docs/benchmarks.md, "First tokens").
     piecewise_graphs: bool = True
-    piecewise_max_tokens: int | None = 384
+    piecewise_max_tokens: int | None = 1024
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
@@ -97,9 +98,10 @@ class EngineConfig:
     early_abort: bool = False
     max_waiting: int | None = None
     # ... and once the oldest queued request has waited this long (the queue no longer drains),
-    # admit the newest first (adaptive LIFO; preempted requests still go first). None: first
-    # come, first served always.
-    newest_first_after_s: float | None = None
+    # admit the newest first (adaptive LIFO; preempted requests still go first). Past capacity
+    # this keeps most first tokens early and leaves the wait to those already late; early_abort
+    # drops those at the SLO. None: first come, first served always.
+    newest_first_after_s: float | None = 0.5
     # Devices one engine spans (tensor parallelism, ``slora_backend/parallel``): the engine
     # process is rank 0 and starts a worker process per further rank; CUDA ranks take the devices
     # following ``device``. Must divide the attention heads, hidden and intermediate sizes.

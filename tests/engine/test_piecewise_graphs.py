@@ -190,7 +190,7 @@ def test_steps_above_piecewise_max_tokens_run_eagerly():
     config = EngineConfig(base_model="random:tiny-gqa", piecewise_graphs=True, piecewise_max_tokens=300)
     assert config.piecewise_token_limit == 300
     assert token_buckets(config.piecewise_token_limit)[-1] == 384  # the first bucket holding 300
-    assert EngineConfig(base_model="random:tiny-gqa").piecewise_token_limit == 384  # the default
+    assert EngineConfig(base_model="random:tiny-gqa").piecewise_token_limit == 1024  # the default
     unbounded = EngineConfig(base_model="random:tiny-gqa", piecewise_max_tokens=None)
     assert unbounded.piecewise_token_limit == 4096  # None: max_batched_tokens
     with pytest.raises(ValueError, match="piecewise_max_tokens must be >= 1, got 0"):
