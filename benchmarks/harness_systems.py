@@ -28,7 +28,7 @@ def parse_engine_params(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"engine param {item!r}: expected KEY=VALUE with KEY one of "
                              f"{sorted(known)}")
         default = known[key].default
-        if raw.lower() in ("none", ""):
+        if raw.lower() in ("none", "null", ""):
             out[key] = None
         elif isinstance(default, bool):
             out[key] = raw.lower() in ("1", "true", "yes")

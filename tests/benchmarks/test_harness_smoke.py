@@ -36,7 +36,7 @@ def cache(tmp_path_factory):
 def report(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     harness.main([*TINY, "--baselines", "a,b,c,d", "--cache", str(cache),
-                  "--slora-variant", "lifo:newest_first_after_s=0,admit_wait_steps=2",
+                  "--slora-variant", "fifo:newest_first_after_s=null,admit_wait_steps=2",
                   "--json", str(out / "r.json"), "--markdown", str(out / "r.md")])
     return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
 
@@ -44,7 +44,7 @@ def report(cache, tmp_path_factory):
 def test_every_system_ran_every_request(report):
     data, _ = report
     rows = {r["system"]: r for r in data["results"]}
-    assert set(rows) == {"slora", "slora:lifo", "peft", "no_lora", "bmm", "no_unified"}
+    assert set(rows) == {"slora", "slora:fifo", "peft", "no_lora", "bmm", "no_unified"}
     expected_tokens = data["workload"]["summary"]["total_output_tokens"]
     for system, r in rows.items():
         missing = [f for f in COMMON_FIELDS if f not in r]
@@ -60,16 +60,16 @@ def test_every_system_ran_every_request(report):
 def test_engine_rows_report_pool_and_adapters(report):
     data, _ = report
     rows = {r["system"]: r for r in data["results"]}
-    for system in ("slora", "slora:lifo", "no_lora", "bmm", "no_unified"):
+    for system in ("slora", "slora:fifo", "no_lora", "bmm", "no_unified"):
         missing = [f for f in ENGINE_FIELDS if f not in rows[system]]
         assert not missing, f"{system} lacks {missing}"
     # a --slora-variant: the engine with its changes, nothing else changed
-    variant, default = rows["slora:lifo"]["engine_config"], rows["slora"]["engine_config"]
-    assert variant["newest_first_after_s"] == 0 and variant["admit_wait_steps"] == 2
+    variant, default = rows["slora:fifo"]["engine_config"], rows["slora"]["engine_config"]
+    assert variant["newest_first_after_s"] is None and variant["admit_wait_steps"] == 2
     assert {k: v for k, v in variant.items() if k not in ("newest_first_after_s",
             "admit_wait_steps")} == {k: v for k, v in default.items()
                                      if k not in ("newest_first_after_s", "admit_wait_steps")}
-    assert rows["slora:lifo"]["label"] == "S-LoRA with admit_wait_steps=2, newest_first_after_s=0"
+    assert rows["slora:fifo"]["label"] == "S-LoRA with admit_wait_steps=2, newest_first_after_s=None"
     assert rows["no_lora"]["adapter_hit_ratio"] is None  # no adapters at all
     assert rows["no_lora"]["pool_adapter_pages_avg"] == 0
     assert 0 <= rows["slora"]["adapter_hit_ratio"] <= 1
