@@ -65,10 +65,11 @@ class EngineConfig:
     # where host time dominates a step (1.16-3.4x up to 384 tokens) and lose to their padding
     # where the GPU does (0.90x at 576 and 1088 tokens): steps of more than
     # piecewise_max_tokens tokens run eagerly (None: max_batched_tokens). A step that stays
-    # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``). 1024
-    # with newest_first_after_s below put the first token ahead of vLLM 0.26's at every n of
-    # the S1/S2 traces at R = 60 for 2-4% of the requests served against 384 and first come,
-    # first served (docs/benchmarks.md, "First tokens").
+    # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``). Pieces
+    # of 1024 tokens pad more than eager costs, but admitting at once is what the first token
+    # needs: with newest_first_after_s below, on the H200 at R = 60 it came before vLLM 0.26's
+    # at every n of the S1/S2 traces, for 2-4% fewer requests served than 384 tokens and first
+    # come, first served (docs/benchmarks.md, "Beside vLLM 0.26").
     piecewise_graphs: bool = True
     piecewise_max_tokens: int | None = 1024
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
