@@ -222,12 +222,11 @@ class Scheduler:
         served; with ``lifo_after_s``, once the oldest new request has waited longer than that,
         preempted requests first (they hold generated tokens), then the newest first."""
         limit = 2 * self.max_num_seqs
-        if self.lifo_after_s is None:
-            return list(islice(self.waiting, limit))
-        resumed = [r for r in islice(self.waiting, limit) if r.num_preemptions > 0]
-        oldest_new = next((r for r in self.waiting if r.num_preemptions == 0), None)
+        oldest_new = (None if self.lifo_after_s is None else
+                      next((r for r in self.waiting if r.num_preemptions == 0), None))
         if oldest_new is None or now - oldest_new.arrival_time <= self.lifo_after_s:
             return list(islice(self.waiting, limit))
+        resumed = [r for r in islice(self.waiting, limit) if r.num_preemptions > 0]
         newest = (r for r in reversed(self.waiting) if r.num_preemptions == 0)
         return resumed + list(islice(newest, limit - len(resumed)))
 
