@@ -146,7 +146,8 @@ class TritonOps(Ops):
         shrink runs beside the matmul: at batch 256 a decode step's matmul is compute-bound
         and its 256 x 128 tiles (the kernel cuBLAS picks on the H200) give q/k/v 96 tiles for
         132 SMs, while the shrink reads adapter bytes. Measured, it took under 1% off a decode
-        step (docs/benchmarks.md), hence off by default. The expand adds into the matmul's
+        step: beside the matmul the shrinks ran 3x slower than in line (docs/benchmarks.md),
+        hence off by default. The expand adds into the matmul's
         output, so it waits for both. Fork and join are stream waits, which CUDA graph capture
         records as a branch. The shrink's buffers are safe to reuse: the next shrink on the
         side stream is queued behind this expand (each call forks after everything queued on
