@@ -72,6 +72,10 @@ class EngineConfig:
     # come, first served (docs/benchmarks.md, "Beside vLLM 0.26").
     piecewise_graphs: bool = True
     piecewise_max_tokens: int | None = 1024
+    # Piecewise steps are padded to token buckets this far apart up to 1024 tokens (coarser
+    # above): finer buckets pad less and take more graphs to capture at start-up
+    # (piecewise_graphs.bucket_grid; 64: 18 buckets up to 1024 per adapter kind).
+    piecewise_bucket_tokens: int = 64
     prefetch_adapters: bool = True  # copy queued requests' adapters into free pages ahead of use
     # While all running requests decode, admit queued ones only every admit_wait_steps + 1 steps
     # (see Scheduler). None: 8 where decode steps replay CUDA graphs, 0 (every step) elsewhere.
@@ -133,6 +137,9 @@ class EngineConfig:
             raise ValueError(f"lora_ops must be None or 'bmm', got {self.lora_ops!r}")
         if self.piecewise_max_tokens is not None and self.piecewise_max_tokens < 1:
             raise ValueError(f"piecewise_max_tokens must be >= 1, got {self.piecewise_max_tokens}")
+        if not (16 <= self.piecewise_bucket_tokens <= 1024 and self.piecewise_bucket_tokens % 16 == 0):
+            raise ValueError("piecewise_bucket_tokens must be a multiple of 16 from 16 to 1024, "
+                             f"got {self.piecewise_bucket_tokens}")
         if self.admit_wait_steps is not None and self.admit_wait_steps < 0:
             raise ValueError(f"admit_wait_steps must be >= 0, got {self.admit_wait_steps}")
         for name in ("adapter_pool_pages", "max_waiting"):

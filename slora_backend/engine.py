@@ -116,7 +116,8 @@ class Engine:
         self.runner = ModelRunner(num_pages=num_pages, **runner_args, store=self.adapters.store,
                                   graphs_for=((config.max_num_seqs, self.max_model_len)
                                               if graphable else None),
-                                  piecewise_for=((config.max_num_seqs, config.piecewise_token_limit)
+                                  piecewise_for=((config.max_num_seqs, config.piecewise_token_limit,
+                                                  config.piecewise_bucket_tokens)
                                                  if graphable and config.piecewise_graphs else None))
         if self.tp is not None:  # every rank's runner over the same pages; rank 0's sends them work
             self.runner = self.tp.attach(self.runner, num_pages, self.adapters.reads.record_failure)

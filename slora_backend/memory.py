@@ -31,7 +31,7 @@ from .layout import PoolLayout
 from .model_runner import ModelRunner
 from .model_spec import ModelSpec
 from .page_pool import PagePool
-from .piecewise_graphs import token_buckets
+from .piecewise_graphs import DEFAULT_BUCKET_SPACING, token_buckets
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest
 
@@ -135,13 +135,14 @@ def graph_bytes(*, max_batch: int, vocab_size: int, max_model_len: int, block_to
 
 
 def piecewise_graph_bytes(*, spec: ModelSpec, max_batch: int, max_tokens: int, dtype_bytes: int,
-                          max_batched_tokens: int, peak_step_bytes: int) -> int:
+                          max_batched_tokens: int, peak_step_bytes: int,
+                          bucket_spacing: int = DEFAULT_BUCKET_SPACING) -> int:
     """An upper estimate of the piecewise graphs' memory: their shared buffers (inputs, residual
     stream, queries, attention output, RoPE tables of the largest token bucket), each key's
     LoRA z buffers (every rank bucket, with and without the MLP's modules, at every token
     bucket) and one piece's intermediates in their own pool (at most a profiled step's peak,
     scaled up to the largest bucket)."""
-    buckets = token_buckets(max_tokens)
+    buckets = token_buckets(max_tokens, bucket_spacing)
     top = buckets[-1]
     per_token = (spec.hidden_size + 2 * spec.q_dim + 2 * spec.head_dim) * dtype_bytes + 3 * 8 + 4
     shared = top * per_token + min(top, max_batch) * 16
@@ -223,7 +224,8 @@ def size_pool(config: EngineConfig, runner_args: dict[str, Any], start: DeviceSn
         graphs += piecewise_graph_bytes(
             spec=layout.spec, max_batch=config.max_num_seqs, max_tokens=config.piecewise_token_limit,
             dtype_bytes=torch.finfo(runner_args["dtype"]).bits // 8,
-            max_batched_tokens=config.max_batched_tokens, peak_step_bytes=peak)
+            max_batched_tokens=config.max_batched_tokens, peak_step_bytes=peak,
+            bucket_spacing=config.piecewise_bucket_tokens)
     # (the Triton kernels' ops keep a table row per page: SlotTables)
     tables = slot_table_bytes_per_page() if runner_args["ops"].global_slots else 0
     plan = plan_pool(total_bytes=start.total_bytes, used_by_others=start.total_bytes - start.free_bytes,

@@ -45,11 +45,11 @@ class ModelRunner:
         self, model: LlamaModel, layout: PoolLayout, num_pages: int, ops: Ops,
         store: AdapterStore, device: torch.device, dtype: torch.dtype,
         graphs_for: tuple[int, int] | None = None,
-        piecewise_for: tuple[int, int] | None = None,
+        piecewise_for: tuple[int, int, int] | None = None,
     ) -> None:
         """``graphs_for``: (max batch, max model length) to replay decode steps from CUDA graphs;
-        ``piecewise_for``: (max batch, max tokens) to replay the other steps from piecewise
-        CUDA graphs (attention eager between the pieces)."""
+        ``piecewise_for``: (max batch, max tokens, token bucket spacing) to replay the other
+        steps from piecewise CUDA graphs (attention eager between the pieces)."""
         self.model = model
         self.layout = layout
         self.ops = ops

@@ -45,17 +45,34 @@ from .ops import Ops
 # The most prompts (sequences with more than one new token) a piecewise step takes.
 MAX_PROMPTS = 32
 
-# Token counts of steps that prefill: fine enough that padding costs at most ~1/4 of a step
-# (~1/8 above 1024 tokens), few enough to capture at start-up.
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072,
-                 3584, 4096)
+# Token counts of steps that prefill. Up to 1024 tokens, a bucket every ``spacing`` tokens
+# (EngineConfig.piecewise_bucket_tokens): a step of 256 decode rows and one prompt of the S1
+# trace (8-511 tokens) has 264-767 tokens, and the weight GEMMs of such a step are compute-bound,
+# so every padded token costs about what a real one does. With spacing 64 the padding is at most
+# 63 tokens (~6% of such a step on average); the former grid (..., 384, 512, 768, 1024) padded
+# ~18%. Above 1024, a coarser tail (at most ~1/8 of a step), few enough to capture at start-up.
+DEFAULT_BUCKET_SPACING = 64
+_FINE_UP_TO = 1024
+_COARSE_BUCKETS = (1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
 
 
-def token_buckets(max_tokens: int) -> tuple[int, ...]:
+def bucket_grid(spacing: int = DEFAULT_BUCKET_SPACING) -> tuple[int, ...]:
+    """Every token bucket a piecewise step can be padded to: the powers of two from 16 below
+    ``spacing``, every ``spacing`` tokens up to 1024 (and 1024 itself), then the coarse tail."""
+    small = [b for b in (16, 32, 64, 128, 256, 512) if b < spacing]
+    fine = sorted(set(range(spacing, _FINE_UP_TO + 1, spacing)) | {_FINE_UP_TO})
+    return (*small, *fine, *_COARSE_BUCKETS)
+
+
+TOKEN_BUCKETS = bucket_grid()
+
+
+def token_buckets(max_tokens: int, spacing: int = DEFAULT_BUCKET_SPACING) -> tuple[int, ...]:
     """The buckets captured for steps of up to ``max_tokens`` tokens: up to the first bucket
     that holds ``max_tokens`` (all of them when none does: larger steps run eagerly)."""
-    top = _bucket(max_tokens, TOKEN_BUCKETS) or TOKEN_BUCKETS[-1]
-    return tuple(b for b in TOKEN_BUCKETS if b <= top)
+    grid = bucket_grid(spacing)
+    top = _bucket(max_tokens, grid) or grid[-1]
+    return tuple(b for b in grid if b <= top)
 
 
 class _Buffers:
@@ -96,13 +113,14 @@ class PiecewiseGraphs(GraphCache):
     def __init__(
         self, model: LlamaModel, ops: Ops, pool: torch.Tensor,
         kv_shape: tuple[int, int, int, int], max_batch: int, max_tokens: int,
-        capture: bool = True, slot_tables: SlotTables | None = None,
+        bucket_spacing: int = DEFAULT_BUCKET_SPACING, capture: bool = True,
+        slot_tables: SlotTables | None = None,
     ) -> None:
         """Steps of up to ``max_batch`` sequences and ``max_tokens`` tokens (those beyond the
-        largest bucket run eagerly). ``capture=False`` replays the pieces eagerly from the same
-        padded static inputs (for tests). ``slot_tables``: the runner's device LoRA tables when
-        its ops take global slots."""
-        buckets = token_buckets(max_tokens)
+        largest bucket run eagerly), padded to the buckets of ``bucket_grid(bucket_spacing)``.
+        ``capture=False`` replays the pieces eagerly from the same padded static inputs (for
+        tests). ``slot_tables``: the runner's device LoRA tables when its ops take global slots."""
+        buckets = token_buckets(max_tokens, bucket_spacing)
         super().__init__(buckets, pool.device, capture, slot_tables)
         self.model = model
         self.ops = ops

@@ -143,6 +143,10 @@ def test_many_steps_with_admissions_every_step(tiny_models, tmp_path):
 def test_token_buckets_and_fits(tiny_models):
     assert token_buckets(24) == (16, 32)
     assert token_buckets(4096)[-1] == 4096 and token_buckets(10**6) == TOKEN_BUCKETS
+    # Every 64 tokens up to 1024 by default: a step pads at most 63 tokens there.
+    assert token_buckets(1024) == (16, 32, *range(64, 1025, 64))
+    assert token_buckets(700, spacing=256) == (16, 32, 64, 128, 256, 512, 768)
+    assert token_buckets(1000, spacing=96)[-2:] == (960, 1024)  # 1024 is always a bucket
     engine = Engine(EngineConfig(base_model=str(tiny_models["gqa"]), device=DEVICE,
                                  kernel_backend="torch", pool_pages=16))
     r = engine.runner
@@ -189,9 +193,13 @@ def test_steps_above_piecewise_max_tokens_run_eagerly():
 
     config = EngineConfig(base_model="random:tiny-gqa", piecewise_graphs=True, piecewise_max_tokens=300)
     assert config.piecewise_token_limit == 300
-    assert token_buckets(config.piecewise_token_limit)[-1] == 384  # the first bucket holding 300
+    assert token_buckets(config.piecewise_token_limit)[-1] == 320  # the first bucket holding 300
     assert EngineConfig(base_model="random:tiny-gqa").piecewise_token_limit == 1024  # the default
     unbounded = EngineConfig(base_model="random:tiny-gqa", piecewise_max_tokens=None)
     assert unbounded.piecewise_token_limit == 4096  # None: max_batched_tokens
     with pytest.raises(ValueError, match="piecewise_max_tokens must be >= 1, got 0"):
         EngineConfig(base_model="random:tiny-gqa", piecewise_max_tokens=0)
+    for spacing in (0, 8, 24, 2048):
+        with pytest.raises(ValueError, match=f"piecewise_bucket_tokens must be a multiple of 16 "
+                                             f"from 16 to 1024, got {spacing}"):
+            EngineConfig(base_model="random:tiny-gqa", piecewise_bucket_tokens=spacing)
