@@ -15,10 +15,14 @@ import torch
 def write_kv_ref(
     kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor
 ) -> None:
-    """kv_pages[slot // bt, 0, slot % bt] = k[i];  kv_pages[slot // bt, 1, slot % bt] = v[i]."""
+    """kv_pages[slot // bt, 0, slot % bt] = k[i];  kv_pages[slot // bt, 1, slot % bt] = v[i].
+    A negative slot (a padding token) writes nothing: indexed as is, -1 would wrap to the last
+    slot of the pool's last page, a page another request's KV or an adapter may hold."""
     block_tokens = kv_pages.shape[2]
-    pages = torch.div(kv_slots, block_tokens, rounding_mode="floor")
-    offsets = kv_slots % block_tokens
+    written = kv_slots >= 0
+    slots, k, v = kv_slots[written], k[written], v[written]
+    pages = torch.div(slots, block_tokens, rounding_mode="floor")
+    offsets = slots % block_tokens
     kv_pages[pages, 0, offsets] = k.to(kv_pages.dtype)
     kv_pages[pages, 1, offsets] = v.to(kv_pages.dtype)
 

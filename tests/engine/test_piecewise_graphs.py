@@ -108,6 +108,25 @@ def test_piecewise_matches_eager_torch(tiny_models, tmp_path):
     assert all(len(p.pieces) == engine.spec.num_layers + 1 for p in pieces._graphs.values())
 
 
+def test_piecewise_matches_eager_between_the_powers_of_two(tiny_models, tmp_path):
+    """Steps of 150-300 tokens pad to the 64-apart buckets (192, 256, 320), not to the next
+    power of two, and still give the eager path's logits. The pool is tight, so the last
+    prompt waits and then gets pages (and an adapter page) others freed: the padding rows' KV
+    writes must go nowhere (the torch reference once wrote them to the pool's last slot)."""
+    model = tiny_models["gqa"]
+    root = _root(model, tmp_path)
+    prompts = [[100 + (13 * i + 7 * j) % 800 for j in range(length)]
+               for i, length in enumerate((150, 170, 250, 300))]
+    loras, max_tokens = ["r8", "r16", None, "attn"], [2, 2, 2, 2]
+    eager, eager_rec, _ = _run(model, root, "torch", False, prompts, loras, max_tokens, 320)
+    tokens, rec, engine = _run(model, root, "torch", True, prompts, loras, max_tokens, 320)
+    assert tokens == eager
+    for got, want in zip(rec.logits, eager_rec.logits):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert [n for n in rec.tokens if n > 1] == [150, 171, 251, 300]
+    assert {t for t, _, _ in engine.runner.piecewise._graphs} >= {192, 256, 320}
+
+
 def test_piecewise_matches_eager_triton(tiny_models, tmp_path):
     """The Triton kernels (interpreted on CPU): the fixed LoRA split (per-token kernels over
     min(T, max_batch) rows, segment kernels over padded segment tables) gives the eager mixed

@@ -85,6 +85,10 @@ def test_write_kv(dtype_name: str, shape_name: str, device) -> None:
     out = case.kv_pages.clone()
     write_kv(out, k, v, slots)
     assert torch.equal(out, ref)
+    # The reference skips the padding token too (it once wrote it to the pool's last slot).
+    padded = case.kv_pages.clone()
+    write_kv_ref(padded, k, v, slots)
+    assert torch.equal(padded, ref)
 
 
 def test_ops_attention_path_matches_torch(device) -> None:
