@@ -68,8 +68,9 @@ class EngineConfig:
     # within it also admits queued requests at once (``Scheduler.cheap_step_tokens``). Pieces
     # of 1024 tokens pad more than eager costs, but admitting at once is what the first token
     # needs: with newest_first_after_s below, on the H200 at R = 60 it came before vLLM 0.26's
-    # at every n of the S1/S2 traces, for 2-4% fewer requests served than 384 tokens and first
-    # come, first served (docs/benchmarks.md, "Beside vLLM 0.26").
+    # at every n of the S1/S2 traces (docs/benchmarks.md, "Beside vLLM 0.26"); with 64-token
+    # buckets (below) it served about as many requests as 384 tokens and first come, first
+    # served (S1 n = 2000: 22.5 req/s against 22.3-22.7 in other runs that day; "Token buckets").
     piecewise_graphs: bool = True
     piecewise_max_tokens: int | None = 1024
     # Piecewise steps are padded to token buckets this far apart up to 1024 tokens (coarser
