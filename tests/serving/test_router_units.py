@@ -3,6 +3,7 @@ coalescing, the prompt prepended) and cancellation, against a stand-in engine.""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -203,3 +204,62 @@ def test_router_engine_error_output():
     finally:
         router.stop()
     assert sink.sent[-1][1].code == "INTERNAL" and "engine step failed" in sink.sent[-1][1].message
+
+
+
+def test_a_first_token_emitted_mid_round_goes_out_before_the_rest_of_the_round():
+    """Sends are slow (a round trip each): a first token the engine emits while a round of
+    other streams' tokens is being sent waits for at most RECHECK_EVERY of them."""
+    engine = FakeEngine()
+    router = StreamRouter(engine)
+    order: list[str] = []
+    stalls = {"blocker": threading.Event(), "r0": threading.Event()}  # set: let the send go
+    stalled = {name: threading.Event() for name in stalls}
+
+    class Sink(FakeSink):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def send(self, payload, error, final):
+            if self.name in stalls and not stalled[self.name].is_set():
+                stalled[self.name].set()  # (its first send only)
+                assert stalls[self.name].wait(5)
+            order.append(self.name)
+            super().send(payload, error, final)
+
+    def add(name):
+        router.submit(_request(), name, Sink(name), time.monotonic())
+        return wait_added(engine, len(engine.added) + 1)
+
+    try:
+        streams = [add(f"r{i}") for i in range(3 * StreamRouter.RECHECK_EVERY)]
+        stalled["r0"].set()  # r0's first token goes out freely; its second one will stall
+        for rid in streams:
+            engine.emit(rid, [1], "a")
+        _wait(lambda: len(order) == len(streams))
+        stalled["r0"].clear()
+        engine.emit(add("blocker"), [1], "a")  # holds the response thread ...
+        assert stalled["blocker"].wait(5)
+        for rid in streams:  # ... while every stream's second token queues: one round
+            engine.emit(rid, [1, 2], "b")
+        stalls["blocker"].set()
+        assert stalled["r0"].wait(5)  # that round's first send
+        engine.emit(add("late"), [7], "z")  # a first token, emitted mid-round
+        stalls["r0"].set()
+        _wait(lambda: len(order) == 2 * len(streams) + 2)
+        sent = list(order)  # (stopping the router below sends every stream a final response)
+    finally:
+        for event in stalls.values():
+            event.set()
+        router.stop()
+    second_round = sent[len(streams) + 1:]
+    assert second_round[0] == "r0" and second_round.count("late") == 1
+    assert second_round.index("late") <= StreamRouter.RECHECK_EVERY  # not after all 48
+
+
+def _wait(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
