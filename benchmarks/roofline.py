@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .workload import LORA_TARGETS, WorkloadConfig, generate, get_setting
+from .workload import LORA_TARGETS, Workload, WorkloadConfig, generate, get_setting
 
 H200_BANDWIDTH = 4.27e12  # B/s
 H200_MATMUL_FLOPS = 788e12  # FLOP/s, 16-bit dense
@@ -191,14 +191,18 @@ def bound(work: dict[str, float], bandwidth: float, matmul_flops: float) -> dict
             if work["decode_steps"] else 0.0}
 
 
+def harness_trace(args: argparse.Namespace, setting: str, n: int) -> Workload:
+    """The harness's trace for the flags of ``add_trace_arguments``: only what arrives before
+    ``--time-limit`` when it is set (the harness sends nothing later)."""
+    workload = generate(WorkloadConfig(
+        setting=setting, num_adapters=n, alpha=args.alpha, rate=args.rate, cv=args.cv,
+        duration_s=args.duration, input_range=tuple(args.input_range),
+        output_range=tuple(args.output_range), seed=args.seed))
+    return workload if args.time_limit is None else workload.within(args.time_limit)
+
+
 def case_row(args: argparse.Namespace, setting: str, n: int) -> dict[str, Any]:
-    config = WorkloadConfig(setting=setting, num_adapters=n, alpha=args.alpha, rate=args.rate,
-                            cv=args.cv, duration_s=args.duration,
-                            input_range=tuple(args.input_range),
-                            output_range=tuple(args.output_range), seed=args.seed)
-    workload = generate(config)
-    if args.time_limit is not None:  # the harness sends only what arrives before its limit
-        workload = workload.within(args.time_limit)
+    workload = harness_trace(args, setting, n)
     ranks = {a.name: a.rank for a in workload.adapters}
     requests = [TraceRequest(r.prompt_len, r.output_len, r.adapter, ranks.get(r.adapter))
                 for r in workload.requests]
@@ -239,27 +243,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_trace_arguments(ap: argparse.ArgumentParser, time_limit: float | None,
+                        time_limit_help: str) -> None:
+    """The cases, the harness's trace flags (``harness_trace``) and the hardware's rates."""
     ap.add_argument("--cases", default="S1:5,S1:100,S1:2000,S2:100",
                     help="comma list of SETTING:N")
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--rate", type=float, default=60.0)
     ap.add_argument("--cv", type=float, default=1.0)
     ap.add_argument("--duration", type=float, default=25.0, help="trace length (s)")
-    ap.add_argument("--time-limit", type=float, default=None,
-                    help="count only requests arriving before it (as the harness sends them)")
+    ap.add_argument("--time-limit", type=float, default=time_limit, help=time_limit_help)
     ap.add_argument("--input-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
     ap.add_argument("--output-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="bytes per second")
     ap.add_argument("--matmul-flops", type=float, default=H200_MATMUL_FLOPS, help="FLOP/s")
+    ap.add_argument("--dtype-bytes", type=int, default=2)
+    ap.add_argument("--json", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_trace_arguments(ap, None, "count only requests arriving before it (as the harness "
+                                  "sends them)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch limit")
     ap.add_argument("--batch", type=int, default=None, help="decode batch (default: achievable)")
     ap.add_argument("--gpu-gib", type=float, default=H200_MEMORY_GIB)
     ap.add_argument("--memory-utilization", type=float, default=0.9)
-    ap.add_argument("--dtype-bytes", type=int, default=2)
-    ap.add_argument("--json", default=None)
     return ap
 
 

@@ -35,8 +35,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .roofline import H200_BANDWIDTH, H200_MATMUL_FLOPS, ModelShape, parse_cases
-from .workload import WorkloadConfig, generate, get_setting
+from .roofline import (
+    ModelShape,
+    add_trace_arguments,
+    harness_trace,
+    parse_cases,
+)
+from .workload import get_setting
 
 
 @dataclass(frozen=True)
@@ -131,10 +136,7 @@ def replay(requests: Sequence[TimedRequest], model: StepModel, time_limit: float
 
 def trace(setting: str, n: int, args: argparse.Namespace) -> list[TimedRequest]:
     """The harness's requests of ``setting`` with ``n`` adapters that arrive before the limit."""
-    workload = generate(WorkloadConfig(
-        setting=setting, num_adapters=n, alpha=args.alpha, rate=args.rate, cv=args.cv,
-        duration_s=args.duration, input_range=tuple(args.input_range),
-        output_range=tuple(args.output_range), seed=args.seed)).within(args.time_limit)
+    workload = harness_trace(args, setting, n)
     ranks = {a.name: a.rank for a in workload.adapters}
     return [TimedRequest(r.arrival_s, r.prompt_len, r.output_len, r.adapter, ranks.get(r.adapter))
             for r in workload.requests]
@@ -142,23 +144,11 @@ def trace(setting: str, n: int, args: argparse.Namespace) -> list[TimedRequest]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="S1:5,S1:100,S1:2000,S2:100", help="comma list of SETTING:N")
+    add_trace_arguments(ap, 15.0, "the harness's cut (s)")
     ap.add_argument("--efficiency", default="1", help="comma list of fractions of the bound")
     ap.add_argument("--overlap", action="store_true", help="bytes and FLOPs of a step overlap")
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--rate", type=float, default=60.0)
-    ap.add_argument("--cv", type=float, default=1.0)
-    ap.add_argument("--duration", type=float, default=25.0, help="trace length (s)")
-    ap.add_argument("--time-limit", type=float, default=15.0, help="the harness's cut (s)")
-    ap.add_argument("--input-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
-    ap.add_argument("--output-range", type=int, nargs=2, default=[8, 512], metavar=("LO", "HI"))
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="bytes per second")
-    ap.add_argument("--matmul-flops", type=float, default=H200_MATMUL_FLOPS, help="FLOP/s")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
-    ap.add_argument("--dtype-bytes", type=int, default=2)
-    ap.add_argument("--json", default=None)
     return ap
 
 
