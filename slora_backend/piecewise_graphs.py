@@ -49,7 +49,7 @@ MAX_PROMPTS = 32
 # (EngineConfig.piecewise_bucket_tokens): a step of 256 decode rows and one prompt of the S1
 # trace (8-511 tokens) has 264-767 tokens, and the weight GEMMs of such a step are compute-bound,
 # so every padded token costs about what a real one does. With spacing 64 the padding is at most
-# 63 tokens (~6% of such a step on average); the former grid (..., 384, 512, 768, 1024) padded
+# 63 tokens (~6% of such a step on average), where a grid of 384, 512, 768, 1024 would pad
 # ~18%. Above 1024, a coarser tail (at most ~1/8 of a step), few enough to capture at start-up.
 DEFAULT_BUCKET_SPACING = 64
 _FINE_UP_TO = 1024

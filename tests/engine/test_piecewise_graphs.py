@@ -112,7 +112,7 @@ def test_piecewise_matches_eager_between_the_powers_of_two(tiny_models, tmp_path
     """Steps of 150-300 tokens pad to the 64-apart buckets (192, 256, 320), not to the next
     power of two, and still give the eager path's logits. The pool is tight, so the last
     prompt waits and then gets pages (and an adapter page) others freed: the padding rows' KV
-    writes must go nowhere (the torch reference once wrote them to the pool's last slot)."""
+    writes must go nowhere (indexed as is, slot -1 is the pool's last slot)."""
     model = tiny_models["gqa"]
     root = _root(model, tmp_path)
     prompts = [[100 + (13 * i + 7 * j) % 800 for j in range(length)]

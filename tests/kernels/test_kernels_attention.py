@@ -85,7 +85,7 @@ def test_write_kv(dtype_name: str, shape_name: str, device) -> None:
     out = case.kv_pages.clone()
     write_kv(out, k, v, slots)
     assert torch.equal(out, ref)
-    # The reference skips the padding token too (it once wrote it to the pool's last slot).
+    # The reference skips the padding token too (indexed as is, -1 is the pool's last slot).
     padded = case.kv_pages.clone()
     write_kv_ref(padded, k, v, slots)
     assert torch.equal(padded, ref)
