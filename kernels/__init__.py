@@ -9,7 +9,28 @@ the launchers refuse CPU tensors when it is off.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
+from pathlib import Path
+
+
+def _yield_the_name_kernels() -> bool:
+    """Imported as ``kernels`` rather than ``slora_kernels``, this folder is only shadowing another
+    package: the repository root is on ``sys.path`` (``python -m ...`` from the root, pytest)
+    and Hugging Face's ``kernels`` distribution (a dependency of transformers since 5.x - 5.25 here -, which
+    imports it as soon as a model's configuration loads) lies further down. Load that one under
+    the name instead, and say whether it was found (absent, this folder stays, as before)."""
+    root = Path(__file__).resolve().parent.parent
+    path = [p for p in sys.path if Path(p or ".").resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # (the import statement returns what sys.modules holds)
+    spec.loader.exec_module(module)
+    return True
 
 
 def _choose_interpreter() -> None:
@@ -21,4 +42,5 @@ def _choose_interpreter() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-_choose_interpreter()
+if __name__ != "kernels" or not _yield_the_name_kernels():
+    _choose_interpreter()
