@@ -91,11 +91,6 @@ class EngineConfig:
     # tensor-parallel layers keep theirs in line). Off: on the H200 it took under 1% off a
     # decode step at batch 64 and 256 (docs/benchmarks.md).
     overlap_lora_shrink: bool = False
-    # Run a step's decode rows (their decode graph, on a side stream) and its prompt tokens
-    # (piecewise graphs) as two concurrent passes, so the decode rows' KV reads overlap the
-    # prompts' compute-bound linear layers (ModelRunner._mixed_split). CUDA with both kinds of
-    # graphs only.
-    overlap_mixed_steps: bool = False
     # Compile every Triton kernel variant serving can meet before the first request (CUDA only):
     # a compile in the middle of serving stalls every running request for seconds.
     warm_up: bool = True

@@ -118,9 +118,7 @@ class Engine:
                                               if graphable else None),
                                   piecewise_for=((config.max_num_seqs, config.piecewise_token_limit,
                                                   config.piecewise_bucket_tokens)
-                                                 if graphable and config.piecewise_graphs else None),
-                                  overlap_mixed=(config.overlap_mixed_steps and graphable
-                                                 and config.piecewise_graphs))
+                                                 if graphable and config.piecewise_graphs else None))
         if self.tp is not None:  # every rank's runner over the same pages; rank 0's sends them work
             self.runner = self.tp.attach(self.runner, num_pages, self.adapters.reads.record_failure)
         # Adapters are copied into their pages off the engine thread on CUDA.

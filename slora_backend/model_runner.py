@@ -46,13 +46,10 @@ class ModelRunner:
         store: AdapterStore, device: torch.device, dtype: torch.dtype,
         graphs_for: tuple[int, int] | None = None,
         piecewise_for: tuple[int, int, int] | None = None,
-        overlap_mixed: bool = False,
     ) -> None:
         """``graphs_for``: (max batch, max model length) to replay decode steps from CUDA graphs;
         ``piecewise_for``: (max batch, max tokens, token bucket spacing) to replay the other
-        steps from piecewise CUDA graphs (attention eager between the pieces);
-        ``overlap_mixed``: run a step's decode rows and its prompts as two concurrent passes
-        (``_mixed_split``)."""
+        steps from piecewise CUDA graphs (attention eager between the pieces)."""
         self.model = model
         self.layout = layout
         self.ops = ops
@@ -74,9 +71,6 @@ class ModelRunner:
         if graphs_for is not None and device.type == "cuda":
             self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for,
                                        slot_tables=self.slot_tables)
-        self.overlap_mixed = overlap_mixed
-        self.decode_stream = (torch.cuda.Stream(device) if overlap_mixed and device.type == "cuda"
-                              else None)
         self.piecewise: PiecewiseGraphs | None = None
         if piecewise_for is not None and device.type == "cuda":
             self.piecewise = PiecewiseGraphs(model, ops, self.pool, self.kv_shape, *piecewise_for,
@@ -135,77 +129,6 @@ class ModelRunner:
         """Run one step. Returns fp32 logits for the requests that sample, in ``scheduled`` order.
         ``pending``: the tokens of the step launched before this one, which some of this step's
         inputs are (copied on the device: the host has not read them yet)."""
-        parts = self._mixed_split(scheduled, residents)
-        if parts is None:
-            return self._run(scheduled, residents, pending)
-        return self._run_split(scheduled, residents, pending, *parts)
-
-    # ---- a step that prefills beside decode rows, as two concurrent passes ---------------------
-
-    def _mixed_split(
-        self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter],
-    ) -> tuple[list[int], list[int]] | None:
-        """(decode rows, the rest) of a step to run as two passes, or None to run it as one.
-
-        Why: in a step of decode rows beside prompt tokens, the decode rows' attention reads the
-        batch's whole KV cache (memory-bound) while the prompts' linear layers are compute-bound,
-        and one pass runs them one after the other, layer by layer. As two passes - the decode
-        rows through their decode graph on ``decode_stream``, the rest through the piecewise
-        graphs on the compute stream - the GPU runs one's kernels beside the other's. The price:
-        the weights are read twice (once more per step, ~3 ms of the 7B's at 4.27 TB/s, hidden
-        under the prompts' compute if the passes overlap). On CUDA only when both passes replay
-        graphs; elsewhere the two passes just run in turn (tests of the bookkeeping)."""
-        if not self.overlap_mixed:
-            return None
-        decode = [i for i, s in enumerate(scheduled) if s.num_new_tokens == 1 and s.samples]
-        if not decode or len(decode) == len(scheduled):
-            return None
-        rest = [i for i, s in enumerate(scheduled) if not (s.num_new_tokens == 1 and s.samples)]
-        if self.device.type == "cuda":
-            max_rank = max((self.store.get(name).rank for name in residents), default=0)
-            rest_tokens = sum(scheduled[i].num_new_tokens for i in rest)
-            prompts = sum(1 for i in rest if scheduled[i].num_new_tokens > 1)
-            if (self.graphs is None or self.piecewise is None
-                    or not self.graphs.fits(len(decode), max_rank)
-                    or not self.piecewise.fits(rest_tokens, len(rest), prompts, max_rank)):
-                return None
-        return decode, rest
-
-    def _run_split(
-        self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter],
-        pending: PendingTokens | None, decode: list[int], rest: list[int],
-    ) -> torch.Tensor:
-        if self.slot_tables is not None:
-            # Every adapter's table rows are written before the passes fork, so neither pass
-            # writes (or widens) the tables the other one reads.
-            self.slot_tables.write([(residents[name], self.store.get(name))
-                                    for name in {scheduled[i].request.adapter for i in decode + rest}
-                                    if name is not None])
-        side = self.decode_stream
-        if side is not None:
-            main = torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                decode_logits = self._run([scheduled[i] for i in decode], residents, pending)
-            rest_logits = self._run([scheduled[i] for i in rest], residents, pending)
-            main.wait_stream(side)
-            decode_logits.record_stream(main)  # (allocated on the side stream, read on main)
-        else:
-            decode_logits = self._run([scheduled[i] for i in decode], residents, pending)
-            rest_logits = self._run([scheduled[i] for i in rest], residents, pending)
-        # Back to ``scheduled`` order: every decode row samples; of the rest, those that sample.
-        row_of: dict[int, int] = {i: k for k, i in enumerate(decode)}
-        sampling_rest = [i for i in rest if scheduled[i].samples]
-        row_of.update({i: len(decode) + k for k, i in enumerate(sampling_rest)})
-        order = [row_of[i] for i in range(len(scheduled)) if i in row_of]
-        logits = torch.cat([decode_logits, rest_logits])
-        return logits.index_select(0, _upload(order, torch.int64, self.device))
-
-    def _run(
-        self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter],
-        pending: PendingTokens | None,
-    ) -> torch.Tensor:
-        """One pass of the model over ``scheduled`` (see ``execute``)."""
         block_tokens = self.layout.block_tokens
         max_rank = max((self.store.get(name).rank for name in residents), default=0)
         use_graph = (

@@ -30,14 +30,12 @@ def _root(model_dir, tmp_path):
 
 
 class _Recorder:
-    """Wraps a runner's ``execute``: keeps every step's logits and token count, and counts the
-    steps run as two passes."""
+    """Wraps a runner's ``execute``: keeps every step's logits and token count."""
 
     def __init__(self, runner) -> None:
         self.logits: list[torch.Tensor] = []
         self.tokens: list[int] = []
-        self.split_steps = 0
-        execute, run_split = runner.execute, runner._run_split
+        execute = runner.execute
 
         def recorded(scheduled, residents, pending=None):
             out = execute(scheduled, residents, pending)
@@ -45,19 +43,12 @@ class _Recorder:
             self.tokens.append(sum(s.num_new_tokens for s in scheduled))
             return out
 
-        def split(*args):
-            self.split_steps += 1
-            return run_split(*args)
-
         runner.execute = recorded
-        runner._run_split = split
 
 
 def _run(model_dir, root, backend: str, pieces: bool, prompts, loras, max_tokens,
-         max_batched_tokens: int, two_passes: bool = False):
-    """Greedy tokens, admitting one request per step (admit_wait_steps=0), and the recorder.
-    ``two_passes``: mixed steps run as a decode pass and a prompt pass (on CPU one after the
-    other; ``ModelRunner._mixed_split``)."""
+         max_batched_tokens: int):
+    """Greedy tokens, admitting one request per step (admit_wait_steps=0), and the recorder."""
     engine = Engine(EngineConfig(base_model=str(model_dir), adapter_root=str(root), device=DEVICE,
                                  kernel_backend=backend, pool_pages=256, block_tokens=4,
                                  max_num_seqs=8, max_batched_tokens=max_batched_tokens,
@@ -66,7 +57,6 @@ def _run(model_dir, root, backend: str, pieces: bool, prompts, loras, max_tokens
     if pieces:
         r.piecewise = PiecewiseGraphs(engine.model, r.ops, r.pool, r.kv_shape, 8,
                                       max_batched_tokens, capture=False, slot_tables=r.slot_tables)
-    r.overlap_mixed = two_passes
     for name in {n for n in loras if n is not None}:
         # in host memory before any request: admission waits for no read, so both runs
         # schedule the same steps and their logits compare step by step
@@ -153,28 +143,6 @@ def test_piecewise_matches_eager_triton(tiny_models, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     keys = engine.runner.piecewise._graphs
     assert any(p.lora is not None and p.lora.row_slots is not None for p in keys.values())
-
-
-def test_mixed_steps_as_two_passes_match_one_pass(tiny_models, tmp_path):
-    """A step of decode rows beside prompt tokens, run as two passes (the decode rows, then the
-    prompts through the pieces), gives the one-pass step's logits row for row, in the
-    scheduler's order: adapters of three ranks and the base model in both passes, prompts
-    chunked (rows that do not sample) and finishing (rows that do)."""
-    model = tiny_models["gqa"]
-    root = _root(model, tmp_path)
-    prompts = _prompts(10)
-    loras = ["r8", None, "r16", "attn", "r8", "r16", None, "attn", "r16", "r8"]
-    max_tokens = [3 + i % 5 for i in range(10)]
-    one, one_rec, _ = _run(model, root, "torch", False, prompts, loras, max_tokens, 24)
-    two, rec, engine = _run(model, root, "torch", True, prompts, loras, max_tokens, 24,
-                            two_passes=True)
-    assert two == one
-    assert rec.tokens == one_rec.tokens
-    for got, want in zip(rec.logits, one_rec.logits):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert rec.split_steps > len(rec.tokens) // 3, (rec.split_steps, len(rec.tokens))
-    # (without decode graphs on CPU the pieces run both passes of a split step)
-    assert engine.runner.piecewise.replays == len(rec.tokens) + rec.split_steps
 
 
 def test_many_steps_with_admissions_every_step(tiny_models, tmp_path):

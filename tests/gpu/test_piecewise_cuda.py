@@ -19,8 +19,7 @@ _PIECEWISE_CHECK = """
 import json, sys, torch
 from slora_backend import Engine, EngineConfig, SamplingParams
 from tests.engine.test_triton_backend import LORAS
-model, root, dtype, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-split, overlap = mode == "split", mode == "overlap"
+model, root, dtype, split = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "split"
 splits = []
 if split:  # split K into runs of one block (the tiny model's K is 2-3 blocks), count the splits
     import slora_kernels.lora_prefill as prefill
@@ -41,14 +40,7 @@ out = {}
 for pieces in (True, False):
     engine = Engine(EngineConfig(base_model=model, adapter_root=root, device="cuda", dtype=dtype,
                                  pool_pages=1024, max_num_seqs=16, max_batched_tokens=96,
-                                 admit_wait_steps=0, piecewise_graphs=pieces, split_k_shrink=split,
-                                 overlap_mixed_steps=overlap))
-    two_pass_steps = []
-    run_split = engine.runner._run_split
-    def counted_split(*args):
-        two_pass_steps.append(1)
-        return run_split(*args)
-    engine.runner._run_split = counted_split
+                                 admit_wait_steps=0, piecewise_graphs=pieces, split_k_shrink=split))
     done = {}
 
     def collect(o):
@@ -68,7 +60,6 @@ for pieces in (True, False):
     out[f"graphs_{pieces}"] = pw.num_graphs if pw else 0
     out[f"keys_{pieces}"] = sorted(str(k) for k in pw._graphs) if pw else []
     out[f"split_launches_{pieces}"] = sum(s > 1 for s in splits)
-    out[f"two_pass_steps_{pieces}"] = len(two_pass_steps)
     splits.clear()
     engine.close()
 print(json.dumps(out))
@@ -76,25 +67,20 @@ print(json.dumps(out))
 
 
 # In a subprocess: a device-side assert would poison the CUDA context of every later test.
-@pytest.mark.parametrize("dtype,mode", [("float32", ""), ("float16", ""), ("float16", "split"),
-                                        ("float16", "overlap")])
-def test_piecewise_replay_equals_eager(dtype, mode, tmp_path):
+@pytest.mark.parametrize("dtype,split", [("float32", ""), ("float16", ""), ("float16", "split")])
+def test_piecewise_replay_equals_eager(dtype, split, tmp_path):
     """... and with the segment shrink's K split (split_k.py) in both, eager launches and
-    graphs sharing the engine's one workspace; and with mixed steps as two concurrent passes
-    (a decode graph on a side stream beside the prompts' pieces)."""
+    graphs sharing the engine's one workspace."""
     model_dir = make_tiny_model(tmp_path / "bare", "gqa", tokenizer_dir=tmp_path / "none")
     root = _adapters(model_dir, tmp_path / "adapters", scale=0.5)
     run = subprocess.run([sys.executable, "-c", _PIECEWISE_CHECK, str(model_dir), str(root), dtype,
-                          mode or "-"], capture_output=True, text=True, timeout=600)
+                          split or "-"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["replays_True"] > 20 and out["graphs_True"] > 0, out
     assert out["True"] == out["False"]
     # (the tiny model's K is too short to split by itself)
-    assert (out["split_launches_True"] > 0) == (out["split_launches_False"] > 0) == (mode == "split")
-    # (two passes need both kinds of graphs: never in the eager run)
-    assert (out["two_pass_steps_True"] > 10) == (mode == "overlap"), out
-    assert out["two_pass_steps_False"] == 0
+    assert (out["split_launches_True"] > 0) == (out["split_launches_False"] > 0) == bool(split)
 
 
 def test_piecewise_tiny_bare_matches_peft_on_cuda(tmp_path):
