@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def _yield_the_name_kernels() -> bool:
-    """Imported as ``kernels`` rather than ``slora_kernels``, this folder is only shadowing another
-    package: the repository root is on ``sys.path`` (``python -m ...`` from the root, pytest)
-    and Hugging Face's ``kernels`` distribution (a dependency of transformers since 5.x - 5.25 here -, which
-    imports it as soon as a model's configuration loads) lies further down. Load that one under
-    the name instead, and say whether it was found (absent, this folder stays, as before)."""
+    """Imported as ``kernels`` rather than ``slora_kernels``, this folder only shadows another
+    package: the repository root is on ``sys.path`` (``python -m ...`` from the root, pytest),
+    and Hugging Face's ``kernels`` distribution lies further down (transformers 5.25 requires it
+    and imports it as soon as a model's configuration loads). Load that one under the name
+    instead; say whether it was found (if not, this folder keeps the name, harmlessly)."""
     root = Path(__file__).resolve().parent.parent
     path = [p for p in sys.path if Path(p or ".").resolve() != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
