@@ -7,7 +7,10 @@ trace's prompt length (``benchmarks.prompts``). The first response carrying text
 token; the response flagged ``triton_final_response`` ends the request.
 
 The server is the caller's: a URL, or one started here by ``start_server`` with the project's
-launcher (``slora_backend.serve``) on the same adapter root.
+launcher (``slora_backend.serve``) on the same adapter root. For a server started here the row
+also gives the server's own p50 / p90 of the engine model's time to first token and of the first
+response's wait to be sent (``server_ttft_*``, ``server_first_response_delay_*``), read off its
+Prometheus histograms over the replay (``server_histograms.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from slora_backend.serving.metrics import FIRST_RESPONSE_DELAY_NAME, TTFT_NAME
+
 from ..adapter_sets import model_spec, write_registry
 from ..metrics import Recorder
 from ..prompts import text_prompts, write_word_tokenizer
 from ..workload import Workload, paced
+from . import server_histograms
 from .replay_note import replay_summary
 
 MODEL = "slora"
@@ -217,8 +223,12 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
         log(f"[{workload.config.setting} n={workload.config.num_adapters}] through tritonserver "
             f"{url}")
         _triton_warm_up(url, workload)
+        before = server_histograms.scrape(server.metrics_url, SERVER_HISTOGRAMS) if server else None
         result = replay(workload, url, prompts, slo_s=args.slo, time_limit_s=args.time_limit,
                         num_streams=args.triton_streams)
+        if before is not None:
+            result.update(_server_quantiles(before, server_histograms.scrape(
+                server.metrics_url, SERVER_HISTOGRAMS)))
         result["triton_url"] = url
         result["stream_interval"] = None if args.triton_url else args.triton_stream_interval
         result["tokenizer"] = str(tok_dir)
@@ -226,6 +236,21 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
     finally:
         if server is not None:
             server.stop()
+
+
+# The server's own account of a request's first token (``slora_backend.serving.metrics``):
+# the engine model's time to first token, and the wait of the first response to be sent.
+SERVER_HISTOGRAMS = (TTFT_NAME, FIRST_RESPONSE_DELAY_NAME)
+
+
+def _server_quantiles(before: dict, after: dict) -> dict[str, float | None]:
+    """p50 / p90 of the server's histograms over the replay (``server_ttft_p50_s``, ...)."""
+    out: dict[str, float | None] = {}
+    for key, name in zip(("server_ttft", "server_first_response_delay"), SERVER_HISTOGRAMS):
+        for q in (50, 90):
+            value = server_histograms.quantile(before[name], after[name], q / 100)
+            out[f"{key}_p{q}_s"] = None if value is None else round(value, 4)
+    return out
 
 
 def _triton_warm_up(url: str, workload: Workload) -> None:

@@ -66,6 +66,11 @@ class RouterCounters:
 class StreamRouter:
     """In-flight requests of one engine model and the thread that answers them.
 
+    ``on_first_token(seconds since arrival, lora)``: when a request's first token reaches this
+    process; ``on_first_response(seconds since then, lora)``: when a streaming request's first
+    response has been handed to its sink (the time it spent queued behind other responses and
+    in the send); ``on_finished(reason, lora)``.
+
     Invariant: every request submitted successfully gets exactly one final response (data,
     error or cancellation), and every cancelled request is aborted in the engine, so its pages
     return to the pool.
@@ -94,6 +99,7 @@ class StreamRouter:
         on_first_token: Callable[[float, str | None], None] | None = None,
         on_finished: Callable[[str, str | None], None] | None = None,
         stream_interval: int = 1,
+        on_first_response: Callable[[float, str | None], None] | None = None,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
@@ -101,6 +107,7 @@ class StreamRouter:
         self.engine = engine
         self.on_first_token = on_first_token
         self.on_finished = on_finished
+        self.on_first_response = on_first_response
         self.counters = RouterCounters()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -281,8 +288,11 @@ class StreamRouter:
                 s.held_text += out.delta_text
                 s.held_tokens += len(out.delta_token_ids)
                 if s.held_text and (s.responses == 0 or s.held_tokens >= self.stream_interval):
+                    first = s.responses == 0
                     self._send(s, self._payload(s, out, s.held_text), None, final=False)
                     s.held_text, s.held_tokens = "", 0
+                    if first and s.responses and self.on_first_response is not None:
+                        self.on_first_response(time.monotonic() - s.first_token, s.lora_name)
             return
         with self._lock:
             self._streams.pop(out.request_id, None)

@@ -31,3 +31,7 @@ def test_replay_through_tritonserver(tmp_path):
     assert t["stream_interval"] == 3
     assert t["ttft_p50_s"] is not None and t["throughput_req_s"] > 0
     assert "triton_over_in_process" in next(iter(data["comparisons"].values()))
+    # The server's own account of the first token, off its histograms over the replay: each
+    # request's server-side time to first token lies inside the client's.
+    assert 0 < t["server_ttft_p50_s"] <= t["ttft_p90_s"] + 0.05
+    assert 0 <= t["server_first_response_delay_p50_s"] < t["ttft_p90_s"]

@@ -254,7 +254,7 @@ def test_stop_stream_cancel_requests_drains_pool(server, client):
 
 
 def test_metrics(server, client):
-    for lora in LORAS:
+    for lora in LORAS * 2:  # (each adapter's second use finds it resident: a hit)
         client.complete(PROMPTS[0], lora_name=lora, max_tokens=4)
     # Metrics are refreshed every metrics_interval_s (0.5 s).
     values = wait_for(lambda: (v := scrape(server.metrics_url))
@@ -266,6 +266,8 @@ def test_metrics(server, client):
     assert metric(values, "slora_finished_requests_total") >= len(LORAS)
     assert metric(values, "slora_time_to_first_token_seconds_count") >= len(LORAS)
     assert metric(values, "slora_time_to_first_token_seconds_bucket", le="+Inf") >= len(LORAS)
+    # (streamed: a first response goes out before the final one)
+    assert metric(values, "slora_first_response_delay_seconds_count") >= 1
     assert metric(values, "slora_pool_pages_total") == stats["pool_pages_total"]
     assert metric(values, "slora_pool_pages", use="adapter") > 0  # adapters stay resident
     assert metric(values, "slora_pool_pages", use="kv") == 0

@@ -26,8 +26,9 @@ def _request(stream=True, exclude=False):
 
 
 def test_router_streams_deltas_then_one_final():
-    engine, sink, ttft = FakeEngine(), FakeSink(), []
-    router = StreamRouter(engine, on_first_token=lambda s, lora: ttft.append(s))
+    engine, sink, ttft, delays = FakeEngine(), FakeSink(), [], []
+    router = StreamRouter(engine, on_first_token=lambda s, lora: ttft.append(s),
+                          on_first_response=lambda s, lora: delays.append(s))
     try:
         router.submit(_request(), "client-1", sink, time.monotonic())
         rid = wait_added(engine)
@@ -44,6 +45,33 @@ def test_router_streams_deltas_then_one_final():
     last = sink.sent[-1][0]
     assert (last.finish_reason, last.num_output_tokens) == ("length", 3)
     assert len(ttft) == 1 and router.num_in_flight() == 0
+    # (a first response before the final one, if the thread did not merge them all)
+    assert len(delays) == (len(sink.sent) > 1) and all(0 <= d < 5 for d in delays)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_router_reports_the_first_response_of_a_stream_once(stream):
+    """``on_first_response``: once per streaming request, when its first response has been
+    sent, with the seconds since its first token arrived; never for a request answered whole."""
+    engine, sink, delays = FakeEngine(), FakeSink(), []
+    router = StreamRouter(engine, on_first_response=lambda s, lora: delays.append((s, lora)))
+    try:
+        router.submit(_request(stream=stream), "c", sink, time.monotonic())
+        rid = wait_added(engine)
+        engine.emit(rid, [5], "a")
+        deadline = time.monotonic() + 5
+        while stream and not sink.sent:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        engine.emit(rid, [5, 6], "b")
+        engine.emit(rid, [5, 6, 7], "c", finished=True, reason="length", text="abc")
+        assert sink.done.wait(5)
+    finally:
+        router.stop()
+    if stream:
+        assert len(delays) == 1 and 0 <= delays[0][0] < 5
+    else:
+        assert delays == [] and len(sink.sent) == 1
 
 
 def test_router_stream_interval_sends_every_n_tokens_first_at_once():

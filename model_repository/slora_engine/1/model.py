@@ -71,7 +71,8 @@ class TritonPythonModel:
         repository_root = triton_stub.repository_root(args)
         self.max_tokens_limit = settings.max_tokens_limit or self.engine.max_model_len
         self.router = serving.StreamRouter(self.engine, on_first_token=self._observe_ttft,
-                                           stream_interval=settings.stream_interval)
+                                           stream_interval=settings.stream_interval,
+                                           on_first_response=self._observe_first_response)
         self._init_metrics(args, settings)
         self.control = serving.ControlHandler(
             self.engine, self.router, extra_stats=lambda: {
@@ -175,6 +176,15 @@ class TritonPythonModel:
         )
         self._families[serving.TTFT_NAME] = ttft
         self._ttft = ttft.Metric(labels=labels, buckets=list(serving.TTFT_BUCKETS))
+        delay = pb_utils.MetricFamily(
+            name=serving.FIRST_RESPONSE_DELAY_NAME,
+            description="Seconds from a streaming request's first token reaching the engine model "
+                        "to its first response being handed to Triton",
+            kind=pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self._families[serving.FIRST_RESPONSE_DELAY_NAME] = delay
+        self._first_response_delay = delay.Metric(
+            labels=labels, buckets=list(serving.FIRST_RESPONSE_DELAY_BUCKETS))
         lora_info = pb_utils.MetricFamily(name=serving.LORA_INFO_METRIC,
                                           description=serving.LORA_INFO_DESCRIPTION,
                                           kind=pb_utils.MetricFamily.GAUGE)
@@ -201,6 +211,9 @@ class TritonPythonModel:
 
     def _observe_ttft(self, seconds: float, lora_name) -> None:
         self._ttft.observe(seconds)
+
+    def _observe_first_response(self, seconds: float, lora_name) -> None:
+        self._first_response_delay.observe(seconds)
 
     # ---- requests -------------------------------------------------------------------------------
 
