@@ -22,6 +22,7 @@ from typing import Any
 from ..adapter_sets import model_spec, write_registry
 from ..metrics import OccupancySampler, Recorder, stats_delta
 from ..prompts import token_prompts
+from ..run_metadata import gpu_state
 from ..workload import LORA_TARGETS, Workload, paced
 from .replay_note import replay_summary
 
@@ -218,6 +219,7 @@ def run_variant(engine_kwargs: dict[str, Any], v: EngineVariant, workload: Workl
             engine.stop()  # ends the profiled thread
             profile.write(profile_dir, v.system)
         result["engine_build_s"] = round(build_s, 2)
+        result["gpu_state_after"] = gpu_state() if device.type == "cuda" else None
         return result
     finally:
         engine.stop()

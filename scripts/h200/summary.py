@@ -1,5 +1,6 @@
 """One line per system of harness JSON files: req/s (steady), served TTFT p50/p90/p99, the
-server's own first-token figures when the row went through tritonserver, steps by kind."""
+server's own first-token figures when the row went through tritonserver, steps by kind, and
+the GPU's SM clock at the end of the replay."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def line(r: dict) -> str:
                 f"/{r['server_first_response_delay_p90_s']}")
     if r.get("steps") is not None:
         out += f" steps {r['steps']} graph {r.get('graph_steps')} idle {r.get('device_idle_between_steps')}"
+    gpu = r.get("gpu_state_after")
+    if gpu:
+        out += f" sm {gpu.get('clocks.sm')} ({gpu.get('pstate')}, {gpu.get('power.draw')})"
     return out
 
 
