@@ -9,6 +9,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,6 @@ def _working_tree_hash(root: Path) -> str | None:
     """The git tree of the files as they are (tracked and untracked, less the ignored): equal
     to ``git rev-parse <commit>^{tree}`` of the commit whose files these are, even where the
     checkout's HEAD is stale or the files were copied over (the lent GPU machine's copy)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
         # (less the folders a device call carries beside the tree, scripts/h200/README.md,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from collections.abc import Iterable
 
 _BUCKET = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)_bucket\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$')
 _LE = re.compile(r'(?:^|,)le="(?P<le>[^"]+)"')
@@ -34,7 +35,7 @@ def parse_buckets(text: str, name: str) -> Buckets:
     return out
 
 
-def scrape(url: str, names: tuple[str, ...], timeout_s: float = 10.0) -> dict[str, Buckets]:
+def scrape(url: str, names: Iterable[str], timeout_s: float = 10.0) -> dict[str, Buckets]:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         text = response.read().decode()
     return {name: parse_buckets(text, name) for name in names}

@@ -223,12 +223,13 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
         log(f"[{workload.config.setting} n={workload.config.num_adapters}] through tritonserver "
             f"{url}")
         _triton_warm_up(url, workload)
-        before = server_histograms.scrape(server.metrics_url, SERVER_HISTOGRAMS) if server else None
+        histograms = SERVER_HISTOGRAMS.values()
+        before = server_histograms.scrape(server.metrics_url, histograms) if server else None
         result = replay(workload, url, prompts, slo_s=args.slo, time_limit_s=args.time_limit,
                         num_streams=args.triton_streams)
         if before is not None:
-            result.update(_server_quantiles(before, server_histograms.scrape(
-                server.metrics_url, SERVER_HISTOGRAMS)))
+            after = server_histograms.scrape(server.metrics_url, histograms)
+            result.update(_server_quantiles(before, after))
         result["triton_url"] = url
         result["stream_interval"] = None if args.triton_url else args.triton_stream_interval
         result["tokenizer"] = str(tok_dir)
@@ -240,13 +241,15 @@ def run(args, workload: Workload, base_model: str, kwargs: dict[str, Any],
 
 # The server's own account of a request's first token (``slora_backend.serving.metrics``):
 # the engine model's time to first token, and the wait of the first response to be sent.
-SERVER_HISTOGRAMS = (TTFT_NAME, FIRST_RESPONSE_DELAY_NAME)
+# Result key prefix -> histogram.
+SERVER_HISTOGRAMS = {"server_ttft": TTFT_NAME,
+                     "server_first_response_delay": FIRST_RESPONSE_DELAY_NAME}
 
 
 def _server_quantiles(before: dict, after: dict) -> dict[str, float | None]:
     """p50 / p90 of the server's histograms over the replay (``server_ttft_p50_s``, ...)."""
     out: dict[str, float | None] = {}
-    for key, name in zip(("server_ttft", "server_first_response_delay"), SERVER_HISTOGRAMS):
+    for key, name in SERVER_HISTOGRAMS.items():
         for q in (50, 90):
             value = server_histograms.quantile(before[name], after[name], q / 100)
             out[f"{key}_p{q}_s"] = None if value is None else round(value, 4)
