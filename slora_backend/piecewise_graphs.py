@@ -284,13 +284,16 @@ class PiecewiseGraphs(GraphCache):
         cos, sin = b.cos[:tokens], b.sin[:tokens]
 
         def run() -> None:
+            pending = None  # (the MLP output of layer i - 1: added by layer i's norm kernel)
             if i == 0:
                 for dst, src in zip((x, cos, sin), self.model.embed_tokens(b.ids[:tokens], ctx)):
                     dst.copy_(src)
             else:
-                layers[i - 1].post_attention(attn_out, x, ctx)
+                pending = layers[i - 1].post_attention(attn_out, x, ctx)
             if i < len(layers):
-                q.copy_(layers[i].pre_attention(x, cos, sin, ctx))
+                q.copy_(layers[i].pre_attention(x, pending, cos, sin, ctx))
+            else:
+                layers[i - 1].finish(x, pending)
 
         return run
 

@@ -80,20 +80,26 @@ class DecoderLayer(nn.Module):
         self.scale = spec.head_dim ** -0.5
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
-        """One layer: ``x`` (the residual stream [T, hidden]) is updated in place and returned."""
-        q = self.pre_attention(x, cos, sin, ctx)
+        """One layer. ``x`` is the residual stream [T, hidden], updated in place; ``pending`` the
+        previous layer's MLP output, not yet added to it (None before the first layer). Returns
+        this layer's MLP output, pending for the next layer (or ``finish``)."""
+        q = self.pre_attention(x, pending, cos, sin, ctx)
         attn = ctx.ops.attention(q, ctx.kv_pages(self.index), ctx.attn, self.scale)
         return self.post_attention(attn, x, ctx)
 
     def pre_attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
-        """Norm, q/k/v projection, RoPE and the KV write of this step's tokens; returns the
-        queries [T, heads, head_dim]. Reads ``x`` only."""
+        """Residual add of ``pending`` into ``x`` (in place), norm, q/k/v projection, RoPE and
+        the KV write of this step's tokens; returns the queries [T, heads, head_dim]. The add is
+        fused with the norm: one kernel where an add and a norm would be two, each reading x."""
         s, ops, n = self.spec, ctx.ops, x.shape[0]
-        h = ops.rms_norm(x, self.input_norm, s.rms_norm_eps)
+        h = (ops.rms_norm(x, self.input_norm, s.rms_norm_eps) if pending is None
+             else ops.add_rms_norm(pending, x, self.input_norm, s.rms_norm_eps))
         qkv = self.qkv(h, ctx, self.index)
         q, k, v = qkv.split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
         q = q.reshape(n, s.num_heads, s.head_dim)
@@ -105,11 +111,17 @@ class DecoderLayer(nn.Module):
 
     def post_attention(self, attn: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Output projection, norm and MLP over the attention output ``attn`` [T, heads,
-        head_dim] (or [T, q_dim]); both residual adds go into ``x`` in place, which is returned."""
+        head_dim] (or [T, q_dim]). The attention's residual add goes into ``x`` in place; the
+        MLP output is returned, for the next layer's ``pre_attention`` to add."""
         s, ops = self.spec, ctx.ops
         attn = attn.reshape(x.shape[0], s.q_dim)
         h = ops.add_rms_norm(self.o(attn, ctx, self.index), x, self.post_norm, s.rms_norm_eps)
-        return x.add_(self.down(ops.silu_and_mul(self.gate_up(h, ctx, self.index)), ctx, self.index))
+        return self.down(ops.silu_and_mul(self.gate_up(h, ctx, self.index)), ctx, self.index)
+
+    @staticmethod
+    def finish(x: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+        """The last layer's MLP output added into the residual stream ``x``; returns x."""
+        return x.add_(pending)
 
 
 class LlamaModel(nn.Module):
@@ -135,9 +147,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run the flat batch; return fp32 logits ``[len(sample_rows), vocab]``."""
         x, cos, sin = self.embed_tokens(input_ids, ctx)
+        pending = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.compute_logits(x, sample_rows, ctx)
+            pending = layer(x, pending, cos, sin, ctx)
+        return self.compute_logits(DecoderLayer.finish(x, pending), sample_rows, ctx)
 
     def embed_tokens(
         self, input_ids: torch.Tensor, ctx: ForwardContext
