@@ -13,7 +13,7 @@ baseline before it is timed.
 
 Prints markdown tables and writes every row (with tile sweeps at the target configurations)
 to the JSON file. The sections live in ``benchmarks.kernel_bench``, one module per kernel family
-(``lora``, ``attention``, ``elementwise``, ``graph_check``); ``timing`` times and records a row,
+(``lora``, ``attention``, ``elementwise``, ``gemm``, ``graph_check``); ``timing`` times and records a row,
 ``shapes`` holds the dimensions and the adapters in the pool.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import triton
 
 from benchmarks.kernel_bench.attention import bench_attention
 from benchmarks.kernel_bench.elementwise import bench_elementwise
+from benchmarks.kernel_bench.gemm import bench_gemm
 from benchmarks.kernel_bench.graph_check import GRAPH_ROWS, bench_graph_check
 from benchmarks.kernel_bench.lora import (
     bench_decode_tiles,
@@ -61,6 +62,7 @@ def main() -> None:
         "lora_split_k": bench_lora_split_k,
         "decode_tiles": lambda: bench_decode_tiles([32, 64, 128]),
         "lora_decode_layers": lambda: bench_lora_decode_layers(batches, sweep),
+        "gemm": lambda: bench_gemm([64, 256] if args.quick else [1, 64, 128, 256]),
     }
     failed = []
     for name in args.only.split(","):

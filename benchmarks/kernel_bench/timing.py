@@ -89,17 +89,14 @@ def capture_graph(recipe: str, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
 
 
 def markdown(rows: list[dict]) -> str:
+    """One markdown table per ``table`` key, its columns the keys of the table's first row."""
     out = []
     for table in dict.fromkeys(r["table"] for r in rows):
-        out.append(f"\n### {table}\n")
         sub = [r for r in rows if r["table"] == table]
-        extra = [k for k in sub[0] if k not in ("table", "config", "triton_us", "torch_us",
-                                                  "speedup", "bound_us", "pct_of_bound")]
-        out.append("| config | triton us | torch us | speedup | bound us | % of bound |"
-                   + "".join(f" {k} |" for k in extra))
-        out.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra))
+        keys = [k for k in sub[0] if k != "table"]
+        out += [f"\n### {table}\n", "| " + " | ".join(keys) + " |",
+                "|---|" + "---:|" * (len(keys) - 1)]
         for r in sub:
-            cells = [r["config"], r["triton_us"], r["torch_us"] or "-", r["speedup"] or "-",
-                     r["bound_us"], r["pct_of_bound"], *(r.get(k, "-") for k in extra)]
-            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+            out.append("| " + " | ".join("-" if r.get(k) is None else str(r[k]) for k in keys)
+                       + " |")
     return "\n".join(out)
