@@ -249,8 +249,8 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     out: dict[str, Any] = {k: after[k] - before.get(k, 0) for k in counters if k in after}
     if {"steps", "graph_steps", "piecewise_steps"} <= out.keys():
         out["eager_steps"] = out["steps"] - out["graph_steps"] - out["piecewise_steps"]
-    for k in after:  # the engine thread's and the device's seconds (slora_backend.step_clock)
-        if k.startswith(("step_seconds_", "device_seconds_", "device_idle_")):
+    for k in after:  # the engine thread's, the device's and the adapter copies' seconds
+        if k.startswith(("step_seconds_", "device_seconds_", "device_idle_", "adapter_copy_")):
             out[k] = round(after[k] - before.get(k, 0.0), 3)
     for k in ("adapters_registered", "adapters_gpu", "adapters_host", "adapter_partition_pages"):
         if k in after:

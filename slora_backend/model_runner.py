@@ -21,6 +21,7 @@ from .models.llama import ForwardContext, LlamaModel
 from .ops import Ops
 from .piecewise_graphs import PiecewiseGraphs
 from .scheduler import ScheduledRequest
+from .step_clock import CopyClock
 
 
 def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -67,6 +68,7 @@ class ModelRunner:
         # Adapters are copied in on a side stream, overlapping the step in flight; the engine
         # orders each step after the copies of the adapters it reads (AdapterCopier.wait).
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copy_clock = CopyClock()  # the copy stream's seconds in adapter copies
         self.graphs = None
         if graphs_for is not None and device.type == "cuda":
             self.graphs = DecodeGraphs(model, ops, self.pool, self.kv_shape, *graphs_for,
@@ -102,6 +104,7 @@ class ModelRunner:
                 # holds the CUDA driver's staging path for its whole 1.5 ms, and the engine
                 # thread's own small copies (a step's metadata) queue behind it.
                 weights = weights.pin_memory()
+            begin = self.copy_clock.begin(self.copy_stream)
             src = weights.to(self.device, non_blocking=True)
             start = 0
             for page, used in zip(resident.pages, page_fill):
@@ -109,8 +112,9 @@ class ModelRunner:
                 start += used
             if self.copy_stream is None:
                 return None
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.copy_stream)
+            self.copy_clock.end(begin, event)
             return event
 
     def forget_adapter(self, name: str) -> None:

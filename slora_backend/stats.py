@@ -48,6 +48,12 @@ class EngineStats:
     device_seconds_piecewise: float
     device_seconds_eager: float
     device_idle_between_steps: float
+    # Adapter copies: the copy thread's seconds (reading weights not in host memory yet,
+    # pinning, queueing), the engine thread's seconds blocked waiting for copies not queued
+    # yet, and the side stream's seconds copying (0 off CUDA; ``step_clock.CopyClock``).
+    adapter_copy_host_seconds: float
+    adapter_copy_wait_seconds: float
+    adapter_copy_device_seconds: float
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -76,4 +82,7 @@ def engine_stats(engine: Engine) -> EngineStats:
         **{f"device_seconds_{kind}": round(seconds, 4)
            for kind, seconds in engine.device_clock.seconds.items()},
         device_idle_between_steps=round(engine.device_clock.idle_between_steps, 4),
+        adapter_copy_host_seconds=round(engine.adapters.copier.host_seconds, 4),
+        adapter_copy_wait_seconds=round(engine.adapters.copier.wait_seconds, 4),
+        adapter_copy_device_seconds=round(engine.runner.copy_clock.seconds, 4),
     )

@@ -17,6 +17,7 @@ A step launched after the engine ran out of work (nothing in flight) opens no ga
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -86,3 +87,43 @@ class DeviceClock:
     def drained(self) -> None:
         """Nothing is in flight (no work): the next step's wait for work is not a gap."""
         self._last_done = None
+
+
+class CopyClock:
+    """The device's seconds in adapter copies (CUDA): each copy's span on the runner's side
+    stream, from an event recorded as it begins (after any wait for the step it follows) to its
+    end event. Counted once the end has passed on the device (``seconds``); the copies are
+    recorded on the copy thread and read on the engine thread, hence the lock."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._open: list[tuple[Any, Any]] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def begin(stream: Any) -> Any:
+        """A timing event recorded on ``stream`` now; None without a stream (CPU)."""
+        if stream is None:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def end(self, begin: Any, end: Any) -> None:
+        if begin is not None and end is not None:
+            with self._lock:
+                self._open.append((begin, end))
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            still = []
+            for begin, end in self._open:
+                if end.query():
+                    self._seconds += begin.elapsed_time(end) / 1e3
+                else:
+                    still.append((begin, end))
+            self._open = still
+            return self._seconds

@@ -1,6 +1,7 @@
 """One line per system of harness JSON files: req/s (steady), served TTFT p50/p90/p99, the
-server's own first-token figures when the row went through tritonserver, steps by kind, and
-the GPU's SM clock at the end of the replay."""
+server's own first-token figures when the row went through tritonserver, steps by kind and the
+device's time per step of each, the adapter copies' seconds, and the GPU's SM clock at the end
+of the replay."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ def line(r: dict) -> str:
                 f"/{r['server_first_response_delay_p90_s']}")
     if r.get("steps") is not None:
         out += f" steps {r['steps']} graph {r.get('graph_steps')} idle {r.get('device_idle_between_steps')}"
+        for kind in ("graph", "piecewise"):  # the device's ms per step of each kind
+            steps = r.get(f"{kind}_steps") or 0
+            if steps:
+                out += f" {kind} {1e3 * r[f'device_seconds_{kind}'] / steps:.1f} ms"
+    if r.get("adapter_copy_host_seconds") is not None:
+        out += (f" copies host/wait/device {r['adapter_copy_host_seconds']}"
+                f"/{r['adapter_copy_wait_seconds']}/{r['adapter_copy_device_seconds']} s")
     gpu = r.get("gpu_state_after")
     if gpu:
         out += f" sm {gpu.get('clocks.sm')} ({gpu.get('pstate')}, {gpu.get('power.draw')})"

@@ -14,6 +14,7 @@ change hands under a copy.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -43,6 +44,11 @@ class AdapterCopier:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="slora-adapter-copy") if background else None
         self._in_flight: dict[str, Future] = {}  # adapter name -> its copy, submission order
         self._events: list[torch.cuda.Event] = []
+        # Seconds spent on copies by the thread that runs them (reading weights not yet in host
+        # memory, pinning, queueing the copy) and by the engine thread blocked in ``wait`` for
+        # copies not yet queued: where a step's adapters hold it up on the host.
+        self.host_seconds = 0.0
+        self.wait_seconds = 0.0
 
     def submit(self, residents: list[ResidentAdapter],
                after: torch.cuda.Event | None = None) -> None:
@@ -62,7 +68,9 @@ class AdapterCopier:
         every other copy that is done by now."""
         for name, future in list(self._in_flight.items()):
             if names is None or name in names:
+                t = time.perf_counter()
                 future.result()
+                self.wait_seconds += time.perf_counter() - t
             if future.done():
                 del self._in_flight[name]
         events, self._events = self._events, []
@@ -70,6 +78,7 @@ class AdapterCopier:
             torch.cuda.current_stream().wait_event(event)
 
     def _run(self, resident: ResidentAdapter, after: torch.cuda.Event | None) -> None:
+        t = time.perf_counter()
         try:
             event = self._copy(resident, after)
         except AdapterNotFoundError:
@@ -77,5 +86,7 @@ class AdapterCopier:
         except AdapterLoadError as e:
             self._on_failure(resident.name, str(e))
             return
+        finally:
+            self.host_seconds += time.perf_counter() - t  # (one thread runs copies: no race)
         if event is not None:
             self._events.append(event)  # list.append is atomic; read after the futures end

@@ -370,6 +370,7 @@ class TensorParallelRunner:
         self.lora_tables = local.lora_tables
         self.slot_tables = local.slot_tables
         self.store = local.store
+        self.copy_clock = local.copy_clock  # (rank 0's copies; the workers copy alike)
 
     def execute(self, scheduled: list[ScheduledRequest], residents: dict[str, ResidentAdapter],
                 pending: PendingTokens | None = None) -> torch.Tensor:

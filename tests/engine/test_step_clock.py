@@ -9,7 +9,9 @@ import pytest
 
 from benchmarks.metrics import stats_delta
 from slora_backend import Engine, EngineConfig, SamplingParams
-from slora_backend.step_clock import DeviceClock, StepClock, step_kind
+from slora_backend.adapters.copier import AdapterCopier
+from slora_backend.step_clock import CopyClock, DeviceClock, StepClock, step_kind
+from tests.conftest import make_adapter
 
 
 def test_step_kind_follows_which_replay_counter_moved():
@@ -88,3 +90,58 @@ def test_engine_stats_account_for_the_steps_it_ran():
     assert sorted(device) == ["device_idle_between_steps", "device_seconds_eager",
                               "device_seconds_graph", "device_seconds_piecewise"]
     assert all(delta[k] == 0 for k in device)
+
+
+class FakeCopyEvent(FakeEvent):
+    def __init__(self, ms: float, done: bool = True) -> None:
+        super().__init__(ms)
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_copy_clock_counts_a_copy_once_its_end_has_passed():
+    clock = CopyClock()
+    assert clock.begin(None) is None  # off CUDA: no events, nothing counted
+    clock.end(None, None)
+    late = FakeCopyEvent(9, done=False)
+    clock.end(FakeEvent(0), FakeCopyEvent(2))
+    clock.end(FakeEvent(5), late)
+    assert clock.seconds == pytest.approx(0.002)
+    late.done = True
+    assert clock.seconds == pytest.approx(0.006)
+    assert clock.seconds == pytest.approx(0.006)  # each span counted once
+
+
+def test_copier_times_its_thread_and_the_engine_threads_wait():
+    """On a helper thread, a copy's own time is the copier's; a step that waits for a copy
+    not queued yet blocks the engine thread, and that wait is counted too."""
+    def slow_copy(resident, after):
+        time.sleep(0.05)
+
+    copier = AdapterCopier(slow_copy, lambda name, reason: None, background=True)
+    copier.submit([SimpleNamespace(name="a")])
+    copier.wait(["a"])
+    assert copier.host_seconds >= 0.05
+    assert 0.03 <= copier.wait_seconds <= copier.host_seconds + 0.01
+    copier.wait(["a"])  # done: no further wait
+    assert copier.wait_seconds <= copier.host_seconds + 0.01
+
+
+def test_engine_stats_count_adapter_copies(tiny_models, tmp_path):
+    """The copies of a served adapter show in the stats: the copy thread's seconds (here the
+    engine thread runs them: no CUDA side stream), no device seconds off CUDA."""
+    root = tmp_path / "adapters"
+    make_adapter(tiny_models["gqa"], root / "a", 8, ["q_proj", "v_proj"], 16, seed=1)
+    with Engine(EngineConfig(base_model=str(tiny_models["gqa"]), adapter_root=str(root),
+                             pool_pages=64)) as engine:
+        before = engine.stats().to_dict()
+        engine.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True), ["a"])
+        after = engine.stats().to_dict()
+        copied_s = engine.adapters.copier.host_seconds
+    delta = stats_delta(before, after)
+    assert delta["adapter_loads"] == 1
+    assert before["adapter_copy_host_seconds"] == 0 < copied_s  # (a tiny model: well under 1 ms)
+    assert after["adapter_copy_host_seconds"] == round(copied_s, 4)
+    assert delta["adapter_copy_wait_seconds"] == delta["adapter_copy_device_seconds"] == 0
