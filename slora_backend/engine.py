@@ -332,7 +332,8 @@ class Engine:
                 out.scheduled = [s for s in out.scheduled if not s.request.finished]
             launched = self._launch(out.scheduled, outputs) if out.scheduled else None
             # (overlaps the step just launched, on CUDA)
-            self.adapters.prefetch_for(self.scheduler.waiting, len(self.scheduler.running), fence)
+            self.adapters.prefetch_for(self.scheduler.prefetch_order(), len(self.scheduler.running),
+                                       fence)
             if self._in_flight is not None:
                 with self.clock.charging(self._in_flight.kind):  # (the GPU finishing that step)
                     self._in_flight.wait()

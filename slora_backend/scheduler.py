@@ -216,6 +216,12 @@ class Scheduler:
         cheap = min(budget, self.cheap_step_tokens - len(out.scheduled))
         return cheap if first.num_tokens - first.num_computed_tokens <= cheap else None
 
+    def prefetch_order(self, now: float | None = None) -> list[Request]:
+        """The queue in the order the next admissions will take it: adapters prefetched in this
+        order are the ones the next steps read. (With newest first, the queue's head is the
+        request that joins last.)"""
+        return self._admission_order(time.monotonic() if now is None else now)
+
     def _admission_order(self, now: float) -> list[Request]:
         """The queue in the order admission tries it, cut at what one step can look at (it
         admits at most ``max_num_seqs`` and passes over at most as many). First come, first

@@ -257,6 +257,9 @@ def test_an_overloaded_queue_admits_the_newest_first():
 
     assert ids(run_step(queue(), now=100.9)) == ["r0", "r1"]  # waited 0.9 s: in order
     sched = queue()
+    # adapters are prefetched in the order the queue will be admitted
+    assert [r.request_id for r in sched.prefetch_order(now=100.9)][:2] == ["r0", "r1"]
+    assert [r.request_id for r in sched.prefetch_order(now=101.5)][:2] == ["r4", "r3"]
     assert ids(run_step(sched, now=101.5)) == ["r4", "r3"]
     assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
 
