@@ -150,6 +150,15 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+@functools.cache
+def pdl_chain(device: torch.device) -> bool:
+    """Whether the step's elementwise kernels (norms, SiLU-and-mul, RoPE, the KV write,
+    attention) are programmatic dependent launches of the kernel before them: where
+    ``pdl_supported``, and only when the environment sets ``SLORA_PDL_CHAIN=1`` (off by default
+    until measured on the H200: docs/kernels.md)."""
+    return pdl_supported(device) and os.environ.get("SLORA_PDL_CHAIN", "0") == "1"
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

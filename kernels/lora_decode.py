@@ -185,6 +185,8 @@ def _bgmv_expand_kernel(
 ):
     # With PDL, everything before _z_times_rows' wait reads only what the engine wrote before
     # the shrink (tables, weights); z, and y (read after the wait), may not be read earlier.
+    if PDL:  # a kernel after this one (with SLORA_PDL_CHAIN) waits for it before reading
+        tl.extra.cuda.gdc_launch_dependents()
     token, mi, first_col, slot, module, out_dim, rank = token_module_columns(
         token_slots_ptr, ranks_ptr, stride_rank, mod0, mod1, mod2, dim0, dim1, dim2, BLOCK_N)
     if (rank > 0) & (first_col < out_dim):

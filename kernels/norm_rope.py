@@ -4,6 +4,9 @@ SiLU-and-mul, and rotary embedding of q and k in one launch.
 Each op is memory-bound: one program per token row (or row chunk) reads its inputs once,
 computes in fp32 and writes once in the input's dtype, rounding where the torch reference
 rounds. Torch references: ``norm_rope_reference``.
+
+``pdl`` (None: ``pdl_chain``): launch as a programmatic dependent launch of the kernel before;
+each program then waits for that kernel before reading anything and lets the next one launch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2
+from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2, pdl_chain
 from ._launch import cached_launch
 
 _MAX_ROW = 65536  # widest row a single program holds in registers
@@ -32,8 +35,11 @@ def _row_warps(block: int) -> int:
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, n_cols, eps,
     stride_x, stride_r, stride_y,
-    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # x and the residual come from the kernels before: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     live = cols < n_cols
@@ -61,7 +67,8 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n_cols
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool | None = None
+             ) -> torch.Tensor:
     """y = weight * (x / sqrt(mean(x^2) + eps))  per row; fp32 statistics, x's dtype out.
 
     x: [T, H] (row stride free); weight: [H] in x's dtype. Returns y: [T, H] contiguous.
@@ -73,13 +80,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = next_pow2(n_cols)
     _rms_norm_kernel[(x.shape[0],)](
         x, x, weight, y, n_cols, float(eps), x.stride(0), x.stride(0), y.stride(0),
-        ADD_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block),
+        ADD_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block), **_pdl(pdl, x),
     )
     return y
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """residual <- x + residual (in place);  y = rms_norm(residual). Returns y.
 
@@ -95,7 +103,7 @@ def add_rms_norm(
     block = next_pow2(n_cols)
     _rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, y, n_cols, float(eps), x.stride(0), residual.stride(0), y.stride(0),
-        ADD_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block),
+        ADD_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block), **_pdl(pdl, x),
     )
     return y
 
@@ -108,8 +116,11 @@ def add_rms_norm(
 @cached_launch
 @triton.jit
 def _silu_and_mul_kernel(
-    gu_ptr, out_ptr, n_cols, stride_gu, stride_out, BLOCK: tl.constexpr,
+    gu_ptr, out_ptr, n_cols, stride_gu, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < n_cols
@@ -120,7 +131,7 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=live)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool | None = None) -> torch.Tensor:
     """out[t, n] = silu(gate_up[t, n]) * gate_up[t, I + n]  for n < I = gate_up.shape[1] / 2.
 
     gate_up: [T, 2I] (row stride free). Returns out: [T, I] contiguous, same dtype.
@@ -136,6 +147,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, next_pow2(n_cols))
     _silu_and_mul_kernel[(gate_up.shape[0], cdiv(n_cols, block))](
         gate_up, out, n_cols, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        **_pdl(pdl, gate_up),
     )
     return out
 
@@ -168,8 +180,11 @@ def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
     num_heads, kv_heads, half,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_J: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_J)
     j_live = j < half
@@ -186,7 +201,8 @@ def _rotary_kernel(
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+    pdl: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x' = x * cos + rotate_half(x) * sin  for x in (q, k); rotate_half([x1 | x2]) = [-x2 | x1].
 
@@ -214,6 +230,12 @@ def rotary(
         num_heads, k.shape[1], half,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         BLOCK_HQ=next_pow2(num_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_J=next_pow2(half), num_warps=4,
+        BLOCK_J=next_pow2(half), num_warps=4, **_pdl(pdl, q),
     )
     return q_out, k_out
+
+
+def _pdl(pdl: bool | None, t: torch.Tensor) -> dict[str, bool]:
+    """The launch's PDL constexpr and option: ``pdl``, or ``pdl_chain`` of t's device."""
+    on = pdl_chain(t.device) if pdl is None else pdl
+    return dict(PDL=on, launch_pdl=on)

@@ -30,6 +30,7 @@ from ._common import (
     dot_upcast,
     next_pow2,
     num_sms,
+    pdl_chain,
 )
 from ._launch import cached_launch
 
@@ -50,8 +51,11 @@ def _write_kv_kernel(
     kv_heads, head_dim, block_tokens,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_page, stride_kv, stride_tok, stride_head,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # k and v come from the kernels before: wait, then let the next launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i = tl.program_id(0)
     slot = tl.load(kv_slots_ptr + i).to(tl.int64)
     if slot >= 0:  # negative slots (padding tokens) write nothing
@@ -76,13 +80,15 @@ def _check_kv_pages(kv_pages: torch.Tensor) -> None:
 
 
 def write_kv(
-    kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor
+    kv_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_slots: torch.Tensor, *,
+    pdl: bool | None = None,
 ) -> None:
     """kv_pages[s_i // bt, 0, s_i % bt] = k[i];  kv_pages[s_i // bt, 1, s_i % bt] = v[i]  (s_i >= 0)
 
     k, v: [T, kv_heads, head_dim] (token and head strides free, last dim contiguous), cast to the
     pool's dtype; kv_slots: int64 [T], ``page * block_tokens + offset``; a negative slot (a
-    padding token) writes nothing.
+    padding token) writes nothing. ``pdl`` (None: ``pdl_chain``): a programmatic dependent
+    launch of the kernel before (its programs wait for it before reading).
     """
     _check_kv_pages(kv_pages)
     _, _, block_tokens, kv_heads, head_dim = kv_pages.shape
@@ -102,7 +108,14 @@ def write_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2), kv_pages.stride(3),
         BLOCK_H=next_pow2(kv_heads), BLOCK_D=next_pow2(head_dim), num_warps=4,
+        **_pdl(pdl, kv_pages),
     )
+
+
+def _pdl(pdl: bool | None, t: torch.Tensor) -> dict[str, bool]:
+    """The launch's PDL constexpr and option: ``pdl``, or ``pdl_chain`` of t's device."""
+    on = pdl_chain(t.device) if pdl is None else pdl
+    return dict(PDL=on, launch_pdl=on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +135,11 @@ def _paged_attention_kernel(
     stride_page, stride_kv, stride_tok, stride_head, stride_bt,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # q and this step's keys come from the kernels before
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_block = tl.program_id(2) // num_splits
@@ -192,8 +208,11 @@ def _paged_attention_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, num_splits, num_heads, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -252,6 +271,7 @@ def paged_attention(
     decode_seqs: int = 0,
     out: torch.Tensor | None = None,
     tiles: dict[str, int] | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """out[i] = softmax_j(scale * q[i] . K_b[j], j <= pos_i) @ V_b  (causal, GQA by head groups).
 
@@ -266,7 +286,9 @@ def paged_attention(
     tiles to BLOCK_Q query rows (on the H200, 256 decode rows + one 128-token prompt: 21.0 ms
     of attention per step in one launch, 14.3 ms for the decode rows alone). ``out``: where to
     write (else a new tensor). ``tiles`` overrides BLOCK_N / num_warps / num_stages (for
-    benchmark sweeps). Returns out: [T, num_heads, head_dim] contiguous, in q's dtype.
+    benchmark sweeps). ``pdl`` (None: ``pdl_chain``): programmatic dependent launches, each
+    waiting for the kernel before. Returns out: [T, num_heads, head_dim] contiguous, in q's
+    dtype.
     """
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, inner_contiguous=True)
     check_device("q", q)
@@ -300,9 +322,10 @@ def paged_attention(
     if 0 < decode_seqs < num_seqs and max_query_len > 1:
         d = decode_seqs
         paged_attention(q[:d], kv_pages, block_tables[:d], query_starts[:d + 1], context_lens[:d],
-                        scale, 1, max_context_len, num_splits, out=out[:d], tiles=tiles)
+                        scale, 1, max_context_len, num_splits, out=out[:d], tiles=tiles, pdl=pdl)
         return paged_attention(q, kv_pages, block_tables[d:], query_starts[d:], context_lens[d:],
-                               scale, max_query_len, max_context_len, out=out, tiles=tiles)
+                               scale, max_query_len, max_context_len, out=out, tiles=tiles,
+                               pdl=pdl)
     group = num_heads // kv_heads
     block_d = next_pow2(head_dim)
     block_q, group_pad, block_n = _tiles(q.dtype, block_d, group, max_query_len)
@@ -330,10 +353,12 @@ def paged_attention(
         block_tables.stride(0),
         BLOCK_Q=block_q, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLIT=splits > 1, PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype), **cfg,
+        **_pdl(pdl, q),
     )
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_ml, splits, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(splits), num_warps=4,
+            **_pdl(pdl, q),
         )
     return out

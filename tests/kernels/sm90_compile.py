@@ -106,12 +106,16 @@ def _launch_all() -> None:
         for pdl in (False, True):
             z = lora_shrink_decode(x, pool, args, qkv[0], pdl=pdl)
             lora_expand_decode(y, z, pool, args, *qkv, pdl=pdl)
+            # the elementwise chain (SLORA_PDL_CHAIN) with and without its dependent launches
+            paged_attention.write_kv(kv, q[:, :8], q[:, :8], torch.zeros(t, dtype=torch.int64),
+                                     pdl=pdl)
+            norm_rope.rms_norm(x, torch.empty(h, dtype=dtype), 1e-5, pdl=pdl)
+            norm_rope.add_rms_norm(x, x, torch.empty(h, dtype=dtype), 1e-5, pdl=pdl)
+            norm_rope.silu_and_mul(y, pdl=pdl)
+            norm_rope.rotary(q, q[:, :8], q[:, 0], q[:, 0], pdl=pdl)
+            paged_attention.paged_attention(q, kv, tables, starts, lens, 0.1, 1, 1024,
+                                            num_splits=4, pdl=pdl)
         lora_expand_decode(y, z[:, :2], pool, args, (4, 5), (0, i), (i, i))
-        paged_attention.write_kv(kv, q[:, :8], q[:, :8], torch.zeros(t, dtype=torch.int64))
-        norm_rope.rms_norm(x, torch.empty(h, dtype=dtype), 1e-5)
-        norm_rope.add_rms_norm(x, x, torch.empty(h, dtype=dtype), 1e-5)
-        norm_rope.silu_and_mul(y)
-        norm_rope.rotary(q, q[:, :8], q[:, 0], q[:, 0])
 
 
 def main() -> int:
