@@ -159,6 +159,13 @@ def pdl_chain(device: torch.device) -> bool:
     return pdl_supported(device) and os.environ.get("SLORA_PDL_CHAIN", "0") == "1"
 
 
+def pdl_options(pdl: bool | None, t: torch.Tensor) -> dict[str, bool]:
+    """A chain kernel's ``PDL`` constexpr and ``launch_pdl`` option: ``pdl``, or (None)
+    ``pdl_chain`` of t's device."""
+    on = pdl_chain(t.device) if pdl is None else pdl
+    return dict(PDL=on, launch_pdl=on)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

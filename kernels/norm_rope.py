@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2, pdl_chain
+from ._common import FLOAT_DTYPES, cdiv, check_device, check_tensor, next_pow2, pdl_options
 from ._launch import cached_launch
 
 _MAX_ROW = 65536  # widest row a single program holds in registers
@@ -80,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool | N
     block = next_pow2(n_cols)
     _rms_norm_kernel[(x.shape[0],)](
         x, x, weight, y, n_cols, float(eps), x.stride(0), x.stride(0), y.stride(0),
-        ADD_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block), **_pdl(pdl, x),
+        ADD_RESIDUAL=False, BLOCK=block, num_warps=_row_warps(block), **pdl_options(pdl, x),
     )
     return y
 
@@ -103,7 +103,7 @@ def add_rms_norm(
     block = next_pow2(n_cols)
     _rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, y, n_cols, float(eps), x.stride(0), residual.stride(0), y.stride(0),
-        ADD_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block), **_pdl(pdl, x),
+        ADD_RESIDUAL=True, BLOCK=block, num_warps=_row_warps(block), **pdl_options(pdl, x),
     )
     return y
 
@@ -147,7 +147,7 @@ def silu_and_mul(gate_up: torch.Tensor, *, pdl: bool | None = None) -> torch.Ten
     block = min(1024, next_pow2(n_cols))
     _silu_and_mul_kernel[(gate_up.shape[0], cdiv(n_cols, block))](
         gate_up, out, n_cols, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
-        **_pdl(pdl, gate_up),
+        **pdl_options(pdl, gate_up),
     )
     return out
 
@@ -230,12 +230,7 @@ def rotary(
         num_heads, k.shape[1], half,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         BLOCK_HQ=next_pow2(num_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_J=next_pow2(half), num_warps=4, **_pdl(pdl, q),
+        BLOCK_J=next_pow2(half), num_warps=4, **pdl_options(pdl, q),
     )
     return q_out, k_out
 
-
-def _pdl(pdl: bool | None, t: torch.Tensor) -> dict[str, bool]:
-    """The launch's PDL constexpr and option: ``pdl``, or ``pdl_chain`` of t's device."""
-    on = pdl_chain(t.device) if pdl is None else pdl
-    return dict(PDL=on, launch_pdl=on)

@@ -30,7 +30,7 @@ from ._common import (
     dot_upcast,
     next_pow2,
     num_sms,
-    pdl_chain,
+    pdl_options,
 )
 from ._launch import cached_launch
 
@@ -108,14 +108,9 @@ def write_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2), kv_pages.stride(3),
         BLOCK_H=next_pow2(kv_heads), BLOCK_D=next_pow2(head_dim), num_warps=4,
-        **_pdl(pdl, kv_pages),
+        **pdl_options(pdl, kv_pages),
     )
 
-
-def _pdl(pdl: bool | None, t: torch.Tensor) -> dict[str, bool]:
-    """The launch's PDL constexpr and option: ``pdl``, or ``pdl_chain`` of t's device."""
-    on = pdl_chain(t.device) if pdl is None else pdl
-    return dict(PDL=on, launch_pdl=on)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,12 +348,12 @@ def paged_attention(
         block_tables.stride(0),
         BLOCK_Q=block_q, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         SPLIT=splits > 1, PRECISION=dot_precision(q.dtype), UPCAST=dot_upcast(q.dtype), **cfg,
-        **_pdl(pdl, q),
+        **pdl_options(pdl, q),
     )
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_ml, splits, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(splits), num_warps=4,
-            **_pdl(pdl, q),
+            **pdl_options(pdl, q),
         )
     return out

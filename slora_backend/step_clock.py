@@ -92,8 +92,10 @@ class DeviceClock:
 class CopyClock:
     """The device's seconds in adapter copies (CUDA): each copy's span on the runner's side
     stream, from an event recorded as it begins (after any wait for the step it follows) to its
-    end event. Counted once the end has passed on the device (``seconds``); the copies are
-    recorded on the copy thread and read on the engine thread, hence the lock."""
+    end event. A span is counted once its end has passed on the device; each new copy first
+    counts those (the copies run in order on one stream), so only the copies still in flight
+    are held, whether or not anyone reads ``seconds``. The copies are recorded on the copy
+    thread and read on the engine thread, hence the lock."""
 
     def __init__(self) -> None:
         self._seconds = 0.0
@@ -114,16 +116,20 @@ class CopyClock:
     def end(self, begin: Any, end: Any) -> None:
         if begin is not None and end is not None:
             with self._lock:
+                self._count_finished()
                 self._open.append((begin, end))
 
     @property
     def seconds(self) -> float:
         with self._lock:
-            still = []
-            for begin, end in self._open:
-                if end.query():
-                    self._seconds += begin.elapsed_time(end) / 1e3
-                else:
-                    still.append((begin, end))
-            self._open = still
+            self._count_finished()
             return self._seconds
+
+    def _count_finished(self) -> None:
+        done = 0
+        for begin, end in self._open:  # (in stream order: the first unfinished ends the run)
+            if not end.query():
+                break
+            self._seconds += begin.elapsed_time(end) / 1e3
+            done += 1
+        del self._open[:done]

@@ -114,6 +114,21 @@ def test_copy_clock_counts_a_copy_once_its_end_has_passed():
     assert clock.seconds == pytest.approx(0.006)  # each span counted once
 
 
+def test_copy_clock_holds_only_the_copies_in_flight():
+    """Unread (a TP worker's runner, a server nobody scrapes), the clock still counts and drops
+    finished copies as new ones come: it never grows with the number of copies served."""
+    clock = CopyClock()
+    for i in range(1000):
+        clock.end(FakeEvent(i), FakeCopyEvent(i + 0.5))
+    pending = FakeCopyEvent(2000, done=False)
+    clock.end(FakeEvent(1999), pending)
+    clock.end(FakeEvent(2001), FakeCopyEvent(2002))  # done, but behind one in flight
+    assert len(clock._open) == 2
+    pending.done = True
+    assert clock.seconds == pytest.approx(1000 * 0.0005 + 0.001 + 0.001)
+    assert clock._open == []
+
+
 def test_copier_times_its_thread_and_the_engine_threads_wait():
     """On a helper thread, a copy's own time is the copier's; a step that waits for a copy
     not queued yet blocks the engine thread, and that wait is counted too."""
